@@ -1,0 +1,37 @@
+"""sparselora: faster LoRA fine-tuning by contextual sparsity (SparseLoRA, Khaki et al., ICML 2025).
+
+    cfg = SparseLoRAConfig.from_preset("llama3-8b-math10k")
+    model = apply_sparselora(peft_model, cfg)
+"""
+
+from sparselora.callback import SparseLoRACallback
+from sparselora.config import SparseLoRAConfig
+from sparselora.estimator import EstimatorCacheError
+from sparselora.flops import flops
+from sparselora.models.registry import UnsupportedModelError
+from sparselora.patch import (
+    apply_sparselora,
+    dense,
+    kept_channels,
+    remove_sparselora,
+    schedule,
+    set_enabled,
+    sparsity_stats,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EstimatorCacheError",
+    "SparseLoRACallback",
+    "SparseLoRAConfig",
+    "UnsupportedModelError",
+    "apply_sparselora",
+    "dense",
+    "flops",
+    "kept_channels",
+    "remove_sparselora",
+    "schedule",
+    "set_enabled",
+    "sparsity_stats",
+]

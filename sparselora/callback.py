@@ -1,0 +1,33 @@
+"""SparseLoRACallback: progressive sparsity and sparsity logging for transformers.Trainer (and TRL trainers).
+
+The schedule is derived from ``state.global_step`` and ``state.max_steps`` at every step, so a resumed run
+picks up exactly where the interrupted one was.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from sparselora.patch import get_state, schedule, sparsity_stats
+
+
+class SparseLoRACallback(TrainerCallback):
+    def __init__(self, model=None):
+        self.model = model  # optional; the Trainer passes its model to every event
+
+    def _model(self, model):
+        model = self.model if self.model is not None else model
+        if model is None:
+            raise ValueError("SparseLoRACallback got no model; pass SparseLoRACallback(model)")
+        get_state(model)  # a clear error if apply_sparselora was forgotten
+        return model
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        schedule(self._model(model), state.global_step, state.max_steps)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        schedule(self._model(model), state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            logs.update(sparsity_stats(self._model(model)))

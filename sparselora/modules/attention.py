@@ -1,0 +1,68 @@
+"""SparseAttention: q/k/v output channels and o_proj input columns of one block, sliced for context tokens.
+
+A forward pre-hook on the attention module picks the channels from its input once per call; the four
+projections then route context rows through the sparse ops and all other rows through their own forward.
+RoPE, the attention kernel, Qwen3's q/k norms and the LoRA branches are untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparselora.modules.base import ForwardSwap
+from sparselora.ops import proj_in_sparse, proj_out_sparse
+from sparselora.ops.sparse_linear import check_lora_module
+from sparselora.selection import select_attention
+
+PROJS = ("q", "k", "v", "o")
+
+
+class SparseAttention:
+    def __init__(self, attn: nn.Module, layer: int, sparsity: float, state):
+        self.projs = {p: getattr(attn, f"{p}_proj") for p in PROJS}
+        for m in self.projs.values():
+            check_lora_module(m)
+        self.attn, self.layer, self.sparsity, self.state = attn, layer, sparsity, state
+        self.kept: dict[str, torch.Tensor] | None = None
+        self._inputs = None  # (x, x_ctx, x_dense) of the current call, shared by q, k and v
+        self.swaps = {p: ForwardSwap(m, self._make_forward(p)) for p, m in self.projs.items()}
+        self.handle = attn.register_forward_pre_hook(self._select, with_kwargs=True)
+
+    def _select(self, module, args, kwargs):
+        self._inputs = None
+        split = self.state.split if self.state.active else None
+        if split is None:
+            return None
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        xc, xd = split.gather(x)
+        cfg, est = self.state.config, self.state.estimator
+        factors = [est.get(self.layer, p) for p in "qkv"] if cfg.selector == "svd" else None
+        orig = {p: s.original for p, s in self.swaps.items()}
+        self.kept = select_attention(
+            cfg.selector, self.sparsity, xc, self.state.arch, cfg.rope_pairs, orig["q"], orig["k"], orig["v"], factors
+        )
+        self._inputs = (x, xc, xd)
+        return None
+
+    def _make_forward(self, p: str):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            inputs = self._inputs
+            if inputs is None:
+                return self.swaps[p].original(x)
+            split = self.state.split
+            xc, xd = inputs[1:] if x is inputs[0] else split.gather(x)
+            if p == "o":
+                yc = proj_in_sparse(self.projs[p], xc, self.kept["o"])
+                self._inputs = None  # the call is over; drop the references
+            else:
+                yc = proj_out_sparse(self.projs[p], xc, self.kept[p])
+            yd = self.swaps[p].original(xd) if xd.shape[0] else yc.new_empty(0, yc.shape[-1])
+            return split.scatter(yc, yd)
+
+        return forward
+
+    def remove(self) -> None:
+        self.handle.remove()
+        for s in self.swaps.values():
+            s.restore()

@@ -1,0 +1,39 @@
+"""SparseMLP: the SiLU-gated FFN of one block, sliced to kept intermediate channels for context tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparselora.modules.base import ForwardSwap
+from sparselora.ops import ffn_context
+from sparselora.ops.sparse_linear import check_lora_module
+from sparselora.selection import select_ffn
+
+
+class SparseMLP:
+    def __init__(self, mlp: nn.Module, layer: int, sparsity: float, state):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            check_lora_module(getattr(mlp, name))
+        self.mlp, self.layer, self.sparsity, self.state = mlp, layer, sparsity, state
+        self.kept: torch.Tensor | None = None  # channels kept in the last sparse forward
+        self.swap = ForwardSwap(mlp, self.forward)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        split = self.state.split if self.state.active else None
+        if split is None:
+            return self.swap.original(x)
+        mlp, cfg = self.mlp, self.state.config
+        xc, xd = split.gather(x)
+        factors = None
+        if cfg.selector == "svd":
+            factors = [self.state.estimator.get(self.layer, "gate"), self.state.estimator.get(self.layer, "up")]
+        n = mlp.gate_proj.out_features if hasattr(mlp.gate_proj, "out_features") else mlp.gate_proj.weight.shape[0]
+        keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.act_fn, mlp.gate_proj, mlp.up_proj, factors, n)
+        self.kept = keep
+        yc = ffn_context(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, xc, keep)
+        yd = self.swap.original(xd) if xd.shape[0] else yc.new_empty(0, yc.shape[-1])
+        return split.scatter(yc, yd)
+
+    def remove(self) -> None:
+        self.swap.restore()

@@ -1,0 +1,11 @@
+"""Low-level sparse ops on frozen projections, each the exact autograd of its sparse function."""
+
+from sparselora.ops.sparse_linear import (
+    base_weight_bias,
+    ffn_context,
+    lora_delta,
+    proj_in_sparse,
+    proj_out_sparse,
+)
+
+__all__ = ["base_weight_bias", "ffn_context", "lora_delta", "proj_in_sparse", "proj_out_sparse"]

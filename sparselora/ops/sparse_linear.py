@@ -1,0 +1,115 @@
+"""Sparse projections for context tokens: the frozen base weight is read only on kept channels, the LoRA
+branch stays dense. Plain PyTorch ops (index_select + linear), so autograd gives the exact gradient of the
+sparse function with respect to the inputs and every LoRA parameter; frozen weights get no gradient.
+
+A projection is either a plain ``nn.Linear`` or a PEFT ``lora.Linear`` (base layer + adapters).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _base_layer(module: nn.Module) -> nn.Linear:
+    base = getattr(module, "base_layer", module)
+    if not isinstance(base, nn.Linear):
+        raise TypeError(
+            f"sparselora can only slice nn.Linear base projections, found {type(base).__name__} "
+            "(quantized or custom layers are not supported)"
+        )
+    return base
+
+
+def check_lora_module(module: nn.Module) -> None:
+    """Refuse PEFT layer states whose math the sparse path does not reproduce."""
+    _base_layer(module)
+    if not hasattr(module, "lora_A"):
+        return
+    if getattr(module, "merged", False):
+        raise ValueError(
+            "a LoRA adapter is merged into the base weights; sparselora slices the base weight, so unmerge "
+            "(model.unmerge_adapter()) before apply_sparselora"
+        )
+    for name in _active_adapters(module):
+        if getattr(module, "use_dora", {}).get(name, False):
+            raise ValueError(f"adapter {name!r} uses DoRA, which sparselora does not support; use plain LoRA")
+        if name in getattr(module, "lora_variant", {}):
+            raise ValueError(f"adapter {name!r} is a LoRA variant ({type(module.lora_variant[name]).__name__}); "
+                             "sparselora supports plain LoRA only")
+
+
+def _active_adapters(module: nn.Module) -> list[str]:
+    if getattr(module, "disable_adapters", False):
+        return []
+    active = module.active_adapters
+    return [a for a in ([active] if isinstance(active, str) else active) if a in module.lora_A]
+
+
+def base_weight_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    base = _base_layer(module)
+    return base.weight, base.bias
+
+
+def lora_delta(
+    module: nn.Module,
+    x: torch.Tensor,
+    out_rows: torch.Tensor | None = None,
+    in_cols: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The summed LoRA branch of a PEFT layer, or None for a plain Linear.
+
+    ``out_rows`` computes only those output channels (rows of B); ``in_cols`` says x holds only those input
+    channels (columns of A), the others being zero. Both give the same values and gradients as the full
+    branch followed by slicing, without forming the full-width tensors.
+    """
+    if not hasattr(module, "lora_A"):
+        return None
+    out = None
+    for name in _active_adapters(module):
+        A, B = module.lora_A[name], module.lora_B[name]
+        h = module.lora_dropout[name](x.to(A.weight.dtype))
+        wa = A.weight if in_cols is None else A.weight.index_select(1, in_cols)
+        h = F.linear(h, wa)
+        if out_rows is None:
+            h = B(h)
+        else:
+            bias = None if B.bias is None else B.bias.index_select(0, out_rows)
+            h = F.linear(h, B.weight.index_select(0, out_rows), bias)
+        h = h * module.scaling[name]
+        out = h if out is None else out + h
+    return out
+
+
+def _add(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    return base if delta is None else base + delta.to(base.dtype)
+
+
+def proj_out_sparse(module: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """q/k/v for context tokens: the base output only on ``rows`` (zero elsewhere), LoRA dense and added."""
+    weight, bias = base_weight_bias(module)
+    base = F.linear(x, weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows))
+    delta = lora_delta(module, x)
+    full = x.new_zeros(x.shape[0], weight.shape[0]) if delta is None else delta.to(base.dtype)
+    return full.index_add(1, rows, base)
+
+
+def proj_in_sparse(module: nn.Module, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """o_proj for context tokens: the base reads only input columns ``cols``; LoRA dense on the full input."""
+    weight, bias = base_weight_bias(module)
+    base = F.linear(x.index_select(1, cols), weight.index_select(1, cols), bias)
+    return _add(base, lora_delta(module, x))
+
+
+def ffn_context(gate: nn.Module, up: nn.Module, down: nn.Module, act, x: torch.Tensor, keep: torch.Tensor):
+    """``down[:, S] @ (act(gate[S] x) * up[S] x)`` with each projection's LoRA branch restricted likewise:
+    the dense MLP with intermediate channels outside S set to zero."""
+    wg, bg = base_weight_bias(gate)
+    wu, bu = base_weight_bias(up)
+    wd, bd = base_weight_bias(down)
+    pick = lambda b: None if b is None else b.index_select(0, keep)  # noqa: E731
+    g = _add(F.linear(x, wg.index_select(0, keep), pick(bg)), lora_delta(gate, x, out_rows=keep))
+    u = _add(F.linear(x, wu.index_select(0, keep), pick(bu)), lora_delta(up, x, out_rows=keep))
+    h = act(g) * u
+    return _add(F.linear(h, wd.index_select(1, keep), bd), lora_delta(down, h, in_cols=keep))

@@ -1,0 +1,197 @@
+"""apply_sparselora / remove_sparselora and the switches on a patched model.
+
+Only the given model instance changes: layer forwards are swapped per instance and hooks are registered on
+its modules, so any other model in the process behaves exactly as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparselora.config import SparseLoRAConfig
+from sparselora.estimator import Estimator
+from sparselora.models.registry import arch_info, causal_lm, decoder_layers
+from sparselora.modules import SparseAttention, SparseMLP
+from sparselora.ops.sparse_linear import base_weight_bias
+from sparselora.state import STATE_ATTR, SparseLoRAState
+from sparselora.tokens import split_tokens
+
+
+def get_state(model: nn.Module, required: bool = True) -> SparseLoRAState | None:
+    state = getattr(causal_lm(model), STATE_ATTR, None)
+    if state is None and required:
+        raise ValueError("this model has no SparseLoRA applied; call sparselora.apply_sparselora(model, config) first")
+    return state
+
+
+def _check_layers(config: SparseLoRAConfig, n_layers: int) -> None:
+    for name in ("ffn_sparsity", "attn_sparsity"):
+        bad = [i for i in getattr(config, name) if i >= n_layers]
+        if bad:
+            raise ValueError(
+                f"{name} names layer(s) {bad}, but the model has {n_layers} layers (0-{n_layers - 1}); "
+                f"use SparseLoRAConfig.from_preset('scaled', num_layers={n_layers}) or fix the indices"
+            )
+
+
+def _estimator_weights(hf, config: SparseLoRAConfig) -> dict[tuple[int, str], torch.Tensor]:
+    layers = decoder_layers(hf)
+    weights = {}
+    for i, s in config.ffn_sparsity.items():
+        if s > 0:
+            for p in ("gate", "up"):
+                weights[(i, p)] = base_weight_bias(getattr(layers[i].mlp, f"{p}_proj"))[0]
+    for i, s in config.attn_sparsity.items():
+        if s > 0:
+            for p in ("q", "k", "v"):
+                weights[(i, p)] = base_weight_bias(getattr(layers[i].self_attn, f"{p}_proj"))[0]
+    return weights
+
+
+def apply_sparselora(
+    model: nn.Module, config: SparseLoRAConfig, estimator_dir: str | Path | None = None
+) -> nn.Module:
+    """Make ``model`` (a PeftModel or a plain transformers causal LM) run sparse on context tokens.
+
+    Sparsity applies to forwards that receive ``labels``; with ``config.start_step > 0`` the model stays
+    dense until `schedule` (or `SparseLoRACallback`) passes that step. Returns the same model.
+    """
+    if not isinstance(config, SparseLoRAConfig):
+        raise TypeError(f"config must be a SparseLoRAConfig, got {type(config).__name__}")
+    hf = causal_lm(model)
+    if getattr(hf, STATE_ATTR, None) is not None:
+        raise ValueError("SparseLoRA is already applied to this model; call remove_sparselora(model) before applying again")
+    arch = arch_info(hf.config)
+    _check_layers(config, arch.num_layers)
+    weights = _estimator_weights(hf, config)
+    for (i, p), w in weights.items():
+        if config.estimator_rank > min(w.shape):
+            raise ValueError(
+                f"estimator_rank={config.estimator_rank} exceeds the smaller dim of layer {i}'s {p}_proj "
+                f"{tuple(w.shape)}; use estimator_rank <= {min(w.shape)}"
+            )
+    estimator = None
+    if config.selector == "svd" and weights:
+        estimator = Estimator.build(weights, config.estimator_rank, estimator_dir)
+
+    state = SparseLoRAState(config, arch, estimator)
+    layers = decoder_layers(hf)
+    try:
+        for i in range(arch.num_layers):
+            wrappers = []
+            if config.ffn_sparsity.get(i, 0) > 0:
+                wrappers.append(SparseMLP(layers[i].mlp, i, config.ffn_sparsity[i], state))
+            if config.attn_sparsity.get(i, 0) > 0:
+                wrappers.append(SparseAttention(layers[i].self_attn, i, config.attn_sparsity[i], state))
+            if wrappers:
+                state.layers[i] = wrappers
+    except Exception:
+        for ws in state.layers.values():
+            for w in ws:
+                w.remove()
+        raise
+
+    signature = inspect.signature(hf.forward)
+
+    def split_batch(module, args, kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        labels = bound.get("labels")
+        state.split = None
+        if labels is None:
+            return None
+        ref = bound.get("input_ids")
+        if ref is None:
+            ref = bound.get("inputs_embeds")
+        shape = tuple(ref.shape[:2])
+        if tuple(labels.shape) != shape:
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)} but input_ids have {shape}; pass one label per input "
+                "token (-100 for prompt and padding tokens)"
+            )
+        if state.active:
+            state.split = split_tokens(labels, bound.get("attention_mask"), shape, config.dense_output_tokens)
+        return None
+
+    state.handles.append(hf.register_forward_pre_hook(split_batch, with_kwargs=True))
+    setattr(hf, STATE_ATTR, state)
+    return model
+
+
+def remove_sparselora(model: nn.Module) -> nn.Module:
+    """Restore every swapped forward and remove the hooks; the model is as before `apply_sparselora`."""
+    state = get_state(model)
+    for wrappers in state.layers.values():
+        for w in wrappers:
+            w.remove()
+    for h in state.handles:
+        h.remove()
+    delattr(causal_lm(model), STATE_ATTR)
+    return model
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch the sparse path on or off (the schedule still applies when on)."""
+    get_state(model).enabled = bool(enabled)
+
+
+@contextlib.contextmanager
+def dense(model: nn.Module):
+    """``with sparselora.dense(model):`` runs the block densely, e.g. for evaluation losses."""
+    state = get_state(model)
+    before = state.enabled
+    state.enabled = False
+    try:
+        yield model
+    finally:
+        state.enabled = before
+
+
+def schedule(model: nn.Module, step: int, total_steps: int | None = None) -> bool:
+    """Progressive sparsity for custom loops: dense before ``config.start_step``, sparse from it on.
+
+    Call before each step with the number of completed optimizer steps; returns whether the step is sparse.
+    """
+    state = get_state(model)
+    state.scheduled_on = step >= state.config.start_step_for(total_steps)
+    return state.active
+
+
+def kept_channels(model: nn.Module) -> dict[int, dict[str, torch.Tensor]]:
+    """Channels kept by each sparse layer in its last sparse forward: {layer: {"ffn"|"q"|"k"|"v"|"o": idx}}."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for i, wrappers in get_state(model).layers.items():
+        entry: dict[str, torch.Tensor] = {}
+        for w in wrappers:
+            if isinstance(w, SparseMLP) and w.kept is not None:
+                entry["ffn"] = w.kept
+            elif isinstance(w, SparseAttention) and w.kept is not None:
+                entry.update(w.kept)
+        if entry:
+            out[i] = entry
+    return out
+
+
+def sparsity_stats(model: nn.Module) -> dict[str, float]:
+    """Numbers worth logging: whether the path is on, the context share of the last batch, kept fractions."""
+    state = get_state(model)
+    arch = state.arch
+    stats = {"sparselora/active": float(state.active)}
+    split = state.split
+    if split is not None:
+        stats["sparselora/context_fraction"] = split.num_context / (split.shape[0] * split.shape[1])
+    ffn, attn = [], []
+    for entry in kept_channels(model).values():
+        if "ffn" in entry:
+            ffn.append(entry["ffn"].numel() / arch.intermediate_size)
+        if "k" in entry:
+            attn.append(entry["k"].numel() / (arch.num_kv_heads * arch.head_dim))
+    if ffn:
+        stats["sparselora/ffn_kept"] = sum(ffn) / len(ffn)
+    if attn:
+        stats["sparselora/attn_kept"] = sum(attn) / len(attn)
+    return stats

@@ -1,0 +1,135 @@
+"""From context-token activations to kept channels: scores (svd | oracle | random | l2), top-k, and the
+mapping of attention channels under grouped-query attention and RoPE.
+
+Selection is not differentiable and runs under no_grad; one channel set is chosen per batch from all its
+context tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from sparselora.models.registry import ArchInfo
+
+Proj = Callable[[torch.Tensor], torch.Tensor]
+
+
+def keep_count(n: int, sparsity: float) -> int:
+    return max(1, min(n, round((1.0 - sparsity) * n)))
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return scores.topk(k, sorted=False).indices.sort().values
+
+
+def _random(n: int, k: int, device) -> torch.Tensor:
+    # the global RNG, so gradient checkpointing's RNG replay recomputes the same channels
+    return torch.randperm(n, device=device)[:k].sort().values
+
+
+def _low_rank(x: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """x A_i B_i for each factor pair, with one matmul for all the A's."""
+    a = torch.cat([f[0] for f in factors], 1)
+    z = x.to(a.dtype) @ a
+    r = factors[0][0].shape[1]
+    return [z[:, i * r : (i + 1) * r] @ b for i, (_, b) in enumerate(factors)]
+
+
+@torch.no_grad()
+def select_ffn(
+    selector: str,
+    sparsity: float,
+    x: torch.Tensor,
+    act,
+    gate: Proj,
+    up: Proj,
+    factors: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    n: int,
+) -> torch.Tensor:
+    """Kept FFN intermediate channels, ranked by the norm over context tokens of act(gate x) * (up x)."""
+    k = keep_count(n, sparsity)
+    if selector == "random":
+        return _random(n, k, x.device)
+    if selector == "svd":
+        g, u = _low_rank(x, factors)
+    else:  # oracle and l2 both use the true intermediate activation of the FFN
+        g, u = gate(x).float(), up(x).float()
+    return _top((act(g) * u).norm(dim=0), k)
+
+
+def _unit_channels(units: torch.Tensor, head_dim: int, pairs: bool) -> torch.Tensor:
+    """Channel indices of selection units; with RoPE pairs a unit (h, d) is channels d and d + head_dim/2."""
+    if not pairs:
+        return units
+    half = head_dim // 2
+    h, d = units // half, units % half
+    return torch.cat([h * head_dim + d, h * head_dim + d + half]).sort().values
+
+
+def _to_units(score: torch.Tensor, pairs: bool) -> torch.Tensor:
+    """(heads, head_dim) channel scores -> flat unit scores (pairs summed)."""
+    if pairs:
+        half = score.shape[1] // 2
+        score = score[:, :half] + score[:, half:]
+    return score.reshape(-1)
+
+
+def expand_to_query_heads(kv_channels: torch.Tensor, arch: ArchInfo) -> torch.Tensor:
+    """Channel (g, d) of the kv heads -> channels (h, d) for every query head h of group g."""
+    D, G = arch.head_dim, arch.group_size
+    g, d = kv_channels // D, kv_channels % D
+    heads = g[:, None] * G + torch.arange(G, device=kv_channels.device)[None, :]
+    return (heads * D + d[:, None]).reshape(-1).sort().values
+
+
+@torch.no_grad()
+def select_attention(
+    selector: str,
+    sparsity: float,
+    x: torch.Tensor,
+    arch: ArchInfo,
+    rope_pairs: bool,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    factors: list[tuple[torch.Tensor, torch.Tensor]] | None,
+) -> dict[str, torch.Tensor]:
+    """Kept output channels of q, k, v and input columns of o.
+
+    q/k are ranked jointly by ||q|| * ||k|| (query norms averaged over the heads of a kv group), so a kept k
+    channel keeps the matching channel of every query head of its group; v by ||v||, and a kept v channel
+    keeps the o_proj columns of every query head reading it. ``l2`` ranks q and k apart by their own norms.
+    """
+    D, Hq, Hkv = arch.head_dim, arch.num_heads, arch.num_kv_heads
+    pairs = rope_pairs and D % 2 == 0
+    units_per_head = D // 2 if pairs else D
+    n_kv_units = Hkv * units_per_head
+    k_units = keep_count(n_kv_units, sparsity)
+    v_keep = keep_count(Hkv * D, sparsity)
+
+    if selector == "random":
+        k_ch = _unit_channels(_random(n_kv_units, k_units, x.device), D, pairs)
+        v_ch = _random(Hkv * D, v_keep, x.device)
+        return _attention_result(expand_to_query_heads(k_ch, arch), k_ch, v_ch, arch)
+
+    if selector == "svd":
+        qa, ka, va = _low_rank(x, factors)
+    else:
+        qa, ka, va = q(x).float(), k(x).float(), v(x).float()
+    qn = qa.norm(dim=0).view(Hq, D)
+    kn = ka.norm(dim=0).view(Hkv, D)
+    vn = va.norm(dim=0)
+    v_ch = _top(vn, v_keep)
+    if selector == "l2":
+        q_ch = _unit_channels(_top(_to_units(qn, pairs), k_units * arch.group_size), D, pairs)
+        k_ch = _unit_channels(_top(_to_units(kn, pairs), k_units), D, pairs)
+        return _attention_result(q_ch, k_ch, v_ch, arch)
+    score = qn.view(Hkv, arch.group_size, D).mean(1) * kn
+    k_ch = _unit_channels(_top(_to_units(score, pairs), k_units), D, pairs)
+    return _attention_result(expand_to_query_heads(k_ch, arch), k_ch, v_ch, arch)
+
+
+def _attention_result(q_ch, k_ch, v_ch, arch: ArchInfo) -> dict[str, torch.Tensor]:
+    return {"q": q_ch, "k": k_ch, "v": v_ch, "o": expand_to_query_heads(v_ch, arch)}

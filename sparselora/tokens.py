@@ -1,0 +1,82 @@
+"""Context/output split of a batch: which token positions may take the sparse path.
+
+Context tokens are real (attention_mask == 1) tokens whose label is -100; everything else (labelled tokens and
+padding) stays dense. The split is per token, so any padding side, any per-sample lengths and packed
+multi-segment rows are handled alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenSplit:
+    """Flat indices (into batch*seq) of context and dense tokens, and the inverse of their concatenation."""
+
+    ctx: torch.Tensor  # (Nc,) long
+    dense: torch.Tensor  # (Nd,) long
+    inverse: torch.Tensor  # (N,) long: row n of the result is row inverse[n] of cat([y_ctx, y_dense])
+    shape: tuple[int, int]  # (batch, seq)
+
+    @property
+    def num_context(self) -> int:
+        return self.ctx.numel()
+
+    def gather(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of x (batch, seq, d) for context tokens and for dense tokens."""
+        if tuple(x.shape[:2]) != self.shape:
+            raise RuntimeError(
+                f"sparselora: a layer saw input of shape {tuple(x.shape)} but the batch split was made for "
+                f"(batch, seq) = {self.shape}; the model was called inside another forward, or a layer "
+                "changes the sequence length, which SparseLoRA does not support"
+            )
+        flat = x.reshape(-1, x.shape[-1])
+        return flat.index_select(0, self.ctx), flat.index_select(0, self.dense)
+
+    def scatter(self, y_ctx: torch.Tensor, y_dense: torch.Tensor) -> torch.Tensor:
+        """Inverse of `gather`: (batch, seq, d) from the two row sets."""
+        y = torch.cat([y_ctx, y_dense.to(y_ctx.dtype)], 0).index_select(0, self.inverse)
+        return y.view(*self.shape, y.shape[-1])
+
+
+def context_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None, dense_output_tokens: bool = True):
+    """Boolean (batch, seq) mask of tokens that may run sparse."""
+    real = torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    return real & (labels == IGNORE_INDEX) if dense_output_tokens else real
+
+
+def split_tokens(
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    input_shape: tuple[int, ...],
+    dense_output_tokens: bool = True,
+) -> TokenSplit | None:
+    """The split for one batch, or None when the batch has no context token (then the step runs dense)."""
+    if tuple(labels.shape) != tuple(input_shape):
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)} but the inputs have (batch, seq) = {tuple(input_shape)}; "
+            "pass one label per input token (-100 for prompt and padding tokens)"
+        )
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                f"sparselora needs a 2-D attention_mask (batch, seq) to tell padding from context, got "
+                f"{attention_mask.dim()}-D; pass the tokenizer's mask, or none for unpadded/packed batches"
+            )
+        if tuple(attention_mask.shape) != tuple(input_shape):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs have {tuple(input_shape)}"
+            )
+    mask = context_mask(labels, attention_mask, dense_output_tokens).reshape(-1)
+    order = torch.argsort((~mask).to(torch.int8), stable=True)  # context rows first, each side in order
+    n_ctx = int(mask.sum())  # the one host sync of a step: layer shapes depend on it
+    if n_ctx == 0:
+        return None
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return TokenSplit(order[:n_ctx], order[n_ctx:], inverse, (int(input_shape[0]), int(input_shape[1])))

@@ -1,0 +1,102 @@
+"""Tiny random models of each supported family, batches, and an assert_close that says where it differs."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2)}
+
+
+def tiny_config(arch: str = "llama", layers: int = 4, **kw):
+    # odd sizes on purpose: hidden 40, intermediate 86, GQA 4 query heads over 2 kv heads of dim 10
+    common = dict(
+        vocab_size=101, hidden_size=40, intermediate_size=86, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    common.update(kw)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[arch]
+    if arch == "qwen3":
+        common.setdefault("head_dim", 10)
+    if arch == "mistral":
+        common.setdefault("sliding_window", None)
+    return cls(**common)
+
+
+def tiny_model(arch: str = "llama", dtype=torch.float32, seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **kw)).to(dtype)
+    with torch.no_grad():  # random, non-trivial biases where the family has them (Qwen2 q/k/v)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def tiny_peft(arch: str = "llama", dtype=torch.float32, targets=ALL_TARGETS, r: int = 4, seed: int = 0, **kw):
+    model = get_peft_model(
+        tiny_model(arch, dtype, seed, **kw), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets)
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # B = 0 at init would hide every LoRA-path bug
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * 0.2)
+    return model
+
+
+def make_batch(
+    batch: int = 3,
+    seq: int = 24,
+    vocab: int = 101,
+    padding_side: str = "right",
+    labelled=(3, 5, 1),
+    lengths=(24, 17, 11),
+    seed: int = 0,
+):
+    """Per-sample prompts of different lengths with the last ``labelled[i]`` real tokens labelled."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    mask = torch.zeros(batch, seq, dtype=torch.long)
+    labels = torch.full((batch, seq), -100)
+    for i in range(batch):
+        n, lab = lengths[i % len(lengths)], labelled[i % len(labelled)]
+        sl = slice(0, n) if padding_side == "right" else slice(seq - n, seq)
+        mask[i, sl] = 1
+        real = torch.arange(seq)[sl]
+        labels[i, real[n - lab :]] = ids[i, real[n - lab :]]
+    ids = ids.masked_fill(mask == 0, 0)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def clone(model):
+    return copy.deepcopy(model)
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "", dtype=None, rtol=None, atol=None):
+    """torch.testing-style check that reports the worst element's index and the relative error."""
+    dtype = dtype or expected.dtype
+    r, a = TOL.get(dtype, TOL[torch.float32])
+    rtol, atol = rtol or r, atol or a
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    diff = (actual - expected).abs()
+    bad = diff > atol + rtol * expected.abs()
+    if bad.any():
+        idx = tuple(int(i) for i in torch.nonzero(bad)[diff[bad].argmax()])
+        rel = (diff.norm() / expected.norm().clamp_min(1e-30)).item()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements differ; worst at {idx}: {actual[idx].item():.6g} vs "
+            f"{expected[idx].item():.6g}; relative L2 error {rel:.3g} (rtol={rtol}, atol={atol})"
+        )

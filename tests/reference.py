@@ -1,0 +1,65 @@
+"""The masked dense reference of SparseLoRA's semantics, written independently of the library's index ops.
+
+Given the kept channels of each sparse layer and the context mask, it runs the *dense* PEFT model and zeroes
+what the semantics say is absent for context tokens:
+  FFN:  intermediate channels outside S are zero (so down sees zeros there; LoRA branches included);
+  q/k/v: base outputs outside the kept channels are zero, the LoRA branch is added in full;
+  o:    the base reads only the kept input columns, the LoRA branch reads the full input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparselora.tokens import context_mask
+
+
+def _base(module):
+    return getattr(module, "base_layer", module)
+
+
+def _channel_mask(ctx: torch.Tensor, keep: torch.Tensor, width: int, dtype) -> torch.Tensor:
+    """(batch, seq, width): 0 where a context token's channel is not kept, 1 elsewhere."""
+    m = torch.zeros(width, dtype=dtype)
+    m[keep] = 1
+    return torch.where(ctx[..., None], m, torch.ones((), dtype=dtype))
+
+
+def install_reference(model, kept: dict[int, dict[str, torch.Tensor]], batch, dense_output_tokens=True):
+    """Hooks on a dense copy of the model that implement the semantics; returns the handles."""
+    ctx = context_mask(batch["labels"], batch.get("attention_mask"), dense_output_tokens)
+    layers = model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers
+    handles = []
+    for i, entry in kept.items():
+        layer = layers[i]
+        if "ffn" in entry:
+            mlp = layer.mlp
+
+            def mlp_hook(mod, args, out, keep=entry["ffn"]):
+                (x,) = args
+                h = mod.act_fn(mod.gate_proj(x)) * mod.up_proj(x)
+                h = h * _channel_mask(ctx, keep, h.shape[-1], h.dtype)
+                return mod.down_proj(h)
+
+            handles.append(mlp.register_forward_hook(mlp_hook))
+        if "q" in entry:
+            attn = layer.self_attn
+            for p in "qkv":
+                proj = getattr(attn, f"{p}_proj")
+
+                def out_hook(mod, args, out, keep=entry[p]):
+                    (x,) = args
+                    b = _base(mod)
+                    base = F.linear(x, b.weight, b.bias)
+                    return out - base * (1 - _channel_mask(ctx, keep, out.shape[-1], out.dtype))
+
+                handles.append(proj.register_forward_hook(out_hook))
+
+            def o_hook(mod, args, out, keep=entry["o"]):
+                (a,) = args
+                dropped = a * (1 - _channel_mask(ctx, keep, a.shape[-1], a.dtype))
+                return out - F.linear(dropped, _base(mod).weight)
+
+            handles.append(attn.o_proj.register_forward_hook(o_hook))
+    return handles
