@@ -1,0 +1,194 @@
+"""Batched greedy generation and accuracy scoring, with predictions kept for inspection.
+
+Prompts are built by `sparselora.data.prompt_ids`, the same code that builds training prompts, so a
+fine-tuned model is evaluated on exactly the format it learnt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..data.readers import Example
+from ..data.tokenize import has_chat_template, prompt_ids
+from .extract import extract_choice, extract_label, extract_number, is_correct, label_set_for, wilson_interval
+
+__all__ = ["TASKS", "generate", "extract_prediction", "evaluate", "atomic_write_text"]
+
+logger = logging.getLogger(__name__)
+TASKS = ("math", "aqua", "commonsense")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file in the same folder and `os.replace`, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: the tokenizer's EOS plus the generation config's (chat models have several)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    cfg = getattr(model, "generation_config", None)
+    extra = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+    if extra is not None:
+        ids.update(int(i) for i in (extra if isinstance(extra, (list, tuple)) else [extra]))
+    return sorted(ids)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy completions (text after the prompt, cut at EOS) for tokenized prompts.
+
+    Prompts are sorted by length so that batches carry little padding (left padding, as decoder-only
+    generation needs); results come back in input order.
+    """
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[str | None] = [None] * len(prompts)
+    start = time.time()
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(prompts[i])
+            ids[row, width - n :] = torch.tensor(prompts[i], dtype=torch.long)
+            mask[row, width - n :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos or None,
+        )
+        for row, i in enumerate(idx):
+            new = gen[row, width:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in eos), len(new))
+            out[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+        if progress:
+            logger.info("generated %d/%d (%.1fs)", min(b + batch_size, len(order)), len(order), time.time() - start)
+    return out  # type: ignore[return-value]
+
+
+def extract_prediction(completion: str, task: str, gold: str | None = None):
+    """The answer a completion gives: a float (math), a letter (aqua) or a label word (commonsense)."""
+    if task == "math":
+        return extract_number(completion)
+    if task == "aqua":
+        return extract_choice(completion)
+    if task == "commonsense":
+        return extract_label(completion, label_set_for(gold or ""))
+    raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}")
+
+
+def evaluate(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    task: str = "math",
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    out_dir: str | os.PathLike | None = None,
+    name: str | None = None,
+    use_chat_template: bool | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Greedy-generate for `examples`, extract answers, score them against `example.answer`.
+
+    Returns `{"task", "n", "correct", "accuracy", "ci95": [lo, hi], "n_unparsed", "seconds", ...}`.
+    With `out_dir`, writes `<name>.predictions.jsonl` (one line per example) and `<name>.scores.json`
+    (name defaults to the task), each atomically.
+    """
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}")
+    if not examples:
+        raise ValueError("No examples to evaluate (empty data set)")
+    missing = [i for i, ex in enumerate(examples) if ex.answer is None]
+    if missing:
+        raise ValueError(f"{len(missing)} examples have no gold answer (first index {missing[0]})")
+    if use_chat_template is None:
+        use_chat_template = has_chat_template(tokenizer)
+    was_training = model.training
+    model.eval()
+    start = time.time()
+    try:
+        prompts = [prompt_ids(ex, tokenizer, use_chat_template) for ex in examples]
+        completions = generate(model, tokenizer, prompts, batch_size, max_new_tokens, progress)
+    finally:
+        model.train(was_training)
+    seconds = time.time() - start
+
+    records, correct, unparsed = [], 0, 0
+    for i, (ex, completion) in enumerate(zip(examples, completions)):
+        pred = extract_prediction(completion, task, ex.answer)
+        ok = is_correct(pred, ex.answer, task)
+        correct += ok
+        unparsed += pred is None
+        records.append(
+            {
+                "index": i,
+                "line": ex.meta.get("line"),
+                "prompt": ex.prompt,
+                "completion": completion,
+                "prediction": pred,
+                "gold": ex.answer,
+                "correct": ok,
+            }
+        )
+    n = len(examples)
+    lo, hi = wilson_interval(correct, n)
+    scores = {
+        "task": task,
+        "name": name or task,
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n,
+        "ci95": [lo, hi],
+        "n_unparsed": unparsed,
+        "seconds": round(seconds, 3),
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "chat_template": use_chat_template,
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        stem = name or task
+        atomic_write_text(
+            out / f"{stem}.predictions.jsonl",
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+        )
+        atomic_write_text(out / f"{stem}.scores.json", json.dumps(scores, indent=2) + "\n")
+        scores["predictions_path"] = str(out / f"{stem}.predictions.jsonl")
+    return scores
