@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparselora.ops.indexing import permute_rows
+
 IGNORE_INDEX = -100
 
 
@@ -18,14 +20,18 @@ IGNORE_INDEX = -100
 class TokenSplit:
     """Flat indices (into batch*seq) of context and dense tokens, and the inverse of their concatenation."""
 
-    ctx: torch.Tensor  # (Nc,) long
-    dense: torch.Tensor  # (Nd,) long
-    inverse: torch.Tensor  # (N,) long: row n of the result is row inverse[n] of cat([y_ctx, y_dense])
+    order: torch.Tensor  # (N,) long: context rows first, then dense rows, each in original order
+    inverse: torch.Tensor  # (N,) long: inverse permutation of ``order``
+    num_context: int
     shape: tuple[int, int]  # (batch, seq)
 
     @property
-    def num_context(self) -> int:
-        return self.ctx.numel()
+    def ctx(self) -> torch.Tensor:
+        return self.order[: self.num_context]
+
+    @property
+    def dense(self) -> torch.Tensor:
+        return self.order[self.num_context :]
 
     def gather(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of x (batch, seq, d) for context tokens and for dense tokens."""
@@ -35,12 +41,12 @@ class TokenSplit:
                 f"(batch, seq) = {self.shape}; the model was called inside another forward, or a layer "
                 "changes the sequence length, which SparseLoRA does not support"
             )
-        flat = x.reshape(-1, x.shape[-1])
-        return flat.index_select(0, self.ctx), flat.index_select(0, self.dense)
+        rows = permute_rows(x.reshape(-1, x.shape[-1]), self.order, self.inverse)
+        return rows[: self.num_context], rows[self.num_context :]
 
     def scatter(self, y_ctx: torch.Tensor, y_dense: torch.Tensor) -> torch.Tensor:
         """Inverse of `gather`: (batch, seq, d) from the two row sets."""
-        y = torch.cat([y_ctx, y_dense.to(y_ctx.dtype)], 0).index_select(0, self.inverse)
+        y = permute_rows(torch.cat([y_ctx, y_dense.to(y_ctx.dtype)], 0), self.inverse, self.order)
         return y.view(*self.shape, y.shape[-1])
 
 
@@ -79,4 +85,4 @@ def split_tokens(
         return None
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return TokenSplit(order[:n_ctx], order[n_ctx:], inverse, (int(input_shape[0]), int(input_shape[1])))
+    return TokenSplit(order, inverse, n_ctx, (int(input_shape[0]), int(input_shape[1])))

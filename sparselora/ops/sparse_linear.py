@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparselora.ops.indexing import gather_columns, spread_columns
+
 
 def _base_layer(module: nn.Module) -> nn.Linear:
     base = getattr(module, "base_layer", module)
@@ -90,15 +92,13 @@ def proj_out_sparse(module: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> t
     """q/k/v for context tokens: the base output only on ``rows`` (zero elsewhere), LoRA dense and added."""
     weight, bias = base_weight_bias(module)
     base = F.linear(x, weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows))
-    delta = lora_delta(module, x)
-    full = x.new_zeros(x.shape[0], weight.shape[0]) if delta is None else delta.to(base.dtype)
-    return full.index_add(1, rows, base)
+    return _add(spread_columns(base, rows, weight.shape[0]), lora_delta(module, x))
 
 
 def proj_in_sparse(module: nn.Module, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """o_proj for context tokens: the base reads only input columns ``cols``; LoRA dense on the full input."""
     weight, bias = base_weight_bias(module)
-    base = F.linear(x.index_select(1, cols), weight.index_select(1, cols), bias)
+    base = F.linear(gather_columns(x, cols), weight.index_select(1, cols), bias)
     return _add(base, lora_delta(module, x))
 
 

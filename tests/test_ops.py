@@ -1,0 +1,205 @@
+"""Each sparse op against a plain masked PyTorch reference: forward and every gradient, per dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from sparselora.ops import ffn_context, lora_delta, proj_in_sparse, proj_out_sparse
+from sparselora.selection import expand_to_query_heads, keep_count, select_attention, select_ffn
+from sparselora.models.registry import ArchInfo
+
+from helpers import assert_close
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+class Block(nn.Module):
+    def __init__(self, i=37, o=53, bias=True):
+        super().__init__()
+        self.gate, self.up = nn.Linear(i, o, bias=bias), nn.Linear(i, o, bias=bias)
+        self.down, self.proj = nn.Linear(o, i, bias=bias), nn.Linear(i, o, bias=bias)
+
+
+def lora_block(dtype, lora=True, seed=0):
+    torch.manual_seed(seed)
+    m = Block().to(dtype)
+    if lora:
+        m = get_peft_model(m, LoraConfig(r=3, lora_alpha=5, target_modules=["gate", "up", "down", "proj"]))
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3)
+        m = m.base_model.model
+    return m
+
+
+def grads_of(module, x, fn):
+    for p in module.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    y = fn(x)
+    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    g = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad.clone(), g
+
+
+def check(module, x, fast, ref, dtype, name):
+    ya, xa, ga = grads_of(module, x, fast)
+    yb, xb, gb = grads_of(module, x, ref)
+    assert_close(ya, yb, f"{name} out", dtype)
+    assert_close(xa, xb, f"{name} input grad", dtype)
+    assert ga.keys() == gb.keys() and ga, f"{name}: gradients of {sorted(gb)} expected, got {sorted(ga)}"
+    for n in ga:
+        assert_close(ga[n], gb[n], f"{name} grad {n}", dtype)
+
+
+def full_lora(m, x):
+    return m(x) - F.linear(x, m.base_layer.weight, m.base_layer.bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lora", [True, False])
+def test_proj_out_sparse(dtype, lora):
+    m = lora_block(dtype, lora)
+    x = torch.randn(19, 37, dtype=dtype)
+    rows = torch.tensor([0, 3, 4, 17, 52])
+    mask = torch.zeros(53, dtype=dtype)
+    mask[rows] = 1
+    base = m.proj.base_layer if lora else m.proj
+
+    def ref(x):
+        b = F.linear(x, base.weight, base.bias) * mask
+        return b + (full_lora(m.proj, x) if lora else 0)
+
+    if not lora:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    check(m, x, lambda x: proj_out_sparse(m.proj, x, rows), ref, dtype, "proj_out_sparse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_proj_in_sparse(dtype):
+    m = lora_block(dtype)
+    x = torch.randn(11, 53, dtype=dtype)
+    cols = torch.tensor([1, 2, 30, 31, 50])
+    mask = torch.zeros(53, dtype=dtype)
+    mask[cols] = 1
+
+    def ref(x):
+        return F.linear(x * mask, m.down.base_layer.weight, m.down.base_layer.bias) + full_lora(m.down, x)
+
+    check(m, x, lambda x: proj_in_sparse(m.down, x, cols), ref, dtype, "proj_in_sparse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ffn_context(dtype):
+    m = lora_block(dtype)
+    x = torch.randn(23, 37, dtype=dtype)
+    keep = torch.tensor([0, 5, 6, 7, 40, 52])
+    mask = torch.zeros(53, dtype=dtype)
+    mask[keep] = 1
+
+    def ref(x):
+        return m.down(F.silu(m.gate(x)) * m.up(x) * mask)
+
+    check(m, x, lambda x: ffn_context(m.gate, m.up, m.down, F.silu, x, keep), ref, dtype, "ffn_context")
+
+
+def test_lora_delta_slicing_equals_full_then_slice():
+    m = lora_block(torch.float64)
+    x = torch.randn(7, 37, dtype=torch.float64)
+    rows = torch.tensor([2, 9, 10])
+    assert_close(lora_delta(m.gate, x, out_rows=rows), full_lora(m.gate, x)[:, rows], "out_rows")
+    h = torch.randn(7, 53, dtype=torch.float64)
+    cols = torch.tensor([4, 8])
+    assert_close(lora_delta(m.down, h[:, cols], in_cols=cols), full_lora(m.down, h * 0 + _onehot(h, cols)), "in_cols")
+    assert lora_delta(nn.Linear(3, 3), torch.randn(2, 3)) is None
+
+
+def _onehot(h, cols):
+    out = torch.zeros_like(h)
+    out[:, cols] = h[:, cols]
+    return out
+
+
+# --- selection ------------------------------------------------------------------------------------------------
+
+ARCH = ArchInfo("llama", 1, 40, 86, num_heads=6, num_kv_heads=2, head_dim=8, vocab_size=10)
+
+
+def test_keep_count():
+    assert keep_count(14336, 0.99) == 143
+    assert keep_count(10, 0.999) == 1
+    assert keep_count(86, 1e-9) == 86
+
+
+def test_gqa_expansion():
+    # kv channel (g=1, d=3) -> query heads 3, 4, 5 (group 1 of size 3), dim 3
+    out = expand_to_query_heads(torch.tensor([1 * 8 + 3]), ARCH)
+    assert out.tolist() == [3 * 8 + 3, 4 * 8 + 3, 5 * 8 + 3]
+
+
+@pytest.mark.parametrize("selector", ["svd", "oracle", "random", "l2"])
+@pytest.mark.parametrize("pairs", [True, False])
+def test_attention_selection_structure(selector, pairs):
+    torch.manual_seed(0)
+    x = torch.randn(30, 40)
+    wq, wk, wv = torch.randn(48, 40), torch.randn(16, 40), torch.randn(16, 40)
+    from sparselora.estimator import low_rank_factors
+
+    factors = [low_rank_factors(w, 4) for w in (wq, wk, wv)]
+    sel = select_attention(selector, 0.5, x, ARCH, pairs, lambda x: x @ wq.T, lambda x: x @ wk.T, lambda x: x @ wv.T, factors)
+    k, q, v, o = sel["k"], sel["q"], sel["v"], sel["o"]
+    assert k.numel() == 8 and v.numel() == 8
+    assert torch.equal(o, expand_to_query_heads(v, ARCH))
+    if selector != "l2":
+        assert torch.equal(q, expand_to_query_heads(k, ARCH))
+    else:
+        assert q.numel() == 24
+    if pairs:
+        for idx in (k, q):
+            s = set(idx.tolist())
+            assert all(((c // 8) * 8 + (c % 8 + 4) % 8) in s for c in s), "RoPE partner missing"
+
+
+def test_svd_and_oracle_scores():
+    """svd ranks by the estimate of ||silu(gate x) * (up x)||; oracle by the true value."""
+    torch.manual_seed(1)
+    x = torch.randn(50, 40)
+    wg, wu = torch.randn(86, 40), torch.randn(86, 40)
+    gate, up = (lambda x: x @ wg.T), (lambda x: x @ wu.T)
+    true = (F.silu(gate(x)) * up(x)).norm(dim=0)
+    oracle = select_ffn("oracle", 0.8, x, F.silu, gate, up, None, 86)
+    assert torch.equal(oracle, true.topk(17).indices.sort().values)
+    from sparselora.estimator import low_rank_factors
+
+    full_rank = [low_rank_factors(w, 40) for w in (wg, wu)]  # full rank: the estimate is exact
+    assert torch.equal(select_ffn("svd", 0.8, x, F.silu, gate, up, full_rank, 86), oracle)
+    # q/k: product of query (group-averaged) and key norms
+    wq, wk, wv = torch.randn(48, 40), torch.randn(16, 40), torch.randn(16, 40)
+    sel = select_attention("oracle", 0.75, x, ARCH, False, lambda x: x @ wq.T, lambda x: x @ wk.T, lambda x: x @ wv.T, None)
+    qn = (x @ wq.T).norm(dim=0).view(6, 8).view(2, 3, 8).mean(1)
+    kn = (x @ wk.T).norm(dim=0).view(2, 8)
+    assert torch.equal(sel["k"], (qn * kn).reshape(-1).topk(4).indices.sort().values)
+    assert torch.equal(sel["v"], (x @ wv.T).norm(dim=0).topk(4).indices.sort().values)
+
+
+def test_indexing_functions_gradcheck():
+    from sparselora.ops.indexing import gather_columns, permute_rows, spread_columns
+
+    x = torch.randn(9, 7, dtype=torch.float64, requires_grad=True)
+    perm = torch.randperm(9)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(9)
+    cols = torch.tensor([0, 3, 6])
+    assert torch.equal(permute_rows(x, perm, inv), x[perm])
+    assert torch.equal(gather_columns(x, cols), x[:, cols])
+    spread = spread_columns(x[:, :3], cols, 10)
+    assert torch.equal(spread[:, cols], x[:, :3]) and spread[:, [1, 2, 4, 5, 7, 8, 9]].abs().sum() == 0
+    torch.autograd.gradcheck(lambda t: permute_rows(t, perm, inv), (x,))
+    torch.autograd.gradcheck(lambda t: gather_columns(t, cols), (x,))
+    torch.autograd.gradcheck(lambda t: spread_columns(t, cols, 10), (x[:, :3].detach().requires_grad_(),))
