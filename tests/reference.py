@@ -21,9 +21,9 @@ def _base(module):
 
 def _channel_mask(ctx: torch.Tensor, keep: torch.Tensor, width: int, dtype) -> torch.Tensor:
     """(batch, seq, width): 0 where a context token's channel is not kept, 1 elsewhere."""
-    m = torch.zeros(width, dtype=dtype)
-    m[keep] = 1
-    return torch.where(ctx[..., None], m, torch.ones((), dtype=dtype))
+    m = torch.zeros(width, dtype=dtype, device=ctx.device)
+    m[keep.to(ctx.device)] = 1
+    return torch.where(ctx[..., None], m, torch.ones((), dtype=dtype, device=ctx.device))
 
 
 def install_reference(model, kept: dict[int, dict[str, torch.Tensor]], batch, dense_output_tokens=True):
