@@ -9,12 +9,14 @@ the file, and a file whose recorded fingerprint does not match is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from sparselora.distributed import file_lock
 from sparselora.io import atomic_write
 
 ESTIMATOR_VERSION = "1"
@@ -85,16 +87,18 @@ class Estimator:
         if cache_dir is not None:
             fp = fingerprint(named)
             path = Path(cache_dir) / f"estimator-{fp[:24]}-r{rank}.safetensors"
-            if path.exists():
+        # another process building the same file (no torch.distributed): wait for it and load its result
+        with file_lock(path) if path is not None else contextlib.nullcontext():
+            if path is not None and path.exists():
                 factors = cls._load(path, fp, rank, named)
-        missing = [n for n in named if f"{n}.A" not in factors]
-        for n in missing:
-            a, b = low_rank_factors(named[n], rank)
-            factors[f"{n}.A"], factors[f"{n}.B"] = a, b
-        if path is not None and missing:
-            meta = {"fingerprint": fp, "rank": str(rank), "version": ESTIMATOR_VERSION}
-            cpu = {k: v.detach().cpu().contiguous() for k, v in factors.items()}
-            atomic_write(path, lambda p: save_file(cpu, str(p), metadata=meta))
+            missing = [n for n in named if f"{n}.A" not in factors]
+            for n in missing:
+                a, b = low_rank_factors(named[n], rank)
+                factors[f"{n}.A"], factors[f"{n}.B"] = a, b
+            if path is not None and missing:
+                meta = {"fingerprint": fp, "rank": str(rank), "version": ESTIMATOR_VERSION}
+                cpu = {k: v.detach().cpu().contiguous() for k, v in factors.items()}
+                atomic_write(path, lambda p: save_file(cpu, str(p), metadata=meta))
         return cls({k: v.to(device) for k, v in factors.items()}, rank)
 
     @staticmethod

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparselora import distributed
 from sparselora.config import SparseLoRAConfig
 from sparselora.estimator import Estimator
 from sparselora.models.registry import arch_info, causal_lm, decoder_layers
@@ -69,6 +70,7 @@ def apply_sparselora(
     arch = arch_info(hf.config)
     _check_layers(config, arch.num_layers)
     weights = _estimator_weights(hf, config)
+    distributed.check_full_weights(distributed.sparse_projections(hf, config), "apply")  # sharded before apply: refuse
     for (i, p), w in weights.items():
         if config.estimator_rank > min(w.shape):
             raise ValueError(
@@ -77,7 +79,8 @@ def apply_sparselora(
             )
     estimator = None
     if config.selector == "svd" and weights:
-        estimator = Estimator.build(weights, config.estimator_rank, estimator_dir)
+        # under torch.distributed: rank 0 builds (or loads), the others receive its factors
+        estimator = distributed.build_estimator(weights, config.estimator_rank, estimator_dir, Estimator.build)
 
     state = SparseLoRAState(config, arch, estimator)
     layers = decoder_layers(hf)
@@ -118,6 +121,7 @@ def apply_sparselora(
         return None
 
     state.handles.append(hf.register_forward_pre_hook(split_batch, with_kwargs=True))
+    distributed.install_guards(state)  # FSDP units finer than attention/MLP: refuse at the first sparse forward
     setattr(hf, STATE_ATTR, state)
     return model
 
