@@ -45,6 +45,10 @@ def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     return a.float().contiguous(), b.float().contiguous()
 
 
+def stack_factors(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return torch.cat([a for a, _ in pairs], 1).contiguous(), [b for _, b in pairs]
+
+
 def fingerprint(named_weights: dict[str, torch.Tensor]) -> str:
     """A hash of the weights: names, shapes, dtypes and an even sample of up to 2^16 values per tensor.
 
@@ -68,9 +72,17 @@ class Estimator:
     def __init__(self, factors: dict[str, torch.Tensor], rank: int):
         self.factors = factors
         self.rank = rank
+        self._stacked: dict = {}
 
     def get(self, layer: int, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.factors[f"{layer}.{proj}.A"], self.factors[f"{layer}.{proj}.B"]
+
+    def stacked(self, layer: int, projs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(A's side by side, [B's]) of several projections sharing one input: one matmul scores them all."""
+        key = (layer, tuple(projs))
+        if key not in self._stacked:
+            self._stacked[key] = stack_factors([self.get(layer, p) for p in projs])
+        return self._stacked[key]
 
     @classmethod
     def build(

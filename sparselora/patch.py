@@ -18,9 +18,13 @@ from sparselora.config import SparseLoRAConfig
 from sparselora.estimator import Estimator
 from sparselora.models.registry import arch_info, causal_lm, decoder_layers
 from sparselora.modules import SparseAttention, SparseMLP
+from sparselora.modules.linear import FusedLoRALinear
 from sparselora.ops.sparse_linear import base_weight_bias
 from sparselora.state import STATE_ATTR, SparseLoRAState
 from sparselora.tokens import split_tokens
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def get_state(model: nn.Module, required: bool = True) -> SparseLoRAState | None:
@@ -93,10 +97,14 @@ def apply_sparselora(
                 wrappers.append(SparseAttention(layers[i].self_attn, i, config.attn_sparsity[i], state))
             if wrappers:
                 state.layers[i] = wrappers
+            sliced = PROJECTIONS[:4] if config.attn_sparsity.get(i, 0) > 0 else ()
+            for name in PROJECTIONS:
+                if name not in sliced:
+                    parent = layers[i].self_attn if name in PROJECTIONS[:4] else layers[i].mlp
+                    state.fused.append(FusedLoRALinear(getattr(parent, name)))
     except Exception:
-        for ws in state.layers.values():
-            for w in ws:
-                w.remove()
+        for w in [w for ws in state.layers.values() for w in ws] + state.fused:
+            w.remove()
         raise
 
     signature = inspect.signature(hf.forward)
@@ -129,9 +137,8 @@ def apply_sparselora(
 def remove_sparselora(model: nn.Module) -> nn.Module:
     """Restore every swapped forward and remove the hooks; the model is as before `apply_sparselora`."""
     state = get_state(model)
-    for wrappers in state.layers.values():
-        for w in wrappers:
-            w.remove()
+    for w in [w for ws in state.layers.values() for w in ws] + state.fused:
+        w.remove()
     for h in state.handles:
         h.remove()
     delattr(causal_lm(model), STATE_ATTR)

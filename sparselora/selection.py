@@ -29,12 +29,12 @@ def _random(n: int, k: int, device) -> torch.Tensor:
     return torch.randperm(n, device=device)[:k].sort().values
 
 
-def _low_rank(x: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """x A_i B_i for each factor pair, with one matmul for all the A's."""
-    a = torch.cat([f[0] for f in factors], 1)
+def _low_rank(x: torch.Tensor, factors: tuple[torch.Tensor, list[torch.Tensor]]) -> list[torch.Tensor]:
+    """x A_i B_i for each projection, with one matmul for all the A's (see `Estimator.stacked`)."""
+    a, bs = factors
     z = x.to(a.dtype) @ a
-    r = factors[0][0].shape[1]
-    return [z[:, i * r : (i + 1) * r] @ b for i, (_, b) in enumerate(factors)]
+    r = bs[0].shape[0]
+    return [z[:, i * r : (i + 1) * r] @ b for i, b in enumerate(bs)]
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def select_ffn(
     act,
     gate: Proj,
     up: Proj,
-    factors: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    factors: tuple[torch.Tensor, list[torch.Tensor]] | None,
     n: int,
 ) -> torch.Tensor:
     """Kept FFN intermediate channels, ranked by the norm over context tokens of act(gate x) * (up x)."""
@@ -94,7 +94,7 @@ def select_attention(
     q: Proj,
     k: Proj,
     v: Proj,
-    factors: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    factors: tuple[torch.Tensor, list[torch.Tensor]] | None,
 ) -> dict[str, torch.Tensor]:
     """Kept output channels of q, k, v and input columns of o.
 

@@ -22,6 +22,7 @@ class SparseLoRAState:
         # recomputes layers with the same split during backward.
         self.split: TokenSplit | None = None
         self.layers: dict[int, list] = {}  # layer index -> its wrappers (SparseMLP / SparseAttention)
+        self.fused: list = []  # FusedLoRALinear wrappers of the projections not sliced
         self.handles: list = []
 
     @property

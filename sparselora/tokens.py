@@ -33,21 +33,28 @@ class TokenSplit:
     def dense(self) -> torch.Tensor:
         return self.order[self.num_context :]
 
-    def gather(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of x (batch, seq, d) for context tokens and for dense tokens."""
+    def permute(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of x (batch, seq, d) as a (batch*seq, d) matrix, context rows first."""
         if tuple(x.shape[:2]) != self.shape:
             raise RuntimeError(
                 f"sparselora: a layer saw input of shape {tuple(x.shape)} but the batch split was made for "
                 f"(batch, seq) = {self.shape}; the model was called inside another forward, or a layer "
                 "changes the sequence length, which SparseLoRA does not support"
             )
-        rows = permute_rows(x.reshape(-1, x.shape[-1]), self.order, self.inverse)
+        return permute_rows(x.reshape(-1, x.shape[-1]), self.order, self.inverse)
+
+    def gather(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of x (batch, seq, d) for context tokens and for dense tokens."""
+        rows = self.permute(x)
         return rows[: self.num_context], rows[self.num_context :]
+
+    def unpermute(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of `permute`: (batch, seq, d) from context-first rows."""
+        return permute_rows(y, self.inverse, self.order).view(*self.shape, y.shape[-1])
 
     def scatter(self, y_ctx: torch.Tensor, y_dense: torch.Tensor) -> torch.Tensor:
         """Inverse of `gather`: (batch, seq, d) from the two row sets."""
-        y = permute_rows(torch.cat([y_ctx, y_dense.to(y_ctx.dtype)], 0), self.inverse, self.order)
-        return y.view(*self.shape, y.shape[-1])
+        return self.unpermute(torch.cat([y_ctx, y_dense.to(y_ctx.dtype)], 0))
 
 
 def context_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None, dense_output_tokens: bool = True):

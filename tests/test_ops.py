@@ -149,9 +149,9 @@ def test_attention_selection_structure(selector, pairs):
     torch.manual_seed(0)
     x = torch.randn(30, 40)
     wq, wk, wv = torch.randn(48, 40), torch.randn(16, 40), torch.randn(16, 40)
-    from sparselora.estimator import low_rank_factors
+    from sparselora.estimator import low_rank_factors, stack_factors
 
-    factors = [low_rank_factors(w, 4) for w in (wq, wk, wv)]
+    factors = stack_factors([low_rank_factors(w, 4) for w in (wq, wk, wv)])
     sel = select_attention(selector, 0.5, x, ARCH, pairs, lambda x: x @ wq.T, lambda x: x @ wk.T, lambda x: x @ wv.T, factors)
     k, q, v, o = sel["k"], sel["q"], sel["v"], sel["o"]
     assert k.numel() == 8 and v.numel() == 8
@@ -175,9 +175,9 @@ def test_svd_and_oracle_scores():
     true = (F.silu(gate(x)) * up(x)).norm(dim=0)
     oracle = select_ffn("oracle", 0.8, x, F.silu, gate, up, None, 86)
     assert torch.equal(oracle, true.topk(17).indices.sort().values)
-    from sparselora.estimator import low_rank_factors
+    from sparselora.estimator import low_rank_factors, stack_factors
 
-    full_rank = [low_rank_factors(w, 40) for w in (wg, wu)]  # full rank: the estimate is exact
+    full_rank = stack_factors([low_rank_factors(w, 40) for w in (wg, wu)])  # full rank: the estimate is exact
     assert torch.equal(select_ffn("svd", 0.8, x, F.silu, gate, up, full_rank, 86), oracle)
     # q/k: product of query (group-averaged) and key norms
     wq, wk, wv = torch.randn(48, 40), torch.randn(16, 40), torch.randn(16, 40)
@@ -203,3 +203,56 @@ def test_indexing_functions_gradcheck():
     torch.autograd.gradcheck(lambda t: permute_rows(t, perm, inv), (x,))
     torch.autograd.gradcheck(lambda t: gather_columns(t, cols), (x,))
     torch.autograd.gradcheck(lambda t: spread_columns(t, cols, 10), (x[:, :3].detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", [None, "out", "in"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_fused_split_lora_linear(dtype, mode, lora):
+    """The fused projection on context-first rows equals the masked reference, forward and gradients."""
+    from sparselora.ops.fused import lora_parts, split_lora_linear
+
+    m = lora_block(dtype, lora)
+    for p in m.parameters():
+        p.requires_grad_("lora_" in "".join(n for n, q in m.named_parameters() if q is p))
+    proj = m.proj
+    n_ctx = 0 if mode is None else 7
+    x = torch.randn(19, 37, dtype=dtype)
+    idx = torch.tensor([0, 3, 4, 17, 36]) if mode == "in" else torch.tensor([0, 3, 4, 17, 52])
+    base = proj.base_layer if lora else proj
+    ctx = torch.zeros(19, 1, dtype=dtype)
+    ctx[:n_ctx] = 1
+
+    def ref(x):
+        if mode == "out":
+            keep = torch.zeros(53, dtype=dtype)
+            keep[idx] = 1
+            mask = 1 - ctx * (1 - keep)
+            y = F.linear(x, base.weight, base.bias) * mask
+        elif mode == "in":
+            keep = torch.zeros(37, dtype=dtype)
+            keep[idx] = 1
+            y = F.linear(x * (1 - ctx * (1 - keep)), base.weight, base.bias)
+        else:
+            y = F.linear(x, base.weight, base.bias)
+        return y + (full_lora(proj, x) if lora else 0)
+
+    parts = lora_parts(proj)
+    assert parts is not None
+    if lora:
+        check(m, x, lambda x: split_lora_linear(parts, x, n_ctx, mode, idx), ref, dtype, f"fused/{mode}")
+    else:  # no trainable parameter: compare output and input gradient
+        ya, xa, _ = grads_of(m, x, lambda x: split_lora_linear(parts, x, n_ctx, mode, idx))
+        yb, xb, _ = grads_of(m, x, ref)
+        assert_close(ya, yb, "fused out", dtype)
+        assert_close(xa, xb, "fused input grad", dtype)
+
+
+def test_fused_refuses_what_it_cannot_reproduce():
+    from sparselora.ops.fused import lora_parts
+
+    torch.manual_seed(0)
+    m = get_peft_model(Block(), LoraConfig(r=3, target_modules=["proj"], lora_dropout=0.1)).base_model.model
+    assert lora_parts(m.proj) is None  # dropout: PEFT's own forward
+    lin = nn.Linear(3, 4)
+    assert lora_parts(lin) is None  # trainable base weight

@@ -12,6 +12,7 @@ from torch import nn
 
 from sparselora.modules.base import ForwardSwap
 from sparselora.ops import proj_in_sparse, proj_out_sparse
+from sparselora.ops.fused import lora_parts, split_lora_linear
 from sparselora.ops.sparse_linear import check_lora_module
 from sparselora.selection import select_attention
 
@@ -25,7 +26,7 @@ class SparseAttention:
             check_lora_module(m)
         self.attn, self.layer, self.sparsity, self.state = attn, layer, sparsity, state
         self.kept: dict[str, torch.Tensor] | None = None
-        self._inputs = None  # (x, x_ctx, x_dense) of the current call, shared by q, k and v
+        self._inputs = None  # (x, x_ctx, x_dense, x_permuted) of the current call, shared by q, k and v
         self.swaps = {p: ForwardSwap(m, self._make_forward(p)) for p, m in self.projs.items()}
         self.handle = attn.register_forward_pre_hook(self._select, with_kwargs=True)
 
@@ -35,23 +36,39 @@ class SparseAttention:
         if split is None:
             return None
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        xc, xd = split.gather(x)
+        xp = split.permute(x)
+        xc, xd = xp[: split.num_context], xp[split.num_context :]
         cfg, est = self.state.config, self.state.estimator
-        factors = [est.get(self.layer, p) for p in "qkv"] if cfg.selector == "svd" else None
+        factors = est.stacked(self.layer, "qkv") if cfg.selector == "svd" else None
         orig = {p: s.original for p, s in self.swaps.items()}
         self.kept = select_attention(
             cfg.selector, self.sparsity, xc, self.state.arch, cfg.rope_pairs, orig["q"], orig["k"], orig["v"], factors
         )
-        self._inputs = (x, xc, xd)
+        self._inputs = (x, xc, xd, xp)
         return None
 
+    def _fused(self, p: str, parts, x: torch.Tensor, split) -> torch.Tensor:
+        """The fused op on rows permuted context-first; q/k/v share one permutation of their input."""
+        xp = self._inputs[3] if x is self._inputs[0] else split.permute(x)
+        y = split_lora_linear(parts, xp, split.num_context, "in" if p == "o" else "out", self.kept[p])
+        return split.unpermute(y)
+
     def _make_forward(self, p: str):
-        def forward(x: torch.Tensor) -> torch.Tensor:
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             inputs = self._inputs
+            parts = None if (args or kwargs) else lora_parts(self.projs[p])
             if inputs is None:
-                return self.swaps[p].original(x)
+                if parts is None:
+                    return self.swaps[p].original(x, *args, **kwargs)
+                y = split_lora_linear(parts, x.reshape(-1, x.shape[-1]))
+                return y.view(*x.shape[:-1], y.shape[-1])
             split = self.state.split
-            xc, xd = inputs[1:] if x is inputs[0] else split.gather(x)
+            if parts is not None:
+                y = self._fused(p, parts, x, split)
+                if p == "o":
+                    self._inputs = None
+                return y
+            xc, xd = inputs[1:3] if x is inputs[0] else split.gather(x)
             if p == "o":
                 yc = proj_in_sparse(self.projs[p], xc, self.kept["o"])
                 self._inputs = None  # the call is over; drop the references

@@ -27,7 +27,7 @@ class SparseMLP:
         xc, xd = split.gather(x)
         factors = None
         if cfg.selector == "svd":
-            factors = [self.state.estimator.get(self.layer, "gate"), self.state.estimator.get(self.layer, "up")]
+            factors = self.state.estimator.stacked(self.layer, ("gate", "up"))
         n = mlp.gate_proj.out_features if hasattr(mlp.gate_proj, "out_features") else mlp.gate_proj.weight.shape[0]
         keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.act_fn, mlp.gate_proj, mlp.up_proj, factors, n)
         self.kept = keep

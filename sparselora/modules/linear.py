@@ -1,0 +1,29 @@
+"""FusedLoRALinear: any frozen projection (plain or single-adapter PEFT LoRA) as one fused autograd node.
+
+Exact (same math as PEFT's forward), so it is installed on every projection SparseLoRA does not slice: the
+dense rows of sparse layers and all of the dense layers run through it too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparselora.modules.base import ForwardSwap
+from sparselora.ops.fused import lora_parts, split_lora_linear
+
+
+class FusedLoRALinear:
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.swap = ForwardSwap(module, self.forward)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        parts = None if (args or kwargs) else lora_parts(self.module)
+        if parts is None:  # dropout, several adapters, adapter_names=...: PEFT's own forward
+            return self.swap.original(x, *args, **kwargs)
+        y = split_lora_linear(parts, x.reshape(-1, x.shape[-1]))
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def remove(self) -> None:
+        self.swap.restore()

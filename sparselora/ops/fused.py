@@ -1,0 +1,109 @@
+"""One autograd node per projection: base (dense rows + sliced context rows) and LoRA in a few GEMMs.
+
+Rows arrive permuted, context rows first (`TokenSplit`). For a projection ``y = x W^T + b + s (x A^T) B^T``:
+- mode ``"out"`` (q/k/v): context rows get the base only on output channels ``idx`` (zero elsewhere);
+- mode ``"in"`` (o): context rows read only input channels ``idx``;
+- ``n_ctx = 0``: the plain dense LoRA projection.
+The LoRA branch is dense for every row and added into the base output by the GEMM itself (``addmm_``).
+The backward is written out: input gradient through the same sliced weights, LoRA A/B gradients; frozen base
+weights get none. This replaces ~20 small autograd ops per projection with ~6 kernels each way, which is what
+keeps the GPU fed (the step is otherwise host-bound).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _SplitLoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, n_ctx, mode, idx):
+        N = x.shape[0]
+        y = x.new_empty(N, weight.shape[0])
+        xd, yd = x[n_ctx:], y[n_ctx:]
+        if N > n_ctx:
+            torch.addmm(bias, xd, weight.t(), out=yd) if bias is not None else torch.mm(xd, weight.t(), out=yd)
+        w_ctx = None
+        if n_ctx:
+            xc, yc = x[:n_ctx], y[:n_ctx]
+            if mode == "out":
+                w_ctx = weight.index_select(0, idx)
+                part = xc @ w_ctx.t()
+                if bias is not None:
+                    part += bias.index_select(0, idx)
+                yc.zero_()
+                yc.index_copy_(1, idx, part)
+            else:  # "in"
+                w_ctx = weight.index_select(1, idx)
+                xs = xc.index_select(1, idx)
+                torch.addmm(bias, xs, w_ctx.t(), out=yc) if bias is not None else torch.mm(xs, w_ctx.t(), out=yc)
+        h = None
+        if lora_a is not None:
+            h = (x.to(lora_a.dtype) @ lora_a.t()) * scale
+            if lora_b.dtype == y.dtype:
+                y.addmm_(h, lora_b.t())
+            else:
+                y += (h @ lora_b.t()).to(y.dtype)
+        ctx.save_for_backward(x, weight, w_ctx, idx, lora_a, lora_b, h)
+        ctx.n_ctx, ctx.mode, ctx.scale = n_ctx, mode, scale
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, w_ctx, idx, lora_a, lora_b, h = ctx.saved_tensors
+        n_ctx, mode, scale = ctx.n_ctx, ctx.mode, ctx.scale
+        gy = gy.contiguous()
+        N = gy.shape[0]
+        gx = ga = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = gy.new_empty(x.shape)
+            if N > n_ctx:
+                torch.mm(gy[n_ctx:], weight, out=gx[n_ctx:])
+            if n_ctx:
+                if mode == "out":
+                    torch.mm(gy[:n_ctx].index_select(1, idx), w_ctx, out=gx[:n_ctx])
+                else:
+                    gxc = gx[:n_ctx]
+                    gxc.zero_()
+                    gxc.index_copy_(1, idx, gy[:n_ctx] @ w_ctx)
+        if lora_a is not None:
+            gyl = gy.to(lora_b.dtype)
+            gb = gyl.t() @ h
+            gh = (gyl @ lora_b) * scale
+            ga = gh.t() @ x.to(lora_a.dtype)
+            if gx is not None:
+                if lora_a.dtype == gx.dtype:
+                    gx.addmm_(gh, lora_a)
+                else:
+                    gx += (gh @ lora_a).to(gx.dtype)
+        return gx, None, None, ga, gb, None, None, None, None
+
+
+def lora_parts(module: nn.Module):
+    """(weight, bias, A, B, scale) when ``module`` is a frozen Linear or a plain single-adapter PEFT LoRA layer
+    the fused op reproduces exactly; None otherwise (dropout, several adapters, LoRA bias, trainable base)."""
+    base = getattr(module, "base_layer", module)
+    if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return None
+    if not hasattr(module, "lora_A"):
+        return base.weight, base.bias, None, None, 1.0
+    if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+        return None
+    active = module.active_adapters
+    active = [active] if isinstance(active, str) else list(active)
+    active = [a for a in active if a in module.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if not isinstance(module.lora_dropout[name], nn.Identity) or module.lora_B[name].bias is not None:
+        return None
+    if getattr(module, "use_dora", {}).get(name, False) or name in getattr(module, "lora_variant", {}):
+        return None
+    return base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])
+
+
+def split_lora_linear(parts, x: torch.Tensor, n_ctx: int = 0, mode: str | None = None, idx: torch.Tensor | None = None):
+    """The fused projection of 2-D ``x`` (rows permuted context-first when ``n_ctx`` > 0)."""
+    weight, bias, a, b, scale = parts
+    return _SplitLoRALinear.apply(x, weight, bias, a, b, scale, n_ctx, mode, idx)
