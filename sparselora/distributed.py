@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -129,22 +130,13 @@ def file_lock(path: str | Path):
 
 
 # -- sharded weights ---------------------------------------------------------------------------------------------
-def _dtensor_class():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # older torch
-        try:
-            from torch.distributed._tensor import DTensor
-        except ImportError:
-            return None
-    return DTensor
-
-
-_DTENSOR = _dtensor_class() if torch.distributed.is_available() else None
-
-
 def _is_dtensor(t) -> bool:
-    return _DTENSOR is not None and isinstance(t, _DTENSOR)
+    # no import: if torch.distributed.tensor was never imported, nothing can be a DTensor
+    for mod in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        cls = getattr(sys.modules.get(mod), "DTensor", None)
+        if cls is not None and isinstance(t, cls):
+            return True
+    return False
 
 
 def _linear_problem(linear: nn.Module) -> str | None:
