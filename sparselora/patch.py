@@ -59,12 +59,17 @@ def _estimator_weights(hf, config: SparseLoRAConfig) -> dict[tuple[int, str], to
 
 
 def apply_sparselora(
-    model: nn.Module, config: SparseLoRAConfig, estimator_dir: str | Path | None = None
+    model: nn.Module,
+    config: SparseLoRAConfig,
+    estimator_dir: str | Path | None = None,
+    fast_kernels: bool = False,
 ) -> nn.Module:
     """Make ``model`` (a PeftModel or a plain transformers causal LM) run sparse on context tokens.
 
     Sparsity applies to forwards that receive ``labels``; with ``config.start_step > 0`` the model stays
-    dense until `schedule` (or `SparseLoRACallback`) passes that step. Returns the same model.
+    dense until `schedule` (or `SparseLoRACallback`) passes that step. ``fast_kernels`` adds fused RMSNorm and
+    SiLU*up (liger-kernel on CUDA) and computes the LM head and loss on labelled positions only (forwards with
+    labels then return ``logits=None``). Returns the same model.
     """
     if not isinstance(config, SparseLoRAConfig):
         raise TypeError(f"config must be a SparseLoRAConfig, got {type(config).__name__}")
@@ -102,15 +107,20 @@ def apply_sparselora(
                 if name not in sliced:
                     parent = layers[i].self_attn if name in PROJECTIONS[:4] else layers[i].mlp
                     state.fused.append(FusedLoRALinear(getattr(parent, name)))
+        if fast_kernels:
+            from sparselora.modules import fast
+
+            sparse_ffn = {i for i, s in config.ffn_sparsity.items() if s > 0}
+            state.fused.extend(fast.install(hf, layers, sparse_ffn))
     except Exception:
         for w in [w for ws in state.layers.values() for w in ws] + state.fused:
             w.remove()
         raise
 
-    signature = inspect.signature(hf.forward)
+    signature = inspect.signature(type(hf).forward)  # the class's: the instance's may be swapped (fast_kernels)
 
     def split_batch(module, args, kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
+        bound = signature.bind_partial(module, *args, **kwargs).arguments
         labels = bound.get("labels")
         state.split = None
         if labels is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from sparselora.models.registry import ArchInfo
 
@@ -42,13 +43,12 @@ def select_ffn(
     selector: str,
     sparsity: float,
     x: torch.Tensor,
-    act,
     gate: Proj,
     up: Proj,
     factors: tuple[torch.Tensor, list[torch.Tensor]] | None,
     n: int,
 ) -> torch.Tensor:
-    """Kept FFN intermediate channels, ranked by the norm over context tokens of act(gate x) * (up x)."""
+    """Kept FFN intermediate channels, ranked by the norm over context tokens of silu(gate x) * (up x)."""
     k = keep_count(n, sparsity)
     if selector == "random":
         return _random(n, k, x.device)
@@ -56,7 +56,7 @@ def select_ffn(
         g, u = _low_rank(x, factors)
     else:  # oracle and l2 both use the true intermediate activation of the FFN
         g, u = gate(x).float(), up(x).float()
-    return _top((act(g) * u).norm(dim=0), k)
+    return _top((F.silu(g) * u).norm(dim=0), k)
 
 
 def _unit_channels(units: torch.Tensor, head_dim: int, pairs: bool) -> torch.Tensor:

@@ -106,7 +106,7 @@ def test_ffn_context(dtype):
     def ref(x):
         return m.down(F.silu(m.gate(x)) * m.up(x) * mask)
 
-    check(m, x, lambda x: ffn_context(m.gate, m.up, m.down, F.silu, x, keep), ref, dtype, "ffn_context")
+    check(m, x, lambda x: ffn_context(m.gate, m.up, m.down, x, keep), ref, dtype, "ffn_context")
 
 
 def test_lora_delta_slicing_equals_full_then_slice():
@@ -173,12 +173,12 @@ def test_svd_and_oracle_scores():
     wg, wu = torch.randn(86, 40), torch.randn(86, 40)
     gate, up = (lambda x: x @ wg.T), (lambda x: x @ wu.T)
     true = (F.silu(gate(x)) * up(x)).norm(dim=0)
-    oracle = select_ffn("oracle", 0.8, x, F.silu, gate, up, None, 86)
+    oracle = select_ffn("oracle", 0.8, x, gate, up, None, 86)
     assert torch.equal(oracle, true.topk(17).indices.sort().values)
     from sparselora.estimator import low_rank_factors, stack_factors
 
     full_rank = stack_factors([low_rank_factors(w, 40) for w in (wg, wu)])  # full rank: the estimate is exact
-    assert torch.equal(select_ffn("svd", 0.8, x, F.silu, gate, up, full_rank, 86), oracle)
+    assert torch.equal(select_ffn("svd", 0.8, x, gate, up, full_rank, 86), oracle)
     # q/k: product of query (group-averaged) and key norms
     wq, wk, wv = torch.randn(48, 40), torch.randn(16, 40), torch.randn(16, 40)
     sel = select_attention("oracle", 0.75, x, ARCH, False, lambda x: x @ wq.T, lambda x: x @ wk.T, lambda x: x @ wv.T, None)

@@ -7,6 +7,7 @@ from torch import nn
 
 from sparselora.modules.base import ForwardSwap
 from sparselora.ops import ffn_context
+from sparselora.ops.fused_kernels import silu_mul
 from sparselora.ops.sparse_linear import check_lora_module
 from sparselora.selection import select_ffn
 
@@ -29,10 +30,10 @@ class SparseMLP:
         if cfg.selector == "svd":
             factors = self.state.estimator.stacked(self.layer, ("gate", "up"))
         n = mlp.gate_proj.out_features if hasattr(mlp.gate_proj, "out_features") else mlp.gate_proj.weight.shape[0]
-        keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.act_fn, mlp.gate_proj, mlp.up_proj, factors, n)
+        keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n)
         self.kept = keep
-        yc = ffn_context(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, xc, keep)
-        yd = self.swap.original(xd) if xd.shape[0] else yc.new_empty(0, yc.shape[-1])
+        yc = ffn_context(mlp.gate_proj, mlp.up_proj, mlp.down_proj, xc, keep)
+        yd = mlp.down_proj(silu_mul(mlp.gate_proj(xd), mlp.up_proj(xd))) if xd.shape[0] else yc.new_empty(0, yc.shape[-1])
         return split.scatter(yc, yd)
 
     def remove(self) -> None:

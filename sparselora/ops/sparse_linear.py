@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparselora.ops.fused_kernels import silu_mul
 from sparselora.ops.indexing import gather_columns, spread_columns
 
 
@@ -102,8 +103,8 @@ def proj_in_sparse(module: nn.Module, x: torch.Tensor, cols: torch.Tensor) -> to
     return _add(base, lora_delta(module, x))
 
 
-def ffn_context(gate: nn.Module, up: nn.Module, down: nn.Module, act, x: torch.Tensor, keep: torch.Tensor):
-    """``down[:, S] @ (act(gate[S] x) * up[S] x)`` with each projection's LoRA branch restricted likewise:
+def ffn_context(gate: nn.Module, up: nn.Module, down: nn.Module, x: torch.Tensor, keep: torch.Tensor):
+    """``down[:, S] @ (silu(gate[S] x) * up[S] x)`` with each projection's LoRA branch restricted likewise:
     the dense MLP with intermediate channels outside S set to zero."""
     wg, bg = base_weight_bias(gate)
     wu, bu = base_weight_bias(up)
@@ -111,5 +112,5 @@ def ffn_context(gate: nn.Module, up: nn.Module, down: nn.Module, act, x: torch.T
     pick = lambda b: None if b is None else b.index_select(0, keep)  # noqa: E731
     g = _add(F.linear(x, wg.index_select(0, keep), pick(bg)), lora_delta(gate, x, out_rows=keep))
     u = _add(F.linear(x, wu.index_select(0, keep), pick(bu)), lora_delta(up, x, out_rows=keep))
-    h = act(g) * u
+    h = silu_mul(g, u)
     return _add(F.linear(h, wd.index_select(1, keep), bd), lora_delta(down, h, in_cols=keep))

@@ -1,0 +1,63 @@
+"""`sparselora flops`: analytic FLOPs of one training step, dense vs SparseLoRA (reads only the config)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HELP = "analytic FLOPs of a LoRA step, dense vs sparse (no weights are loaded)"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("flops", help=HELP, description=HELP)
+    p.add_argument("--model", required=True, help="an alias, a model folder or a config.json")
+    p.add_argument("--sparsity", help="a preset name or SparseLoRAConfig YAML (default: 'scaled')")
+    p.add_argument("--batch", default="8x512", help="batch x sequence length, e.g. 8x512")
+    p.add_argument("--labelled", type=int, default=128, help="labelled (output) tokens per sequence")
+    p.add_argument("--lora-r", type=int, default=32)
+    p.add_argument("--lora-targets", default="q,k,v,o")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def load_config(model: str):
+    """The transformers config of an alias / folder / config.json, without loading weights."""
+    from transformers import AutoConfig
+
+    from sparselora.cli.main import CLIError
+    from sparselora.models.loading import ALIASES, resolve_model
+
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return AutoConfig.from_pretrained(str(path.parent) if path.name == "config.json" else str(path),
+                                          local_files_only=True)
+    if path.is_dir() and (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if not path.exists() and model.strip().lower() not in ALIASES:
+        raise CLIError(f"{model!r} is neither a model folder, a config.json nor a known alias "
+                       f"({', '.join(ALIASES)})")
+    return AutoConfig.from_pretrained(str(resolve_model(model)), local_files_only=True)  # alias/GGUF: converts once
+
+
+def run(args) -> int:
+    from sparselora.flops import flops
+    from sparselora.models.registry import arch_info
+    from sparselora.report import _fmt_flops
+    from sparselora.train import sparsity_config
+
+    config = load_config(args.model)
+    arch = arch_info(config)
+    sp = sparsity_config(args.sparsity, arch.num_layers)
+    targets = tuple(t.strip().removesuffix("_proj") for t in args.lora_targets.split(",") if t.strip())
+    f = flops(config, sp, args.batch, args.labelled, lora_rank=args.lora_r, lora_targets=targets)
+    if args.json:
+        print(json.dumps({"model": args.model, "batch": args.batch, "labelled": args.labelled, **f}, indent=2))
+        return 0
+    print(f"{args.model}: {arch.model_type}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
+          f"FFN {arch.intermediate_size}, heads {arch.num_heads}/{arch.num_kv_heads}")
+    print(f"batch {args.batch}, {args.labelled} labelled tokens per sequence, LoRA r={args.lora_r} on "
+          f"{','.join(targets)}; sparsity: {args.sparsity or 'scaled'}")
+    for key in ("dense", "sparse", "estimator", "attention_core", "lm_head"):
+        print(f"  {key:16}{_fmt_flops(f[key]):>14}")
+    print(f"  sparse/dense    {f['ratio']:>13.3f}   ({1 / f['ratio']:.2f}x fewer FLOPs)")
+    return 0

@@ -1,0 +1,431 @@
+"""`sparselora sensitivity`: measure per-layer sensitivity to sparsity and write a config for a FLOP budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_INFEASIBLE = 0, 1, 3
+
+HELP = "measure each layer's loss sensitivity to sparsity and choose a layer-wise config for a FLOP budget"
+
+DESCRIPTION = """\
+Measure, on a calibration slice of your data, how much the loss on labelled tokens rises when one layer's
+FFN alone, or its attention alone, runs SparseLoRA's sparse path at each sparsity level (frozen model,
+no gradients; the svd selector from step 0). Then choose per layer the levels with the least predicted
+(additive) loss increase whose analytic FLOPs per training step are at most --budget x dense, and write
+them as a SparseLoRAConfig YAML for `sparselora finetune --sparsity`.
+
+Cost: one dense pass plus layers x 2 x levels passes over --samples examples; layers before the measured one
+are taken from a cache, so a pass costs about half a forward on average."""
+
+EPILOG = """\
+examples:
+  # a config at half the dense FLOPs, from 16 GSM8K training examples
+  sparselora sensitivity --model smollm2-135m --data ../shared/data/gsm8k/train.jsonl \\
+      --budget 0.5 --samples 16 --levels 0.5,0.9,0.99 --output sens-smollm2
+  sparselora finetune ... --sparsity sens-smollm2/sparsity.yaml
+
+  # the same measurements, another budget (no model run)
+  sparselora sensitivity --from-json sens-smollm2/sensitivity.json --budget 0.6 --output sens-0.6
+
+  # with a trained LoRA adapter, on a GPU
+  sparselora sensitivity --model ./base --adapter ./lora-out --data train.jsonl --budget 0.55 --device cuda
+
+outputs (in --output): sparsity.yaml (the config, with a header saying how it was made),
+sensitivity.json (raw losses per layer, kind and level; dense loss; FLOP model), heatmap.png
+(needs matplotlib), table.md.
+
+exit codes: 0 done; 1 bad input (missing file, unsupported model, bad levels); 2 usage error;
+3 the budget is infeasible (below the FLOPs with every block at the highest level)."""
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "sensitivity",
+        help=HELP,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _levels(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--levels {text!r} must be comma-separated numbers like 0.5,0.9,0.99") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("what to measure")
+    src.add_argument("--model", help="model alias (smollm2-135m, qwen2.5-coder-0.5b, ...), HF folder or GGUF file")
+    src.add_argument("--data", help="training data file (.json/.jsonl: GSM8K, LLM-Adapters, prompt/completion, chat)")
+    src.add_argument("--adapter", help="a PEFT LoRA adapter folder to measure with (optional)")
+    src.add_argument("--format", default="auto", help="data format (default: auto-detect)")
+    src.add_argument("--samples", type=int, default=32, help="calibration examples drawn from --data (default 32)")
+    src.add_argument("--seed", type=int, default=0, help="seed of the sample draw (default 0)")
+    src.add_argument("--max-length", type=int, default=512, help="token limit per example (default 512)")
+    src.add_argument("--batch-size", type=int, default=4, help="examples per forward (default 4)")
+    src.add_argument(
+        "--levels", type=_levels, default=[0.5, 0.75, 0.9, 0.99],
+        help="sparsity levels to measure, comma-separated (default 0.5,0.75,0.9,0.99)",
+    )
+    src.add_argument("--rank", type=int, default=8, help="SVD estimator rank (default 8)")
+    src.add_argument("--selector", default="svd", choices=["svd", "oracle", "random", "l2"], help="channel selector")
+    src.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    src.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+        help="model dtype (default bfloat16, as training runs; float32 is much slower on CPU)",
+    )
+    src.add_argument("--estimator-dir", help="cache folder of SVD estimator factors (default: a temporary one)")
+    src.add_argument(
+        "--from-json", metavar="FILE",
+        help="skip measuring: re-use a sensitivity.json of an earlier run (e.g. for another --budget)",
+    )
+    ch = p.add_argument_group("what to choose")
+    ch.add_argument("--budget", type=float, required=True, help="FLOPs of a sparse step as a fraction of dense, e.g. 0.5")
+    ch.add_argument(
+        "--lora-rank", type=int, default=None,
+        help="LoRA rank assumed by the FLOP model (default: the adapter's, else 32)",
+    )
+    ch.add_argument(
+        "--lora-targets", default=None,
+        help="LoRA targets assumed by the FLOP model, e.g. q,k,v,o,gate,up,down (default: the adapter's, else q,k,v,o)",
+    )
+    ch.add_argument("--start-step", type=float, default=0.05, help="dense warm-up written into the config (default 0.05)")
+    ch.add_argument("--output", "-o", help="output folder (default: sensitivity-<model name>)")
+
+
+def _err(msg: str) -> None:
+    print(f"sparselora sensitivity: error: {msg}", file=sys.stderr)
+
+
+def _adapter_lora(adapter: str) -> tuple[int | None, list[str] | None]:
+    path = Path(adapter) / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (is it a PEFT LoRA adapter folder?)")
+    cfg = json.loads(path.read_text())
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    short = sorted({t.rsplit(".", 1)[-1].removesuffix("_proj") for t in targets} & {"q", "k", "v", "o", "gate", "up", "down"})
+    return cfg.get("r"), short or None
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _progress(start: float, total_blocks: int):
+    done = [0]
+
+    def report(kind, layer, n_layers, seconds, losses):
+        done[0] += 1
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done[0] * (total_blocks - done[0])
+        vals = " ".join(f"{v:.4f}" for v in losses)
+        print(
+            f"  layer {layer:>3}/{n_layers - 1} {kind:<4} loss {vals}  ({seconds:.1f} s; {done[0]}/{total_blocks}, "
+            f"eta {eta / 60:.1f} min)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return report
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+def _run(args) -> int:
+    import torch
+
+    from sparselora import sensitivity as S
+    from sparselora.io import atomic_write_json, atomic_write_text
+    from sparselora.models.registry import ArchInfo, UnsupportedModelError, arch_info
+
+    t_start = time.perf_counter()
+    if not 0.0 < args.budget <= 1.0:
+        _err(f"--budget {args.budget} must be in (0, 1]: the FLOPs of a sparse step as a fraction of dense")
+        return EXIT_ERROR
+    try:
+        levels = S.check_levels(args.levels)
+    except ValueError as exc:
+        _err(str(exc))
+        return EXIT_ERROR
+    lora_rank, lora_targets = args.lora_rank, args.lora_targets.split(",") if args.lora_targets else None
+
+    if args.from_json:
+        # ---- re-choose from earlier measurements
+        try:
+            rec = json.loads(Path(args.from_json).read_text())
+            sens = S.Sensitivity.from_dict(rec["sensitivity"])
+            arch = ArchInfo(**rec["arch"])
+            calib = rec["calibration"]
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            _err(f"cannot read --from-json {args.from_json}: {exc}")
+            return EXIT_ERROR
+        lora_rank = lora_rank or rec.get("flops", {}).get("lora_rank", 32)
+        lora_targets = lora_targets or rec.get("flops", {}).get("lora_targets", ["q", "k", "v", "o"])
+        source = dict(rec.get("source", {}))
+        source["from_json"] = str(args.from_json)
+        model_name = source.get("model", "model")
+        out_dir = Path(args.output or Path(args.from_json).parent)
+        tok_stats = rec.get("tokenize", {})
+        verify = None
+        levels = sens.levels  # the measured levels decide; --levels is ignored with --from-json
+        args.rank = sens.estimator_rank
+    else:
+        if not args.model or not args.data:
+            _err("--model and --data are required (or --from-json FILE to re-use earlier measurements)")
+            return EXIT_ERROR
+        for name in ("samples", "batch_size", "max_length", "rank"):
+            if getattr(args, name) < 1:
+                _err(f"--{name.replace('_', '-')} must be >= 1")
+                return EXIT_ERROR
+        if args.adapter:
+            try:
+                a_rank, a_targets = _adapter_lora(args.adapter)
+            except (OSError, ValueError) as exc:
+                _err(str(exc))
+                return EXIT_ERROR
+            lora_rank = lora_rank or a_rank
+            lora_targets = lora_targets or a_targets
+        lora_rank = lora_rank or 32
+        lora_targets = lora_targets or ["q", "k", "v", "o"]
+
+        from sparselora.data import DataCollator, load_examples, tokenize_examples
+        from sparselora.models.loading import load_model
+
+        try:
+            examples = load_examples(args.data, fmt=args.format)
+        except (OSError, ValueError) as exc:
+            _err(str(exc))
+            return EXIT_ERROR
+        rng = random.Random(args.seed)
+        idx = sorted(rng.sample(range(len(examples)), min(args.samples, len(examples))))
+        picked = [examples[i] for i in idx]
+        device = _device(args.device)
+        dtype = getattr(torch, args.dtype)
+        print(f"loading {args.model} ({args.dtype}, {device}) ...", file=sys.stderr, flush=True)
+        try:
+            model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+            arch = arch_info(model.config)
+        except (OSError, ValueError) as exc:  # ModelLoadError / UnsupportedModelError are ValueErrors
+            _err(str(exc))
+            return EXIT_ERROR
+        if args.adapter:
+            from peft import PeftModel
+
+            try:
+                model = PeftModel.from_pretrained(model, args.adapter, is_trainable=False).to(device)
+            except Exception as exc:  # peft raises many kinds
+                _err(f"cannot load adapter {args.adapter}: {exc}")
+                return EXIT_ERROR
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            features, stats = tokenize_examples(picked, tokenizer, max_length=args.max_length)
+        except ValueError as exc:
+            _err(str(exc))
+            return EXIT_ERROR
+        tok_stats = stats.as_dict()
+        if len(features) < len(picked):
+            print(f"note: {stats.summary()}", file=sys.stderr)
+        batches = S.make_batches(features, DataCollator(tokenizer), args.batch_size)
+        calib = S.batch_stats(batches)
+        calib["batch_size"] = args.batch_size
+        source = {
+            "model": str(args.model),
+            "adapter": args.adapter,
+            "data": str(args.data),
+            "samples": len(features),
+            "seed": args.seed,
+            "max_length": args.max_length,
+            "dtype": args.dtype,
+            "device": str(device),
+            "example_indices": idx,
+        }
+        model_name = Path(str(args.model)).name or str(args.model)
+        out_dir = Path(args.output or f"sensitivity-{model_name}")
+
+    batch_shape = (int(calib.get("batch_size", 1)), max(1, round(calib["avg_length"])))
+    labelled = min(batch_shape[1], round(calib["avg_labelled"]))
+    flop_kw = dict(lora_rank=int(lora_rank), lora_targets=list(lora_targets))
+    try:
+        min_ratio = S.check_budget(arch, args.budget, levels, batch_shape, labelled, args.rank, **flop_kw)
+    except S.InfeasibleBudgetError as exc:
+        _err(str(exc))
+        return EXIT_INFEASIBLE
+    except ValueError as exc:
+        _err(str(exc))
+        return EXIT_ERROR
+
+    if not args.from_json:
+        n_blocks = arch.num_layers * 2
+        print(
+            f"calibration: {calib['sequences']} sequences, avg {calib['avg_length']:.0f} tokens "
+            f"({calib['avg_labelled']:.0f} labelled) in {len(batches)} batches; measuring {arch.num_layers} layers "
+            f"x 2 x {len(levels)} levels = {n_blocks * len(levels)} passes (lowest reachable FLOP ratio "
+            f"{min_ratio:.3f})",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            sens = S.measure_sensitivity(
+                model,
+                batches,
+                levels,
+                selector=args.selector,
+                estimator_rank=args.rank,
+                estimator_dir=args.estimator_dir,
+                progress=_progress(time.perf_counter(), n_blocks),
+                seed=args.seed,
+            )
+        except (ValueError, UnsupportedModelError) as exc:
+            _err(str(exc))
+            return EXIT_ERROR
+
+    try:
+        choice = S.choose_config(
+            sens, arch, args.budget, batch_shape, labelled, start_step=args.start_step, **flop_kw
+        )
+    except S.InfeasibleBudgetError as exc:
+        _err(str(exc))
+        return EXIT_INFEASIBLE
+    cfg = choice.config
+
+    if not args.from_json and cfg.is_sparse:
+        # the additive model's prediction against the real loss of the whole config
+        combined = S.config_loss(model, batches, cfg, estimator_dir=args.estimator_dir)
+        verify = combined - sens.dense_loss
+    elif not args.from_json:
+        verify = 0.0
+
+    # ---- outputs
+    title = (
+        f"{model_name}: loss increase per layer (dense loss {sens.dense_loss:.4f}; {calib['sequences']} samples; "
+        f"selector {sens.selector} r={sens.estimator_rank})"
+    )
+    S.print_table(sens, cfg, title=title)
+    total = time.perf_counter() - t_start
+    summary = (
+        f"chosen: FLOP ratio {choice.ratio:.4f} (budget {args.budget:g}; lowest reachable {choice.min_ratio:.4f}), "
+        f"predicted loss increase {choice.predicted_delta:+.4f}"
+    )
+    if verify is not None:
+        summary += f", measured with all chosen layers sparse at once {verify:+.4f}"
+    print(summary)
+    print(f"FFN sparsity:  {cfg.to_dict()['ffn_sparsity'] or '{} (all dense)'}")
+    print(f"attn sparsity: {cfg.to_dict()['attn_sparsity'] or '{} (all dense)'}")
+
+    header = [
+        f"SparseLoRA layer-wise sparsity chosen by `sparselora sensitivity` (sparselora {_version()})",
+        f"model: {source.get('model')}" + (f" + adapter {source['adapter']}" if source.get("adapter") else ""),
+        f"data: {source.get('data')} ({calib['sequences']} examples, seed {source.get('seed')}, "
+        f"max_length {source.get('max_length')}, {source.get('dtype')})",
+        f"measured: loss increase on the labelled tokens when one layer's FFN or attention alone is sparse,",
+        f"  levels {', '.join(f'{v:g}' for v in sens.levels)}, selector {sens.selector}, estimator rank "
+        f"{sens.estimator_rank}; dense loss {sens.dense_loss:.4f}",
+        f"chosen: least predicted (additive) loss increase {choice.predicted_delta:+.4f} with FLOPs <= "
+        f"{args.budget:g} x dense",
+        f"  (ratio {choice.ratio:.4f} per sparselora.flops at batch {batch_shape[0]}x{batch_shape[1]}, "
+        f"{labelled} labelled tokens, LoRA r={lora_rank} on {','.join(lora_targets)})",
+    ]
+    if verify is not None:
+        header.append(f"  measured loss increase with the whole config: {verify:+.4f}")
+    header += [
+        "use: sparselora finetune ... --sparsity this.yaml",
+        '  or: SparseLoRAConfig.from_yaml("this.yaml") in Python',
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    yaml_path = out_dir / "sparsity.yaml"
+    atomic_write_text(yaml_path, S.yaml_header(header) + cfg.to_yaml())
+    record = {
+        "source": source,
+        "arch": _asdict(arch),
+        "calibration": calib,
+        "tokenize": tok_stats,
+        "sensitivity": sens.to_dict(),
+        "flops": {
+            "batch_shape": list(batch_shape),
+            "labelled_tokens": labelled,
+            "lora_rank": int(lora_rank),
+            "lora_targets": list(lora_targets),
+            "min_ratio": choice.min_ratio,
+            **choice.flops,
+        },
+        "choice": {
+            "budget": args.budget,
+            "ratio": choice.ratio,
+            "predicted_delta": choice.predicted_delta,
+            "measured_delta": verify,
+            "config": cfg.to_dict(),
+        },
+        "seconds_total": total,
+    }
+    atomic_write_json(out_dir / "sensitivity.json", _finite(record))
+    atomic_write_text(out_dir / "table.md", f"{title}\n\n{S.format_table(sens, cfg)}\n\n{summary}\n")
+    png = S.write_heatmap(sens, out_dir / "heatmap.png", cfg, title=title)
+    print(f"wrote {yaml_path}, {out_dir / 'sensitivity.json'}, {out_dir / 'table.md'}", end="")
+    print(f", {out_dir / 'heatmap.png'}" if png else " (no heatmap: pip install matplotlib)")
+    print(f"time: {total:.1f} s ({sens.seconds:.1f} s measuring, {sens.forwards} forwards)")
+    return EXIT_OK
+
+
+def _asdict(obj) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+def _finite(obj):
+    """JSON without NaN/inf (they become null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _version() -> str:
+    try:
+        from sparselora import __version__
+
+        return __version__
+    except ImportError:
+        return "?"
+
+
+def main(argv=None) -> int:
+    """`python -m sparselora.cli.sensitivity ...` (the same as `sparselora sensitivity ...`)."""
+    parser = argparse.ArgumentParser(prog="sparselora")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["sensitivity", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Fused elementwise kernels and the labelled-only loss: liger-kernel's Triton kernels on CUDA when it is
+installed, plain PyTorch otherwise (same math, so CPU tests check the wiring)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _liger(name: str):
+    try:
+        if name == "rms_norm":
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction as fn
+        elif name == "silu_mul":
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction as fn
+        else:
+            from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as fn
+    except ImportError:
+        return None
+    return fn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama-style RMSNorm (statistics in float32, scaled in the input dtype)."""
+    fn = _liger("rms_norm") if x.is_cuda else None
+    if fn is not None:
+        return fn.apply(x, weight, eps, 0.0, "llama", False)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    fn = _liger("silu_mul") if gate.is_cuda else None
+    return fn.apply(gate, up) if fn is not None else F.silu(gate) * up
+
+
+def labelled_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal-LM loss from the hidden states of labelled positions only: full-vocabulary logits are never
+    formed for context tokens. Same value as transformers' loss (mean over labelled tokens, or sum divided by
+    ``num_items`` as the Trainer passes under gradient accumulation)."""
+    shifted = labels[:, 1:]
+    rows = (shifted != -100).nonzero(as_tuple=True)
+    h = hidden[:, :-1][rows]
+    target = shifted[rows]
+    reduction = "sum" if num_items is not None else "mean"
+    fn = _liger("flce") if h.is_cuda else None
+    if h.shape[0] == 0:
+        return hidden.sum() * 0.0
+    if fn is not None:
+        loss = fn.apply(h, weight, target, None, None, -100, 0.0, 0.0, reduction)
+        loss = loss[0] if isinstance(loss, tuple) else loss
+    else:
+        loss = F.cross_entropy((h @ weight.t()).float(), target, reduction=reduction)
+    return loss / num_items if num_items is not None else loss
