@@ -221,7 +221,7 @@ def dense_flops_estimate(cfg, batch, seq, lora_r, targets) -> float:
     return float(tokens * (L * (4 * frozen + 6 * lora + attn) + 4 * h * V))
 
 
-def library_flops(bench, sparsity_cfg, use_sparse: bool):
+def library_flops(bench, sparsity_cfg, use_sparse: bool, labelled_only_head: bool = False):
     """FLOPs per step from `sparselora.flops.flops(model_config, sparsity_config, batch_shape, labelled_tokens)`
     (a dict with 'dense' and 'sparse'), else the dense fallback estimate."""
     a = bench.args
@@ -232,7 +232,7 @@ def library_flops(bench, sparsity_cfg, use_sparse: bool):
             sparsity_cfg = bench.sparsity_config()
         targets = ("q", "k", "v", "o", "gate", "up", "down") if a.lora_targets == "all" else ("q", "k", "v", "o")
         out = sl_flops(bench.base.config, sparsity_cfg, (a.batch_size, a.seq), a.labelled,
-                       lora_rank=a.lora_r, lora_targets=targets)
+                       lora_rank=a.lora_r, lora_targets=targets, labelled_only_head=labelled_only_head)
         return float(out["sparse" if use_sparse else "dense"]), "sparselora.flops"
     except Exception as e:  # noqa: BLE001
         if use_sparse:
@@ -285,11 +285,14 @@ def _build_sparselora(bench: Bench, name: str, enabled: bool, **changes) -> Meth
     if bench.args.sl_adapters == "bf16":
         cast_lora(model, torch.bfloat16)
     kw = {}
-    if "estimator_dir" in inspect.signature(sl.apply_sparselora).parameters:
+    params = inspect.signature(sl.apply_sparselora).parameters
+    if "estimator_dir" in params:
         kw["estimator_dir"] = bench.estimator_dir  # dense_fast and sparselora share one SVD build
+    if "fast_kernels" in params and not bench.args.no_fast_kernels:
+        kw["fast_kernels"] = True  # fused norm/activation (liger on CUDA), labelled-only head + loss
     model = sl.apply_sparselora(model, cfg, **kw) or model
     sl.set_enabled(model, enabled)
-    flops, src = library_flops(bench, cfg, use_sparse=enabled)
+    flops, src = library_flops(bench, cfg, use_sparse=enabled, labelled_only_head=kw.get("fast_kernels", False))
     timer = SelectionTimer(bench.device)
     m = Method(name, model, make_step(model, trainable(model), timer.active), flops, src,
                {"sparsity_config": _cfg_dict(cfg)})
@@ -494,7 +497,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-targets", default="qkvo", choices=["qkvo", "all"], help="q,k,v,o or all seven")
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--lora-alpha", type=int, default=64)
-    p.add_argument("--sl-adapters", default="peft", choices=["peft", "bf16"],
+    p.add_argument("--no-fast-kernels", action="store_true", help="sparselora methods without fast_kernels=True")
+    p.add_argument("--sl-adapters", default="bf16", choices=["peft", "bf16"],
                    help="adapter dtype for dense_fast/sparselora/oracle: as PEFT makes them (fp32) or cast to bf16")
     p.add_argument("--steps", type=int, default=20, help="measured steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per method (the first gives loss@1)")
