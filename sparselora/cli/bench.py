@@ -35,6 +35,7 @@ def run(args) -> int:
     passed = [a for a in args.bench_args if a != "--"] if args.bench_args[:1] == ["--"] else args.bench_args
     spec = importlib.util.spec_from_file_location("sparselora_bench_step", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up there
     sys.path.insert(0, str(path.parent))
     try:
         spec.loader.exec_module(module)

@@ -18,18 +18,9 @@ from pathlib import Path
 HELP = "fine-tune SmolLM2-135M on HumanEval briefly, dense and sparse, and compare (CPU, a few minutes)"
 MODEL = "smollm2-135m"
 
-# SmolLM2-135M: 30 layers, hidden 576, FFN 1536, 9 query / 3 kv heads of dim 64. On a CPU the FFN is where
-# sparsity pays (attention projections are small under GQA): 90% of FFN channels off for context tokens in
-# layers 2-28, half the attention channels in the upper half; first two and the last layer dense.
-DEMO_SPARSITY = {
-    "ffn_sparsity": {"2-28": 0.9},
-    "attn_sparsity": {"15-28": 0.5},
-    "estimator_rank": 8,
-    "selector": "svd",
-    "start_step": 1,
-    "dense_output_tokens": True,
-    "rope_pairs": True,
-}
+# The sparsity is the `scaled` preset for the model's depth (SmolLM2-135M: 30 layers, hidden 576, FFN 1536,
+# 9 query / 3 kv heads): 90% of FFN channels off for context tokens in layers 3-28, half the attention
+# channels in layers 15-28, the first three and the last layer dense, one dense warm-up step.
 
 
 def register(subparsers) -> None:
@@ -39,6 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--limit", type=int, default=None, help="use only the first N HumanEval problems")
+    p.add_argument("--sparsity", default=None, help="a preset or SparseLoRAConfig YAML (default: 'scaled')")
     p.add_argument("--model", default=MODEL, help=f"model (default {MODEL}; any alias or folder works)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
@@ -97,18 +89,14 @@ def run(args) -> int:
         flush=True,
     )
     t0 = time.time()
-    from sparselora.io import atomic_write_json, atomic_write_text
+    from sparselora.io import atomic_write_json
     from sparselora.report import compare, format_comparison, plot_losses
     from sparselora.train import RunConfig, finetune
 
     out.mkdir(parents=True, exist_ok=True)
     data = write_demo_data(out, args.limit)
-    import yaml
-
-    sparsity = out / "sparsity.yaml"
-    atomic_write_text(sparsity, yaml.safe_dump(DEMO_SPARSITY, sort_keys=False))
     common = dict(
-        model=args.model, data=str(data), sparsity=str(sparsity), max_steps=args.steps, batch_size=args.batch_size,
+        model=args.model, data=str(data), sparsity=args.sparsity, max_steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, lora_dropout=0.0, save_steps=10**6, seed=0, dtype="float32",
         threads=args.threads, warmup=0.1, learning_rate=3e-4,
     )
@@ -124,7 +112,7 @@ def run(args) -> int:
         plot_losses(out / mode, runs=[(out / m, summaries[m]) for m in ("dense", "sparse")])
     total = time.time() - t0
     demo = {"model": args.model, "data": str(data), "steps": args.steps, "batch_size": args.batch_size,
-            "sparsity": DEMO_SPARSITY, "comparison": c, "wall_seconds": round(total, 1),
+            "sparsity": summaries["sparse"]["sparsity_config"], "comparison": c, "wall_seconds": round(total, 1),
             "runs": {m: str(out / m / "summary.json") for m in summaries}}
     atomic_write_json(out / "demo.json", demo)
     f = summaries["sparse"]["flops"]
