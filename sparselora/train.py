@@ -85,6 +85,7 @@ class RunConfig:
     estimator_dir: str | None = "~/.cache/sparselora/estimators"
     cache_dir: str | None = None  # converted-model cache (default: $SPARSELORA_CACHE or ~/.cache/sparselora/models)
     threads: int = 0  # torch CPU threads (0: torch's default)
+    fast_kernels: bool = False  # fused RMSNorm/SiLU*up and a labelled-only LM head (dense and sparse runs alike)
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
@@ -272,12 +273,14 @@ def token_counts(features: Sequence[dict]) -> dict[str, float]:
     }
 
 
-def analytic_flops(model_config, sp_cfg, batch_size: int, counts: dict, lora_r: int, targets) -> dict[str, Any]:
+def analytic_flops(model_config, sp_cfg, batch_size: int, counts: dict, lora_r: int, targets,
+                   labelled_only_head: bool = False) -> dict[str, Any]:
     from sparselora.flops import flops
 
     T = max(1, round(counts["mean_tokens"]))
     L = min(T, round(counts["mean_labelled"]))
-    f = flops(model_config, sp_cfg, (batch_size, T), L, lora_rank=lora_r, lora_targets=tuple(targets))
+    f = flops(model_config, sp_cfg, (batch_size, T), L, lora_rank=lora_r, lora_targets=tuple(targets),
+              labelled_only_head=labelled_only_head)
     return {"batch_shape": [batch_size, T], "labelled_per_row": L, **f, "speedup": f["dense"] / f["sparse"]}
 
 
@@ -390,7 +393,7 @@ def _callbacks():
             if secs > 0:
                 post["tok/s"] = f"{sum(s['tokens'] for s in recent) / secs:.0f}"
             st = get_state(self.model, required=False)
-            if st is None:
+            if st is None or not st.enabled:
                 post["sparsity"] = "off (dense)"
             elif not st.active:
                 post["sparsity"] = "warm-up (dense)"
@@ -464,7 +467,7 @@ def finetune(
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from sparselora import SparseLoRACallback, apply_sparselora, remove_sparselora
+    from sparselora import SparseLoRACallback, apply_sparselora, remove_sparselora, set_enabled
     from sparselora.data import DataCollator, load_examples, tokenize_examples
     from sparselora.models import load_model
     from sparselora.models.registry import arch_info
@@ -497,8 +500,16 @@ def finetune(
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
     estimator_dir = Path(cfg.estimator_dir).expanduser() if cfg.estimator_dir else None
-    if not cfg.dense:
-        apply_sparselora(model, sp_cfg, estimator_dir=estimator_dir)
+    # the dense baseline runs the same patched model with the sparse path switched off. The estimator's small
+    # float64 eigendecompositions run single-threaded: on a busy CPU, multi-threaded LAPACK is up to 100x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        apply_sparselora(model, sp_cfg, estimator_dir=estimator_dir, fast_kernels=cfg.fast_kernels)
+    finally:
+        torch.set_num_threads(threads)
+    if cfg.dense:
+        set_enabled(model, False)
 
     counter = _TokenCounter(DataCollator(tokenizer))
     StepTimer, SparsityGuard, Progress = _callbacks()
@@ -559,8 +570,7 @@ def finetune(
     wall = time.time() - start
 
     # outputs: adapter (plain PEFT), optional merged weights, summary, plot
-    if not cfg.dense:
-        remove_sparselora(model)
+    remove_sparselora(model)
     atomic_dir(output / "adapter", lambda p: model.save_pretrained(str(p)))
     if cfg.merge:
         def _merged(p: Path):
@@ -598,7 +608,7 @@ def finetune(
         "step_times": steps,
         "flops": analytic_flops(model.config if not hasattr(model, "get_base_model") else
                                 model.get_base_model().config, sp_cfg, cfg.batch_size * cfg.grad_accum, counts,
-                                cfg.lora_r, cfg.lora_targets),
+                                cfg.lora_r, cfg.lora_targets, cfg.fast_kernels),
         "final_loss": losses[-1]["loss"] if losses else None,
         "train_loss": result.training_loss,
         "losses": losses,

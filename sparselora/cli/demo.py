@@ -26,14 +26,17 @@ MODEL = "smollm2-135m"
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help=HELP, description=HELP)
     p.add_argument("--output", default="./sparselora-demo", help="demo folder (default ./sparselora-demo)")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=384)
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per run (default 10)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="use only the first N HumanEval problems")
     p.add_argument("--sparsity", default=None, help="a preset or SparseLoRAConfig YAML (default: 'scaled')")
     p.add_argument("--model", default=MODEL, help=f"model (default {MODEL}; any alias or folder works)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: half the cores, at most 4; 1 on a 2-core machine)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-fast-kernels", action="store_true",
+                   help="keep the full-vocabulary LM head on every token (both runs)")
     p.set_defaults(func=run)
 
 
@@ -88,6 +91,10 @@ def run(args) -> int:
         f"convert the model). Output: {out}",
         flush=True,
     )
+    if args.threads is None:
+        import os
+
+        args.threads = max(1, min(4, (os.cpu_count() or 2) // 2))
     t0 = time.time()
     from sparselora.io import atomic_write_json
     from sparselora.report import compare, format_comparison, plot_losses
@@ -98,7 +105,7 @@ def run(args) -> int:
     common = dict(
         model=args.model, data=str(data), sparsity=args.sparsity, max_steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, lora_dropout=0.0, save_steps=10**6, seed=0, dtype="float32",
-        threads=args.threads, warmup=0.1, learning_rate=3e-4,
+        threads=args.threads, warmup=0.1, learning_rate=3e-4, fast_kernels=not args.no_fast_kernels,
     )
     summaries = {}
     for mode in ("dense", "sparse"):

@@ -18,7 +18,7 @@ _FLAGS = {
     "seed": "seed", "dtype": "dtype", "save_steps": "save_steps", "data_format": "data_format",
     "limit": "limit", "estimator_dir": "estimator_dir", "threads": "threads",
 }
-_SWITCHES = {"dense": "dense", "gradient_checkpointing": "gradient_checkpointing",
+_SWITCHES = {"dense": "dense", "gradient_checkpointing": "gradient_checkpointing", "fast_kernels": "fast_kernels",
              "skip_bad_lines": "skip_bad_lines", "merge": "merge"}
 
 
@@ -52,6 +52,8 @@ def add_run_arguments(p: argparse.ArgumentParser, required: bool = True) -> None
     t.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on a GPU, float32 on CPU")
     t.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    t.add_argument("--fast-kernels", action="store_true", default=None,
+                   help="fused RMSNorm/SiLU*up and an LM head on labelled tokens only (dense and sparse alike)")
     t.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 50)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     d = p.add_argument_group("data")

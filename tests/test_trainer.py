@@ -1,0 +1,158 @@
+"""SparseLoRA inside trainers: transformers.Trainer, TRL's SFTTrainer (completion-only loss, padding-free),
+gradient checkpointing, and packed rows (position_ids, no attention_mask, several segments per row)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import sparselora
+from sparselora import SparseLoRACallback, SparseLoRAConfig, apply_sparselora, kept_channels
+from sparselora.patch import get_state
+
+from helpers import assert_close, clone, lora_grads, make_batch, tiny_peft
+from test_data import tiny_tokenizer
+
+CFG = dict(ffn_sparsity={"1-2": 0.75}, attn_sparsity={"2": 0.5}, start_step=0)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def _record_splits(model):
+    """Every sparse split the model makes (context count and shape), via a forward hook after the pre-hook."""
+    seen = []
+    hf = sparselora.models.causal_lm(model)
+
+    def hook(module, args, kwargs):
+        st = get_state(model)
+        seen.append(None if st.split is None else (st.split.num_context, st.split.shape))
+
+    # registered after apply_sparselora's pre-hook, so it runs after the split is made
+    hf.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def _rows(n=8):
+    return [{"prompt": f"Question {i}: what is {i} times {i + 3}? Think.", "completion": f" {i * (i + 3)}"}
+            for i in range(n)]
+
+
+def test_hf_trainer_with_callback_runs_sparse(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from sparselora.data import DataCollator, Example, tokenize_examples
+
+    tok = tiny_tokenizer()
+    model = tiny_peft("llama", vocab_size=len(tok), r=4)
+    apply_sparselora(model, SparseLoRAConfig(**{**CFG, "start_step": 2}))  # a step count (<= 1 is a fraction)
+    seen = _record_splits(model)
+    feats, _ = tokenize_examples([Example(r["prompt"], r["completion"]) for r in _rows()], tok, max_length=128)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                             remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=feats, data_collator=DataCollator(tok),
+                      callbacks=[SparseLoRACallback()])
+    trainer.train()
+    assert seen[:2] == [None, None] and seen[2] is not None  # steps 0 and 1 are the dense warm-up
+    assert kept_channels(model)
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_trl_sft_trainer_completion_only_loss_runs_sparse(tmp_path, padding_free, caplog):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    tok = tiny_tokenizer()
+    model = tiny_peft("llama", vocab_size=len(tok), r=4)
+    apply_sparselora(model, SparseLoRAConfig(**CFG))
+    seen = _record_splits(model)
+    labels_seen = []
+    hf = sparselora.models.causal_lm(model)
+    hf.register_forward_pre_hook(lambda m, a, kw: labels_seen.append(kw.get("labels")), with_kwargs=True)
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                         use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                         completion_only_loss=True, padding_free=padding_free, packing=padding_free,
+                         max_length=128, bf16=False)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows()),
+                             processing_class=tok, callbacks=[SparseLoRACallback()])
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    # TRL (1.x) passes `labels` (prompt positions -100) to the model's forward, so the split sees the context
+    assert labels_seen and all(lbl is not None for lbl in labels_seen)
+    assert all(s is not None for s in seen), "a training forward ran without a sparse split"
+    for lbl, (n_ctx, shape) in zip(labels_seen, seen):
+        assert tuple(lbl.shape) == shape
+        assert 0 < n_ctx < lbl.numel()
+        if padding_free:  # one packed row, no attention mask: context = every -100 position of the row
+            assert shape[0] == 1 and n_ctx == int((lbl == -100).sum())
+    assert kept_channels(model) and set(kept_channels(model)) == {1, 2}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = make_batch(vocab=101)
+    plain = tiny_peft("llama")
+    apply_sparselora(plain, SparseLoRAConfig(**CFG))
+    ckpt = clone(plain)  # same weights and adapters; apply state is per instance, so re-apply
+    sparselora.remove_sparselora(ckpt)
+    apply_sparselora(ckpt, SparseLoRAConfig(**CFG))
+    for m in (plain, ckpt):
+        m.train()
+    ckpt.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt.enable_input_require_grads()
+    loss_a = plain(**batch).loss
+    loss_a.backward()
+    loss_b = ckpt(**batch).loss
+    loss_b.backward()
+    assert_close(loss_b.detach(), loss_a.detach(), "loss")
+    ka, kb = kept_channels(plain), kept_channels(ckpt)
+    assert set(ka) == set(kb) == {1, 2}
+    for layer in ka:
+        for name in ka[layer]:
+            assert torch.equal(ka[layer][name], kb[layer][name]), (layer, name)
+    ga, gb = lora_grads(plain), lora_grads(ckpt)
+    assert set(ga) == set(gb) and ga
+    for name in ga:
+        assert_close(gb[name], ga[name], name)
+
+
+def test_packed_row_splits_context_per_segment():
+    """Padding-free packing: one row, position_ids restarting per segment, no attention_mask. The split is per
+    token: the context rows are exactly the prompt positions of every segment, and the sparse forward equals
+    the same row with an explicit all-ones mask. (transformers isolates packed segments only with flash
+    attention; with eager/SDPA they attend across, dense or sparse alike.)"""
+    model = tiny_peft("llama", targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
+    apply_sparselora(model, SparseLoRAConfig(**CFG))
+    g = torch.Generator().manual_seed(3)
+    lens, labelled = (13, 9), (4, 3)
+    segs = [torch.randint(1, 101, (n,), generator=g) for n in lens]
+    labs = []
+    for s, k in zip(segs, labelled):
+        lab = torch.full_like(s, -100)
+        lab[-k:] = s[-k:]
+        labs.append(lab)
+    packed = {
+        "input_ids": torch.cat(segs)[None],
+        "position_ids": torch.cat([torch.arange(n) for n in lens])[None],
+        "labels": torch.cat(labs)[None],
+    }
+    out_p = model(**packed)
+    split = get_state(model).split
+    prompt_pos = [i for i, v in enumerate(packed["labels"][0].tolist()) if v == -100]
+    assert split.shape == (1, sum(lens)) and split.ctx.tolist() == prompt_pos
+    assert prompt_pos == list(range(9)) + list(range(13, 19))  # both segments' prompts, nothing else
+    kept_p = {k: {n: v.clone() for n, v in e.items()} for k, e in kept_channels(model).items()}
+    out_p.loss.backward()
+    assert all(torch.isfinite(gr).all() for gr in lora_grads(model).values())
+    with torch.no_grad():
+        out_m = model(**packed, attention_mask=torch.ones_like(packed["input_ids"]))
+    kept_m = kept_channels(model)
+    assert set(kept_p) == {1, 2}
+    for layer in kept_p:
+        for name in kept_p[layer]:
+            assert torch.equal(kept_p[layer][name], kept_m[layer][name]), (layer, name)
+    assert_close(out_p.logits.detach(), out_m.logits, "packed logits")
