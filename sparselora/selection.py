@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sparselora.models.registry import ArchInfo
+from sparselora.ops.scores import col_norms_sq, ffn_scores_sq
 
 Proj = Callable[[torch.Tensor], torch.Tensor]
 
@@ -30,12 +31,12 @@ def _random(n: int, k: int, device) -> torch.Tensor:
     return torch.randperm(n, device=device)[:k].sort().values
 
 
-def _low_rank(x: torch.Tensor, factors: tuple[torch.Tensor, list[torch.Tensor]]) -> list[torch.Tensor]:
-    """x A_i B_i for each projection, with one matmul for all the A's (see `Estimator.stacked`)."""
+def _project(x: torch.Tensor, factors: tuple[torch.Tensor, list[torch.Tensor]]) -> list[torch.Tensor]:
+    """x A_i for each projection, with one matmul for all the A's (see `Estimator.stacked`)."""
     a, bs = factors
     z = x.to(a.dtype) @ a
     r = bs[0].shape[0]
-    return [z[:, i * r : (i + 1) * r] @ b for i, b in enumerate(bs)]
+    return [z[:, i * r : (i + 1) * r] for i in range(len(bs))]
 
 
 @torch.no_grad()
@@ -53,9 +54,9 @@ def select_ffn(
     if selector == "random":
         return _random(n, k, x.device)
     if selector == "svd":
-        g, u = _low_rank(x, factors)
-    else:  # oracle and l2 both use the true intermediate activation of the FFN
-        g, u = gate(x).float(), up(x).float()
+        zg, zu = _project(x, factors)
+        return _top(ffn_scores_sq(zg, zu, *factors[1]), k)  # squared norms: same order
+    g, u = gate(x).float(), up(x).float()  # oracle and l2 both use the true intermediate activation
     return _top((F.silu(g) * u).norm(dim=0), k)
 
 
@@ -114,13 +115,11 @@ def select_attention(
         v_ch = _random(Hkv * D, v_keep, x.device)
         return _attention_result(expand_to_query_heads(k_ch, arch), k_ch, v_ch, arch)
 
-    if selector == "svd":
-        qa, ka, va = _low_rank(x, factors)
+    if selector == "svd":  # exact column norms of x A B from the r x r Gram matrix of x A
+        qn, kn, vn = (col_norms_sq(z, b).sqrt() for z, b in zip(_project(x, factors), factors[1]))
     else:
-        qa, ka, va = q(x).float(), k(x).float(), v(x).float()
-    qn = qa.norm(dim=0).view(Hq, D)
-    kn = ka.norm(dim=0).view(Hkv, D)
-    vn = va.norm(dim=0)
+        qn, kn, vn = (f(x).float().norm(dim=0) for f in (q, k, v))
+    qn, kn = qn.view(Hq, D), kn.view(Hkv, D)
     v_ch = _top(vn, v_keep)
     if selector == "l2":
         q_ch = _unit_channels(_top(_to_units(qn, pairs), k_units * arch.group_size), D, pairs)

@@ -44,3 +44,17 @@ def test_cuda_sparse_matches_reference(arch, dtype, padding_side, selector):
     for n in gb:
         assert_close(ga[n], gb[n], f"grad {n}", dtype, rtol=5e-2 if dtype == torch.bfloat16 else None,
                      atol=5e-2 if dtype == torch.bfloat16 else None)
+
+
+@pytest.mark.parametrize("n, i, r", [(3072, 14336, 8), (37, 1000, 4), (1, 129, 16), (700, 5, 8)])
+def test_triton_ffn_scores(n, i, r):
+    import torch.nn.functional as F
+
+    from sparselora.ops.scores import ffn_scores_sq
+
+    g = torch.Generator(device="cuda").manual_seed(n)
+    zg, zu = (torch.randn(n, r, device="cuda", generator=g) for _ in range(2))
+    bg, bu = (torch.randn(r, i, device="cuda", generator=g) * 0.3 for _ in range(2))
+    ref = (F.silu(zg.double() @ bg.double()) * (zu.double() @ bu.double())).pow(2).sum(0)
+    out = ffn_scores_sq(zg, zu, bg, bu)
+    assert_close(out, ref, "triton ffn scores", rtol=1e-4, atol=1e-4)

@@ -256,3 +256,14 @@ def test_fused_refuses_what_it_cannot_reproduce():
     assert lora_parts(m.proj) is None  # dropout: PEFT's own forward
     lin = nn.Linear(3, 4)
     assert lora_parts(lin) is None  # trainable base weight
+
+
+def test_estimator_scores_without_full_activations():
+    from sparselora.ops.scores import col_norms_sq, ffn_scores_sq
+
+    torch.manual_seed(3)
+    zg, zu = torch.randn(2500, 8), torch.randn(2500, 8)  # more rows than one CPU chunk
+    bg, bu = torch.randn(8, 77), torch.randn(8, 77)
+    direct = (F.silu(zg @ bg) * (zu @ bu)).pow(2).sum(0)
+    assert_close(ffn_scores_sq(zg, zu, bg, bu), direct, "ffn scores", rtol=1e-4, atol=1e-3)
+    assert_close(col_norms_sq(zg, bg), (zg @ bg).pow(2).sum(0), "gram column norms", rtol=1e-4, atol=1e-3)

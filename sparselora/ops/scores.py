@@ -1,0 +1,74 @@
+"""Channel scores of the SVD estimator without forming (tokens x channels) activations.
+
+The estimate of a projection is z B with z = x A (tokens x r). Its column norms are exact from the r x r Gram
+matrix: ||z B_j||^2 = B_j^T (z^T z) B_j. The FFN score ||silu(z_g B_g) * (z_u B_u)||_j is not bilinear, so on
+CUDA a Triton kernel streams tokens through registers and accumulates it per channel; on CPU it is computed
+in token chunks. Either way the score costs a small fraction of the layer it prunes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+
+def col_norms_sq(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared column norms of z @ b over rows, via the Gram matrix of z."""
+    g = z.t() @ z
+    return ((g @ b) * b).sum(0).clamp_min(0)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _ffn_score_kernel(zg, zu, bg, bu, out, N, I, R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = pid * BLOCK_J + tl.arange(0, BLOCK_J)
+        rr = tl.arange(0, R)
+        cmask = cols < I
+        b_g = tl.load(bg + rr[:, None] * I + cols[None, :], mask=cmask[None, :], other=0.0)
+        b_u = tl.load(bu + rr[:, None] * I + cols[None, :], mask=cmask[None, :], other=0.0)
+        acc = tl.zeros((BLOCK_J,), dtype=tl.float32)
+        for t0 in range(0, N, BLOCK_T):
+            rows = t0 + tl.arange(0, BLOCK_T)
+            rmask = rows < N
+            a_g = tl.load(zg + rows[:, None] * R + rr[None, :], mask=rmask[:, None], other=0.0)
+            a_u = tl.load(zu + rows[:, None] * R + rr[None, :], mask=rmask[:, None], other=0.0)
+            g = tl.dot(a_g, b_g, input_precision="ieee")
+            u = tl.dot(a_u, b_u, input_precision="ieee")
+            h = g * tl.sigmoid(g) * u
+            acc += tl.sum(h * h, axis=0)
+        tl.store(out + cols, acc, mask=cmask)
+
+
+def _pad_rank(t: torch.Tensor, dim: int, r: int) -> torch.Tensor:
+    pad = r - t.shape[dim]
+    if pad == 0:
+        return t.contiguous()
+    shape = list(t.shape)
+    shape[dim] = pad
+    return torch.cat([t, t.new_zeros(shape)], dim).contiguous()
+
+
+def ffn_scores_sq(zg: torch.Tensor, zu: torch.Tensor, bg: torch.Tensor, bu: torch.Tensor) -> torch.Tensor:
+    """sum over tokens of (silu(zg @ bg) * (zu @ bu))^2 per channel, in float32."""
+    if zg.is_cuda and triton is not None:
+        r = max(16, triton.next_power_of_2(zg.shape[1]))  # tl.dot needs K >= 16
+        zg, zu = _pad_rank(zg.float(), 1, r), _pad_rank(zu.float(), 1, r)
+        bg, bu = _pad_rank(bg.float(), 0, r), _pad_rank(bu.float(), 0, r)
+        n, i = zg.shape[0], bg.shape[1]
+        out = torch.empty(i, device=zg.device, dtype=torch.float32)
+        _ffn_score_kernel[(triton.cdiv(i, 128),)](zg, zu, bg, bu, out, n, i, R=r, BLOCK_T=64, BLOCK_J=128)
+        return out
+    out = None
+    for s in range(0, zg.shape[0], 1024):  # bounded memory on CPU
+        h = F.silu(zg[s : s + 1024] @ bg) * (zu[s : s + 1024] @ bu)
+        part = h.pow(2).sum(0)
+        out = part if out is None else out + part
+    return out
