@@ -37,7 +37,7 @@ batch = make_batch(base.config.vocab_size, B, T, labelled, dev)
 cfg = dataclasses.replace(SparseLoRAConfig.from_preset(args.preset), start_step=0)
 torch.cuda.synchronize()
 t0 = time.perf_counter()
-apply_sparselora(model, cfg)
+apply_sparselora(model, cfg, fast_kernels=True)
 torch.cuda.synchronize()
 print(f"apply_sparselora (estimator build) {time.perf_counter() - t0:.1f} s")
 params = [p for p in model.parameters() if p.requires_grad]
