@@ -18,9 +18,13 @@ from pathlib import Path
 HELP = "fine-tune SmolLM2-135M on HumanEval briefly, dense and sparse, and compare (CPU, a few minutes)"
 MODEL = "smollm2-135m"
 
-# The sparsity is the `scaled` preset for the model's depth (SmolLM2-135M: 30 layers, hidden 576, FFN 1536,
-# 9 query / 3 kv heads): 90% of FFN channels off for context tokens in layers 3-28, half the attention
-# channels in layers 15-28, the first three and the last layer dense, one dense warm-up step.
+# SmolLM2-135M (30 layers, hidden 576, FFN 1536, 9/3 heads) is far more sensitive than the paper's 8B models:
+# on HumanEval prompts the `scaled` preset (FFN 90% in layers 3-28, attention 50% in 15-28) lifts the initial
+# loss from 1.29 to 4.9. Measured alternatives (initial loss / analytic speed-up with the labelled-only head):
+# FFN 75% in 3-28: 2.49 / 1.44x; FFN 80% in 6-28: 2.00 / 1.40x; FFN 90% in 10-28: 1.88 / 1.36x (oracle
+# selection: 1.58). The demo uses the last: FFN only (GQA attention projections are small), upper two thirds.
+DEMO_SPARSITY = {"smollm2-135m": {"ffn_sparsity": {"10-28": 0.9}, "attn_sparsity": {}, "estimator_rank": 8,
+                                  "selector": "svd", "start_step": 0.05}}
 
 
 def register(subparsers) -> None:
@@ -30,7 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="use only the first N HumanEval problems")
-    p.add_argument("--sparsity", default=None, help="a preset or SparseLoRAConfig YAML (default: 'scaled')")
+    p.add_argument("--sparsity", default=None, help="a preset or SparseLoRAConfig YAML (default: FFN 90%% in layers 10-28 for SmolLM2, "
+                   "else 'scaled')")
     p.add_argument("--model", default=MODEL, help=f"model (default {MODEL}; any alias or folder works)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: half the cores, at most 4; 1 on a 2-core machine)")
@@ -102,6 +107,13 @@ def run(args) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     data = write_demo_data(out, args.limit)
+    if args.sparsity is None and args.model in DEMO_SPARSITY:
+        import yaml
+
+        from sparselora.io import atomic_write_text
+
+        args.sparsity = str(out / "sparsity.yaml")
+        atomic_write_text(args.sparsity, yaml.safe_dump(DEMO_SPARSITY[args.model], sort_keys=False))
     common = dict(
         model=args.model, data=str(data), sparsity=args.sparsity, max_steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, lora_dropout=0.0, save_steps=10**6, seed=0, dtype="float32",
