@@ -377,6 +377,7 @@ def _callbacks():
         def on_log(self, args, state, control, logs=None, **kw):
             if logs:
                 self.last.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+                self.on_step_end(args, state, control)  # show the step's loss now, not one step later
 
         def on_step_end(self, args, state, control, **kw):
             if self.bar is None:
