@@ -30,4 +30,8 @@ class SparseLoRACallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is not None and "loss" in logs:
-            logs.update(sparsity_stats(self._model(model)))
+            stats = sparsity_stats(self._model(model))
+            logs.update(stats)
+            # the Trainer appended its copy of `logs` to the history before calling us
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(stats)

@@ -55,6 +55,7 @@ def test_trainer_warmup_then_sparse(tmp_path):
     assert spy.active == [False] * 3 + [True] * 7  # round(0.3 * 10) = 3 dense warm-up steps
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and all(torch.isfinite(torch.tensor(h["loss"])) for h in logged)
+    assert [h["sparselora/active"] for h in logged] == [0.0, 1.0, 1.0, 1.0, 1.0]  # logged at steps 2, 4, ..., 10
     assert sparselora.kept_channels(model)[1]["ffn"].numel() == round(0.2 * 86)
 
 

@@ -237,7 +237,7 @@ def test_fused_split_lora_linear(dtype, mode, lora):
             y = F.linear(x, base.weight, base.bias)
         return y + (full_lora(proj, x) if lora else 0)
 
-    parts = lora_parts(proj)
+    parts = lora_parts(proj, x)
     assert parts is not None
     if lora:
         check(m, x, lambda x: split_lora_linear(parts, x, n_ctx, mode, idx), ref, dtype, f"fused/{mode}")
@@ -253,9 +253,9 @@ def test_fused_refuses_what_it_cannot_reproduce():
 
     torch.manual_seed(0)
     m = get_peft_model(Block(), LoraConfig(r=3, target_modules=["proj"], lora_dropout=0.1)).base_model.model
-    assert lora_parts(m.proj) is None  # dropout: PEFT's own forward
+    assert lora_parts(m.proj, torch.randn(2, 37)) is None  # dropout: PEFT's own forward
     lin = nn.Linear(3, 4)
-    assert lora_parts(lin) is None  # trainable base weight
+    assert lora_parts(lin, torch.randn(2, 3)) is None  # trainable base weight
 
 
 def test_estimator_scores_without_full_activations():
@@ -267,3 +267,27 @@ def test_estimator_scores_without_full_activations():
     direct = (F.silu(zg @ bg) * (zu @ bu)).pow(2).sum(0)
     assert_close(ffn_scores_sq(zg, zu, bg, bu), direct, "ffn scores", rtol=1e-4, atol=1e-3)
     assert_close(col_norms_sq(zg, bg), (zg @ bg).pow(2).sum(0), "gram column norms", rtol=1e-4, atol=1e-3)
+    frozen = lora_block(torch.float32)
+    x = torch.randn(2, 37)
+    assert lora_parts(frozen.proj, x) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lora_parts(frozen.proj, x) is None  # autocast: PEFT's own forward
+
+
+def test_sparse_model_under_autocast():
+    """bf16 autocast over a float32 model (what TRL's SFTTrainer turns on) runs and stays near fp32."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from helpers import make_batch, tiny_peft
+
+    from sparselora import SparseLoRAConfig, apply_sparselora
+
+    model = tiny_peft()
+    apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={1: 0.5}, attn_sparsity={2: 0.5}, start_step=0))
+    batch = make_batch()
+    ref = model(**batch).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 0.05 * abs(ref.item())

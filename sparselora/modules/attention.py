@@ -56,7 +56,7 @@ class SparseAttention:
     def _make_forward(self, p: str):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             inputs = self._inputs
-            parts = None if (args or kwargs) else lora_parts(self.projs[p])
+            parts = None if (args or kwargs) else lora_parts(self.projs[p], x)
             if inputs is None:
                 if parts is None:
                     return self.swaps[p].original(x, *args, **kwargs)

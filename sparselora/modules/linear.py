@@ -19,7 +19,7 @@ class FusedLoRALinear:
         self.swap = ForwardSwap(module, self.forward)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        parts = None if (args or kwargs) else lora_parts(self.module)
+        parts = None if (args or kwargs) else lora_parts(self.module, x)
         if parts is None:  # dropout, several adapters, adapter_names=...: PEFT's own forward
             return self.swap.original(x, *args, **kwargs)
         y = split_lora_linear(parts, x.reshape(-1, x.shape[-1]))

@@ -80,9 +80,12 @@ class _SplitLoRALinear(torch.autograd.Function):
         return gx, None, None, ga, gb, None, None, None, None
 
 
-def lora_parts(module: nn.Module):
+def lora_parts(module: nn.Module, x: torch.Tensor):
     """(weight, bias, A, B, scale) when ``module`` is a frozen Linear or a plain single-adapter PEFT LoRA layer
-    the fused op reproduces exactly; None otherwise (dropout, several adapters, LoRA bias, trainable base)."""
+    the fused op reproduces exactly for input ``x``; None otherwise (dropout, several adapters, LoRA bias,
+    trainable base, or autocast, whose per-op casting rules the fused op does not replay)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return None
     base = getattr(module, "base_layer", module)
     if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return None
