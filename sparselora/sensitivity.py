@@ -596,7 +596,11 @@ def print_table(sens: Sensitivity, cfg: SparseLoRAConfig | None = None, title: s
             cells.append(f"[{style}]{x}[/{style}]")
         cells += [f"[bold]{x}[/bold]" for x in r[1 + 2 * len(sens.levels) :]]
         t.add_row(*cells)
-    Console().print(t)
+    console = Console()
+    width = sum(max(len(h), 7) + 3 for h in header) + 1  # never squeeze numbers into ellipses
+    if console.width < width:
+        console = Console(width=width)
+    console.print(t)
 
 
 def write_heatmap(sens: Sensitivity, path: str | Path, cfg: SparseLoRAConfig | None = None, title: str = "") -> bool:
