@@ -202,7 +202,7 @@ def token_stats(feats, batches, pad_side="right") -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
-def batch_flops(model_config, cfg, feats, batches, targets, rank) -> dict:
+def batch_flops(model_config, cfg, feats, batches, targets, rank, labelled_only_head=False) -> dict:
     """Mean FLOPs per step over the executed batches: padding and labelled tokens run dense (as the library
     does); ``ideal`` is the same at the average unpadded length."""
     from sparselora import flops
@@ -213,25 +213,26 @@ def batch_flops(model_config, cfg, feats, batches, targets, rank) -> dict:
         T = max(len(f["input_ids"]) for f in rows)
         ctx = sum(sum(1 for x in f["labels"] if x == -100) for f in rows)
         dense_tokens = round(T - ctx / len(rows))  # labelled + padding per row
-        r = flops(model_config, cfg, (len(rows), T), dense_tokens, lora_rank=rank, lora_targets=tuple(targets))
+        r = flops(model_config, cfg, (len(rows), T), dense_tokens, lora_rank=rank, lora_targets=tuple(targets),
+                  labelled_only_head=labelled_only_head)
         dense.append(r["dense"])
         sparse.append(r["sparse"])
     st = token_stats(feats, batches)
     ideal = flops(model_config, cfg, (len(batches[0]), round(st["avg_len"])), round(st["avg_labelled"]),
-                  lora_rank=rank, lora_targets=tuple(targets))
+                  lora_rank=rank, lora_targets=tuple(targets), labelled_only_head=labelled_only_head)
     d, s = statistics.fmean(dense), statistics.fmean(sparse)
     return {"dense": d, "sparse": s, "ratio": s / d, "ideal_unpadded_ratio": ideal["ratio"],
             "lm_head_share_dense": ideal["lm_head"] / ideal["dense"]}
 
 
-def ratio_grid(model_config, feats, batches, num_layers, targets=QKVO, rank=32) -> list[dict]:
+def ratio_grid(model_config, feats, batches, num_layers, targets=QKVO, rank=32, labelled_only_head=False) -> list[dict]:
     from sparselora import SparseLoRAConfig
 
     rows = []
     for f in FFN_GRID:
         for a in ATTN_GRID:
             cfg = SparseLoRAConfig.from_preset("scaled", num_layers=num_layers, ffn_sparsity=f, attn_sparsity=a)
-            r = batch_flops(model_config, cfg, feats, batches, targets, rank)
+            r = batch_flops(model_config, cfg, feats, batches, targets, rank, labelled_only_head)
             rows.append({"ffn": f, "attn": a, "ratio": r["ratio"], "ideal": r["ideal_unpadded_ratio"]})
     return rows
 
@@ -261,7 +262,7 @@ def sparsity_config(args, model_config, num_layers, feats, batches):
         cfg = SparseLoRAConfig.from_preset(spec, **({"num_layers": num_layers} if spec == "scaled" else {}))
         how = f"preset:{spec}"
     else:
-        grid = ratio_grid(model_config, feats, batches, num_layers)
+        grid = ratio_grid(model_config, feats, batches, num_layers, labelled_only_head=args.fast_kernels)
         pick, met = choose_scaled(grid, args.target_ratio, args.unreachable_slack)
         cfg = SparseLoRAConfig.from_preset("scaled", num_layers=num_layers, ffn_sparsity=pick["ffn"],
                                            attn_sparsity=pick["attn"])
@@ -429,16 +430,20 @@ def one_run(name, seed, ctx) -> dict:
         rec["data"] = dinfo | token_stats(feats, batches)
         model = lora_model(base, info["targets"], args.lora_r, args.lora_alpha, seed, ctx["adapter_dtype"])
         cfg = None
+        kw = {"fast_kernels": True} if args.fast_kernels else {}
         if info["selector"]:
             cfg = copy.deepcopy(ctx["sparsity"])
             cfg.selector = info["selector"]
-            sparselora.apply_sparselora(model, cfg, estimator_dir=args.estimator_dir)
+            sparselora.apply_sparselora(model, cfg, estimator_dir=args.estimator_dir, **kw)
+        elif args.fast_kernels:  # dense with the same fused kernels and labelled-only LM head: a fair baseline
+            sparselora.apply_sparselora(model, ctx["sparsity"], estimator_dir=args.estimator_dir, **kw)
+            sparselora.set_enabled(model, False)
         if cfg is not None and args.probe_batches:
             rec["probe"] = probe(model, feats, batches[: args.probe_batches], args, device)
             log(f"  probe (untrained, {len(batches[: args.probe_batches])} batches): loss dense {rec['probe']['dense']:.4f}, "
                 f"sparse {rec['probe']['sparse']:.4f} ({rec['probe']['sparse'] - rec['probe']['dense']:+.4f})")
         fl = batch_flops(base.config, cfg if cfg is not None else ctx["sparsity"], feats, batches,
-                         info["targets"], args.lora_r)
+                         info["targets"], args.lora_r, args.fast_kernels)
         rec["flops"] = {"dense_per_step": fl["dense"], "sparse_per_step": fl["sparse"] if cfg else fl["dense"],
                         "ratio": fl["ratio"] if cfg else 1.0, "ideal_unpadded_ratio": fl["ideal_unpadded_ratio"] if cfg else 1.0}
         if cfg is not None:  # warm-up steps run dense
@@ -449,7 +454,7 @@ def one_run(name, seed, ctx) -> dict:
         rec.update(train(model, feats, batches, args, device, cfg is not None))
         log(f"  trained in {rec['train_seconds']:.1f}s (median step {rec['step_ms_median']:.1f} ms), "
             f"loss {rec['first_loss']:.3f} -> {rec['final_loss']:.3f}")
-        if cfg is not None:
+        if cfg is not None or args.fast_kernels:
             sparselora.remove_sparselora(model)  # evaluation runs the plain PEFT model for every method
         model.eval()
         rec["eval"] = evaluate_all(model, tok, ctx["tests"], args.task, args, pred_dir)
@@ -516,6 +521,9 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch sequences of similar length (as HF Trainer's group_by_length): less padding for all methods")
+    p.add_argument("--fast-kernels", action="store_true",
+                   help="apply_sparselora(fast_kernels=True) for every trained method (dense too, sparsity off): fused "
+                        "RMSNorm/SiLU*up and a labelled-only LM head; FLOPs then count the head on labelled tokens only")
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--lora-alpha", type=int, default=64)
     p.add_argument("--adapter-dtype", default="bf16", choices=["bf16", "fp32"])
@@ -542,7 +550,7 @@ def model_slug(model: str) -> str:
 
 def settings(args, sparsity_cfg, test_info) -> dict:
     keys = ("task", "max_steps", "epochs", "train_limit", "test_limit", "batch_size", "max_length", "group_by_length", "lr",
-            "warmup_ratio", "weight_decay", "target_ratio", "unreachable_slack", "max_grad_norm", "lora_r", "lora_alpha", "adapter_dtype", "dtype", "max_new_tokens")
+            "warmup_ratio", "weight_decay", "target_ratio", "unreachable_slack", "max_grad_norm", "lora_r", "lora_alpha", "adapter_dtype", "dtype", "max_new_tokens", "fast_kernels")
     s = {k: getattr(args, k) for k in keys}
     s["sparsity_config"] = sparsity_cfg.to_dict()
     s["tests"] = {k: v["lines_sha"] for k, v in test_info.items()}
@@ -568,7 +576,7 @@ def plan(args, model_config, tokenizer, pool, tests, methods_runs, cfg, how, gri
         print(f"  lowest reachable ratio on this data: {floor:.1%} (target {args.target_ratio:.0%}: "
               f"{'reachable' if floor <= args.target_ratio else 'NOT reachable -- labelled tokens, padding and the LM head stay dense'})")
     for targets, label in ((QKVO, "qkvo"), (ALL7, "all7")):
-        fl = batch_flops(model_config, cfg, feats, batches, targets, args.lora_r)
+        fl = batch_flops(model_config, cfg, feats, batches, targets, args.lora_r, args.fast_kernels)
         print(f"  chosen config ({label} LoRA): {fl['ratio']:.1%} of dense FLOPs per step "
               f"(unpadded {fl['ideal_unpadded_ratio']:.1%}; LM head {fl['lm_head_share_dense']:.0%} of dense)")
     print(f"  sparsity: {how}")

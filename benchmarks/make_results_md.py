@@ -1,0 +1,202 @@
+"""Write docs/results.md from benchmarks/results/accuracy-*.json and recall-*.json.
+
+    python benchmarks/make_results_md.py                      # reads benchmarks/results/, writes docs/results.md
+    python benchmarks/make_results_md.py --results DIR --out FILE
+
+Accuracy: one table per model/task; rows are methods, columns each test set and the average (mean over seeds
+± half the spread max-min, in points), FLOPs per step as % of dense, training seconds per run. Then the
+command that reproduces the table, the GPU, versions, commit, and the gap to the goal (SparseLoRA within 0.5
+points of dense on the task average at <= 55% of dense FLOPs). Recall: the estimator vs random and l2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GOAL_POINTS = 0.5
+GOAL_RATIO = 0.55
+ORDER = ["base", "dense", "sparselora", "oracle", "random", "dense_all7", "sparselora_all7", "oracle_all7", "random_all7"]
+# What to run on one H100 (the model converted once to a local folder, the data copied to an ignored .data/).
+GPU_COMMANDS = """```bash
+# math (GSM8K train -> GSM8K test, all 1319): ~6-8 min on an H100 (estimate); resumable, so re-run if cut
+python benchmarks/accuracy.py --model /root/xfer/qwen2.5-coder-0.5b --task math --data-dir .data \\
+  --methods base,dense,sparselora,oracle:0,dense_all7:0,sparselora_all7:0 --seeds 0,1 --max-steps 150 \\
+  --eval-batch-size 1319 --deadline 540 --out /root/xfer/accuracy-qwen2.5-coder-0.5b-math.json
+# commonsense (BoolQ+ARC-e+ARC-c+OBQA train -> 6 test sets, ~11.2k): ~5-7 min on an H100 (estimate)
+python benchmarks/accuracy.py --model /root/xfer/qwen2.5-coder-0.5b --task commonsense --data-dir .data \\
+  --methods base,dense,sparselora,oracle:0,dense_all7:0,sparselora_all7:0 --seeds 0,1 --max-steps 150 \\
+  --eval-batch-size 2048 --deadline 540 --out /root/xfer/accuracy-qwen2.5-coder-0.5b-commonsense.json
+```"""
+TASK_SETS = {"math": ["gsm8k"], "commonsense": ["boolq", "piqa", "social_i_qa", "winogrande", "arc_easy", "openbookqa"]}
+
+
+def pm(values, scale=100.0) -> str:
+    if not values:
+        return "–"
+    m = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{m:.1f}"
+    half = (max(values) - min(values)) * scale / 2
+    return f"{m:.1f} ± {half:.1f}"
+
+
+def accuracy_section(doc: dict, path: Path) -> list[str]:
+    cfg = doc.get("config", {})
+    sets = list(next((m["accuracy"] for m in doc["methods"].values() if m.get("accuracy")), {}) or TASK_SETS[doc["task"]])
+    tests = cfg.get("tests", {})
+    head = ["method", "seeds"] + [f"{s} (n={tests.get(s, {}).get('n', '?')})" for s in sets] + ["average", "FLOPs % dense", "train s/run"]
+    lines = [f"### {doc['model']} — {doc['task']}", ""]
+    lines.append(f"GPU: {doc.get('gpu')}; versions: " + ", ".join(f"{k} {v}" for k, v in (doc.get("versions") or {}).items() if v)
+                 + f"; commit `{doc.get('commit')}`; updated {doc.get('updated')}; file `{path.relative_to(REPO) if path.is_relative_to(REPO) else path}`.")
+    lines.append("")
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    names = sorted(doc["methods"], key=lambda n: ORDER.index(n) if n in ORDER else 99)
+    for name in names:
+        m = doc["methods"][name]
+        if not m.get("seeds") and m.get("errors"):
+            lines.append(f"| {name} | – | " + " | ".join("error" for _ in sets) + " | error | – | – |")
+            continue
+        acc = m.get("accuracy", {})
+        fl = f"{100 * m['flops_ratio']:.1f}" if "flops_ratio" in m and name != "base" else ("–" if name == "base" else "100.0")
+        ts = pm(m.get("train_seconds"), 1.0) if m.get("train_seconds") else "–"
+        row = [name, ",".join(map(str, m.get("seeds", [])))] + [pm(acc.get(s)) for s in sets] + [pm(m.get("average")), fl, ts]
+        if m.get("errors"):
+            row[0] += " (errors: " + ", ".join(f"seed {k}" for k in m["errors"]) + ")"
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    st = cfg.get("token_stats", {})
+    td = cfg.get("train_data", {})
+    lines.append(
+        f"Training: {td.get('steps')} steps x batch {cfg.get('batch_size')} (max length {cfg.get('max_length')}, "
+        f"{td.get('epochs')} epochs over {td.get('n_data')} examples of {', '.join(cfg.get('train_files', []))}), "
+        f"lr {cfg.get('lr')} ({cfg.get('lr_schedule')}), LoRA r={cfg.get('lora_r')} alpha={cfg.get('lora_alpha')} "
+        f"adapters in {cfg.get('adapter_dtype')} on a {cfg.get('dtype', 'bf16')} base, group-by-length {cfg.get('group_by_length')}. "
+        f"Tokens per sequence {st.get('avg_len', 0):.0f} (labelled {st.get('avg_labelled', 0):.0f}, context share "
+        f"{100 * st.get('context_share', 0):.0f}%). Sparsity: {cfg.get('sparsity_choice')} — "
+        f"`{json.dumps(cfg.get('sparsity_config'))}`. Evaluation: greedy, max {cfg.get('max_new_tokens')} new tokens"
+        + ("; test subsets: " + ", ".join(f"{k} {v['n']}/{v['n_total']}" for k, v in tests.items() if v["n"] < v["n_total"])
+           if any(v["n"] < v["n_total"] for v in tests.values()) else "; full test sets") + ".")
+    lines.append("")
+    lines.append(f"Reproduce: `{doc.get('command')}`")
+    lines.append("")
+    lines.extend(goal_lines(doc))
+    lines.append("")
+    return lines
+
+
+def goal_lines(doc: dict) -> list[str]:
+    ms = doc["methods"]
+    out = []
+    for sparse, dense in (("sparselora", "dense"), ("sparselora_all7", "dense_all7")):
+        s, d = ms.get(sparse, {}), ms.get(dense, {})
+        if not s.get("average") or not d.get("average"):
+            continue
+        gap = 100 * (statistics.fmean(s["average"]) - statistics.fmean(d["average"]))
+        ratio = s.get("flops_ratio", 1.0)
+        ok_acc, ok_fl = gap >= -GOAL_POINTS, ratio <= GOAL_RATIO
+        verdict = "MET" if ok_acc and ok_fl else "NOT met"
+        out.append(f"- Goal ({sparse} vs {dense}: within {GOAL_POINTS} points of the task average at <= "
+                   f"{100 * GOAL_RATIO:.0f}% FLOPs): **{verdict}** — accuracy {gap:+.2f} points "
+                   f"({'ok' if ok_acc else 'short by %.2f' % (-GOAL_POINTS - gap)}), FLOPs {100 * ratio:.1f}% "
+                   f"({'ok' if ok_fl else 'over by %.1f points' % (100 * (ratio - GOAL_RATIO))}); seeds "
+                   f"{s.get('seeds')} vs {d.get('seeds')}.")
+        probes = s.get("probe_loss")
+        if probes:
+            out.append(f"  Loss of the untrained model on the first batches, dense vs sparse: "
+                       + "; ".join(f"{p['dense']:.3f} vs {p['sparse']:.3f}" for p in probes) + ".")
+    if "oracle" in ms and ms["oracle"].get("average") and ms.get("dense", {}).get("average"):
+        g = 100 * (statistics.fmean(ms["oracle"]["average"]) - statistics.fmean(ms["dense"]["average"]))
+        out.append(f"- Oracle selection vs dense: {g:+.2f} points (what perfect channel selection would give at these sparsities).")
+    if not out:
+        out.append("- Goal: not assessable yet (needs dense and sparselora results).")
+    return out
+
+
+def recall_section(doc: dict, path: Path) -> list[str]:
+    a = doc["architecture"]
+    lines = [f"### {doc['model']} ({a['model_type']}, {a['num_layers']} layers, FFN {a['intermediate_size']}, "
+             f"heads {a['num_heads']}/{a['num_kv_heads']})", ""]
+    lines.append(f"{doc['samples']} samples of `{doc['data']}` in batches of {doc['batch_size']} "
+                 f"({doc['context_tokens']} context tokens), {doc['dtype']} on {doc['device']}; commit `{doc['commit']}`; "
+                 f"`{doc['command']}`. Mean recall over the layers the `scaled` preset makes sparse (FFN "
+                 f"{_rng(doc['scaled_sparse_layers']['ffn'])}, attention {_rng(doc['scaled_sparse_layers']['attn'])}); "
+                 f"worst layer in brackets.")
+    lines.append("")
+    for kind, title in (("ffn", "FFN channels"), ("attn_k", "attention q/k channels"), ("attn_v", "attention v/o channels")):
+        rec = doc["recall"][kind]
+        levels = list(rec)
+        sels = list(rec[levels[0]])
+        lines.append(f"| {title} | " + " | ".join(f"sparsity {lv}" for lv in levels) + " |")
+        lines.append("|---|" + "---|" * len(levels))
+        for sel in sels:
+            cells = []
+            for lv in levels:
+                r = rec[lv].get(sel)
+                cells.append(f"{r['scaled_sparse_layers']:.3f} ({r['min_layer']:.2f})" if r else "–")
+            lines.append(f"| {sel} | " + " | ".join(cells) + " |")
+        lines.append("")
+    mass = doc.get("mass", {}).get("ffn")
+    if mass:
+        lv = list(mass)
+        lines.append("Share of the oracle's FFN score mass captured (1.0 = as good as the oracle): "
+                     + "; ".join(f"sparsity {l}: " + ", ".join(f"{s} {mass[l][s]['scaled_sparse_layers']:.3f}" for s in mass[l])
+                                 for l in lv) + ".")
+        lines.append("")
+    return lines
+
+
+def _rng(xs):
+    return f"{xs[0]}-{xs[-1]}" if xs else "none"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(REPO / "docs" / "results.md"))
+    args = p.parse_args(argv)
+    res = Path(args.results)
+    acc = sorted(res.glob("accuracy-*.json"))
+    rec = sorted(res.glob("recall-*.json"))
+    lines = ["# Results", "",
+             "Generated by `python benchmarks/make_results_md.py` from `benchmarks/results/accuracy-*.json` and "
+             "`recall-*.json`; do not edit by hand.", "",
+             "## Accuracy (issue 3)", "",
+             f"Goal: SparseLoRA within {GOAL_POINTS} points of dense LoRA on each task's average accuracy at <= "
+             f"{100 * GOAL_RATIO:.0f}% of dense FLOPs per step. Cells: accuracy in points, mean over seeds ± half "
+             "the spread (max - min); FLOPs: analytic (`sparselora.flops`) per executed step on the real batches "
+             "(padding and labelled tokens dense), sparse steps only; train s: wall time of one run (mean ± half spread).", ""]
+    docs = [(f, json.loads(f.read_text())) for f in acc]
+    docs = [(f, d) for f, d in docs if d.get("methods")]
+    for task in ("math", "commonsense"):
+        have = [(f, d) for f, d in docs if d.get("task") == task]
+        if not have:
+            lines += [f"### {task}", "", "Not yet run (`benchmarks/accuracy.py --task %s`; commands below)." % task, ""]
+        for f, d in have:
+            lines += accuracy_section(d, f)
+    if len({d.get("task") for _, d in docs}) < 2:
+        lines += ["Commands for the GPU (then copy the JSONs into `benchmarks/results/` and re-run this script):", "",
+                  GPU_COMMANDS, ""]
+    lines += ["## Estimator recall on real activations", "",
+              "Recall of the oracle's top-k channels (true activations of the dense model on context tokens) by the "
+              "library's SVD estimator at ranks 4/8/16, by the estimator plus the projection bias (`+b`, Qwen2 has "
+              "q/k/v biases the estimator ignores), by `l2` (q and k ranked apart) and by random choice (expected "
+              "recall = kept fraction). From `benchmarks/recall.py`.", ""]
+    for f in rec:
+        lines += recall_section(json.loads(f.read_text()), f)
+    if not rec:
+        lines += ["Not yet run.", ""]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
