@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -45,6 +46,12 @@ def pm(values, scale=100.0) -> str:
     return f"{m:.1f} ± {half:.1f}"
 
 
+def diverged(m: dict) -> list[int]:
+    """Seeds whose training loss ended non-finite: their accuracy says nothing about the method."""
+    losses = m.get("final_loss") or []
+    return [seed for seed, x in zip(m.get("seeds", []), losses) if x is None or not math.isfinite(x)]
+
+
 def accuracy_section(doc: dict, path: Path) -> list[str]:
     cfg = doc.get("config", {})
     sets = list(next((m["accuracy"] for m in doc["methods"].values() if m.get("accuracy")), {}) or TASK_SETS[doc["task"]])
@@ -68,6 +75,8 @@ def accuracy_section(doc: dict, path: Path) -> list[str]:
         row = [name, ",".join(map(str, m.get("seeds", [])))] + [pm(acc.get(s)) for s in sets] + [pm(m.get("average")), fl, ts]
         if m.get("errors"):
             row[0] += " (errors: " + ", ".join(f"seed {k}" for k in m["errors"]) + ")"
+        if diverged(m):
+            row[0] += " (training diverged, loss NaN: seeds " + ",".join(map(str, diverged(m))) + ")"
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     st = cfg.get("token_stats", {})
@@ -97,6 +106,10 @@ def goal_lines(doc: dict) -> list[str]:
         s, d = ms.get(sparse, {}), ms.get(dense, {})
         if not s.get("average") or not d.get("average"):
             continue
+        if diverged(s) or diverged(d):
+            out.append(f"- Goal ({sparse} vs {dense}): **not assessable** — training diverged (loss NaN) in "
+                       f"{sparse} seeds {diverged(s)} and {dense} seeds {diverged(d)}; the accuracies are of broken adapters.")
+            continue
         gap = 100 * (statistics.fmean(s["average"]) - statistics.fmean(d["average"]))
         ratio = s.get("flops_ratio", 1.0)
         ok_acc, ok_fl = gap >= -GOAL_POINTS, ratio <= GOAL_RATIO
@@ -110,7 +123,8 @@ def goal_lines(doc: dict) -> list[str]:
         if probes:
             out.append(f"  Loss of the untrained model on the first batches, dense vs sparse: "
                        + "; ".join(f"{p['dense']:.3f} vs {p['sparse']:.3f}" for p in probes) + ".")
-    if "oracle" in ms and ms["oracle"].get("average") and ms.get("dense", {}).get("average"):
+    if "oracle" in ms and ms["oracle"].get("average") and ms.get("dense", {}).get("average") and not (
+            diverged(ms["oracle"]) or diverged(ms["dense"])):
         g = 100 * (statistics.fmean(ms["oracle"]["average"]) - statistics.fmean(ms["dense"]["average"]))
         out.append(f"- Oracle selection vs dense: {g:+.2f} points (what perfect channel selection would give at these sparsities).")
     if not out:
