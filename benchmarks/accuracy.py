@@ -365,11 +365,15 @@ def train(model, feats, batches, args, device, sparse: bool) -> dict:
         step_ms = [(b - a) * 1e3 for a, b in zip(cpu_marks, cpu_marks[1:])]
     seconds = time.perf_counter() - t0
     curve = torch.stack(losses).float().cpu().tolist()
+    diverged_at = next((i for i, x in enumerate(curve) if not math.isfinite(x)), None)
+    if diverged_at is not None:
+        log(f"  training DIVERGED: loss not finite from step {diverged_at} on")
     stats = sparselora.sparsity_stats(model) if sparse else {}
     k = max(1, len(curve) // 10)
     return {"train_seconds": seconds, "step_ms_median": statistics.median(step_ms[1:] or step_ms),
             "step_ms_median_sparse": statistics.median(step_ms[-max(1, sparse_steps - 1):]) if sparse_steps else None,
             "loss_curve": [round(x, 5) for x in curve], "final_loss": statistics.fmean(curve[-k:]),
+            "diverged_at_step": diverged_at,
             "first_loss": curve[0], "sparse_steps": sparse_steps, "warmup_steps": warm,
             "last_sparsity_stats": stats}
 
@@ -531,6 +535,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch-size", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (math), 32 (commonsense)")
     p.add_argument("--device", default=None)
+    p.add_argument("--cudnn-sdpa", action="store_true",
+                   help="allow cuDNN's SDPA kernels (off by default: every method's training went NaN at the same "
+                        "batches on the H100 with them, plain PEFT included, while a CPU replay stayed finite)")
     p.add_argument("--estimator-dir", default=str(REPO / ".cache" / "estimators"))
     p.add_argument("--deadline", type=float, default=None, help="seconds: start no run that would end after this")
     p.add_argument("--plan", action="store_true", help="print steps, tokens, FLOP ratios and a time estimate; no training")
@@ -550,7 +557,7 @@ def model_slug(model: str) -> str:
 
 def settings(args, sparsity_cfg, test_info) -> dict:
     keys = ("task", "max_steps", "epochs", "train_limit", "test_limit", "batch_size", "max_length", "group_by_length", "lr",
-            "warmup_ratio", "weight_decay", "target_ratio", "unreachable_slack", "max_grad_norm", "lora_r", "lora_alpha", "adapter_dtype", "dtype", "max_new_tokens", "fast_kernels")
+            "warmup_ratio", "weight_decay", "target_ratio", "unreachable_slack", "max_grad_norm", "lora_r", "lora_alpha", "adapter_dtype", "dtype", "max_new_tokens", "fast_kernels", "cudnn_sdpa")
     s = {k: getattr(args, k) for k in keys}
     s["sparsity_config"] = sparsity_cfg.to_dict()
     s["tests"] = {k: v["lines_sha"] for k, v in test_info.items()}
@@ -646,6 +653,8 @@ def main(argv=None):
             doc = None
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not args.cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     from sparselora.models.loading import load_model
 
     t0 = time.perf_counter()
