@@ -96,6 +96,7 @@ def select_attention(
     k: Proj,
     v: Proj,
     factors: tuple[torch.Tensor, list[torch.Tensor]] | None,
+    biases: list[torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Kept output channels of q, k, v and input columns of o.
 
@@ -115,8 +116,9 @@ def select_attention(
         v_ch = _random(Hkv * D, v_keep, x.device)
         return _attention_result(expand_to_query_heads(k_ch, arch), k_ch, v_ch, arch)
 
-    if selector == "svd":  # exact column norms of x A B from the r x r Gram matrix of x A
-        qn, kn, vn = (col_norms_sq(z, b).sqrt() for z, b in zip(_project(x, factors), factors[1]))
+    if selector == "svd":  # exact column norms of x A B (+ the projection's bias) from the Gram matrix of x A
+        biases = biases or [None] * 3
+        qn, kn, vn = (col_norms_sq(z, b, c).sqrt() for z, b, c in zip(_project(x, factors), factors[1], biases))
     else:
         qn, kn, vn = (f(x).float().norm(dim=0) for f in (q, k, v))
     qn, kn = qn.view(Hq, D), kn.view(Hkv, D)

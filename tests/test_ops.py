@@ -256,6 +256,11 @@ def test_fused_refuses_what_it_cannot_reproduce():
     assert lora_parts(m.proj, torch.randn(2, 37)) is None  # dropout: PEFT's own forward
     lin = nn.Linear(3, 4)
     assert lora_parts(lin, torch.randn(2, 3)) is None  # trainable base weight
+    frozen = lora_block(torch.float32)
+    x = torch.randn(2, 37)
+    assert lora_parts(frozen.proj, x) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lora_parts(frozen.proj, x) is None  # autocast: PEFT's own forward
 
 
 def test_estimator_scores_without_full_activations():
@@ -267,11 +272,6 @@ def test_estimator_scores_without_full_activations():
     direct = (F.silu(zg @ bg) * (zu @ bu)).pow(2).sum(0)
     assert_close(ffn_scores_sq(zg, zu, bg, bu), direct, "ffn scores", rtol=1e-4, atol=1e-3)
     assert_close(col_norms_sq(zg, bg), (zg @ bg).pow(2).sum(0), "gram column norms", rtol=1e-4, atol=1e-3)
-    frozen = lora_block(torch.float32)
-    x = torch.randn(2, 37)
-    assert lora_parts(frozen.proj, x) is not None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert lora_parts(frozen.proj, x) is None  # autocast: PEFT's own forward
 
 
 def test_sparse_model_under_autocast():
@@ -291,3 +291,22 @@ def test_sparse_model_under_autocast():
         loss = model(**batch).loss
     loss.backward()
     assert abs(loss.item() - ref.item()) < 0.05 * abs(ref.item())
+
+
+def test_svd_scores_include_the_projection_bias():
+    """With full-rank factors the svd estimate of q/k/v (bias included) ranks exactly like the true activations."""
+    from sparselora.estimator import low_rank_factors, stack_factors
+    from sparselora.ops.scores import col_norms_sq
+
+    torch.manual_seed(4)
+    x = torch.randn(40, 16)  # hidden 16: rank-16 factors are exact for every projection
+    w = [torch.randn(48, 16), torch.randn(16, 16), torch.randn(16, 16)]
+    b = [torch.randn(48) * 3, torch.randn(16) * 3, torch.randn(16) * 3]
+    z, bb = torch.randn(40, 5), torch.randn(5, 16)
+    assert_close(col_norms_sq(z, bb, b[1]), (z @ bb + b[1]).pow(2).sum(0), "biased column norms", rtol=1e-4, atol=1e-3)
+    projs = [(lambda x, w=w_, b=b_: x @ w.T + b) for w_, b_ in zip(w, b)]
+    full = stack_factors([low_rank_factors(w_, 16) for w_ in w])
+    svd = select_attention("svd", 0.5, x, ARCH, True, *projs, full, b)
+    oracle = select_attention("oracle", 0.5, x, ARCH, True, *projs, None)
+    for key in "qkvo":
+        assert torch.equal(svd[key], oracle[key]), key

@@ -13,7 +13,7 @@ from torch import nn
 from sparselora.modules.base import ForwardSwap
 from sparselora.ops import proj_in_sparse, proj_out_sparse
 from sparselora.ops.fused import lora_parts, split_lora_linear
-from sparselora.ops.sparse_linear import check_lora_module
+from sparselora.ops.sparse_linear import base_weight_bias, check_lora_module
 from sparselora.selection import select_attention
 
 PROJS = ("q", "k", "v", "o")
@@ -41,8 +41,10 @@ class SparseAttention:
         cfg, est = self.state.config, self.state.estimator
         factors = est.stacked(self.layer, "qkv") if cfg.selector == "svd" else None
         orig = {p: s.original for p, s in self.swaps.items()}
+        biases = [base_weight_bias(self.projs[p])[1] for p in "qkv"]  # Qwen2's q/k/v biases
         self.kept = select_attention(
-            cfg.selector, self.sparsity, xc, self.state.arch, cfg.rope_pairs, orig["q"], orig["k"], orig["v"], factors
+            cfg.selector, self.sparsity, xc, self.state.arch, cfg.rope_pairs, orig["q"], orig["k"], orig["v"], factors,
+            biases,
         )
         self._inputs = (x, xc, xd, xp)
         return None

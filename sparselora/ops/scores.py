@@ -18,10 +18,15 @@ except ImportError:  # CPU-only installs
     triton = None
 
 
-def col_norms_sq(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared column norms of z @ b over rows, via the Gram matrix of z."""
+def col_norms_sq(z: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared column norms of z @ b (+ bias) over rows, via the Gram matrix and the column sums of z:
+    ||z b_j + c_j||^2 = b_j^T (z^T z) b_j + 2 c_j (1^T z) b_j + n c_j^2."""
     g = z.t() @ z
-    return ((g @ b) * b).sum(0).clamp_min(0)
+    out = ((g @ b) * b).sum(0)
+    if bias is not None:
+        c = bias.to(out.dtype)
+        out = out + 2 * c * (z.sum(0) @ b) + z.shape[0] * c * c
+    return out.clamp_min(0)
 
 
 if triton is not None:
