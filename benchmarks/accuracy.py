@@ -575,7 +575,7 @@ def plan(args, model_config, tokenizer, pool, tests, methods_runs, cfg, how, gri
     tokens = dinfo["steps"] * args.batch_size * st["avg_len"]
     print(f"  training tokens per run {tokens:,.0f}")
     if grid is not None:
-        print(f"  FLOP ratio (sparse/dense per executed step, q,k,v,o LoRA) of the 'scaled' preset, rows ffn, cols attn:")
+        print("  FLOP ratio (sparse/dense per executed step, q,k,v,o LoRA) of the 'scaled' preset, rows ffn, cols attn:")
         print("    ffn\\attn " + " ".join(f"{a:>7}" for a in ATTN_GRID))
         for f in FFN_GRID:
             print(f"    {f:<8} " + " ".join(f"{g['ratio']:>7.1%}" for g in grid if g["ffn"] == f))

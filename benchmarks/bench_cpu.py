@@ -8,7 +8,6 @@ Both variants share one base model and take turns (interleaved), so machine nois
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time

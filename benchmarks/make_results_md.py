@@ -121,7 +121,7 @@ def goal_lines(doc: dict) -> list[str]:
                    f"{s.get('seeds')} vs {d.get('seeds')}.")
         probes = s.get("probe_loss")
         if probes:
-            out.append(f"  Loss of the untrained model on the first batches, dense vs sparse: "
+            out.append("  Loss of the untrained model on the first batches, dense vs sparse: "
                        + "; ".join(f"{p['dense']:.3f} vs {p['sparse']:.3f}" for p in probes) + ".")
     if "oracle" in ms and ms["oracle"].get("average") and ms.get("dense", {}).get("average") and not (
             diverged(ms["oracle"]) or diverged(ms["dense"])):

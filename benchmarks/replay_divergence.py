@@ -3,7 +3,7 @@ bf16 base) and print loss, gradient norm and the largest LoRA weight per step: w
 
     python benchmarks/replay_divergence.py      # CPU, about 6 minutes on 2 cores
 """
-import sys, math, torch, time
+import sys, torch, time
 sys.path.insert(0, "benchmarks")
 import accuracy as A
 from pathlib import Path

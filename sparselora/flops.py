@@ -17,7 +17,8 @@ from sparselora.selection import keep_count
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def _as_arch(model_config) -> ArchInfo:
+def as_arch(model_config) -> ArchInfo:
+    """ArchInfo of an ArchInfo, a transformers config or a model."""
     if isinstance(model_config, ArchInfo):
         return model_config
     return arch_info(getattr(model_config, "config", model_config))
@@ -61,7 +62,7 @@ def flops(
 ) -> dict[str, float]:
     """FLOPs of one step: {"dense", "sparse", "ratio", "estimator", ...} for a batch of ``batch_shape``
     (``(8, 512)`` or ``"8x512"``) whose last ``labelled_tokens`` tokens per sequence carry labels."""
-    a = _as_arch(model_config)
+    a = as_arch(model_config)
     B, T = _batch(batch_shape)
     if not 0 <= labelled_tokens <= T:
         raise ValueError(f"labelled_tokens={labelled_tokens} must be between 0 and the sequence length {T}")

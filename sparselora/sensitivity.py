@@ -31,8 +31,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sparselora.config import SparseLoRAConfig
-from sparselora.flops import flops
-from sparselora.models.registry import ArchInfo, arch_info, causal_lm, decoder_layers
+from sparselora.flops import as_arch, flops
+from sparselora.models.registry import arch_info, causal_lm, decoder_layers
 from sparselora.patch import apply_sparselora, get_state, remove_sparselora
 
 KINDS = ("ffn", "attn")
@@ -388,7 +388,7 @@ def block_savings(
     lora_targets: Sequence[str] = ("q", "k", "v", "o"),
 ) -> tuple[float, dict[str, list[list[float]]]]:
     """Dense FLOPs, and FLOPs saved by each (kind, layer, level) alone, as `flops` counts them."""
-    arch = _arch(model_config)
+    arch = as_arch(model_config)
     kw = _flops_kwargs(lora_rank, lora_targets)
     base = flops(arch, None, batch_shape, labelled_tokens, **kw)
     saved: dict[str, list[list[float]]] = {k: [] for k in KINDS}
@@ -402,12 +402,6 @@ def block_savings(
                 row.append(base["sparse"] - flops(arch, cfg, batch_shape, labelled_tokens, **kw)["sparse"])
             saved[kind].append(row)
     return base["dense"], saved
-
-
-def _arch(model_config) -> ArchInfo:
-    if isinstance(model_config, ArchInfo):
-        return model_config
-    return arch_info(getattr(model_config, "config", model_config))
 
 
 def check_budget(
@@ -427,7 +421,7 @@ def check_budget(
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"budget {budget} must be in (0, 1]: the fraction of dense FLOPs a training step may cost")
     levels = check_levels(levels)
-    arch = _arch(model_config)
+    arch = as_arch(model_config)
     top = {k: [len(levels) - 1 if k in kinds else -1] * arch.num_layers for k in KINDS}
     cfg = _build_config(top, levels, estimator_rank, "svd", rope_pairs, 0.05)
     min_ratio = flops(arch, cfg, batch_shape, labelled_tokens, **_flops_kwargs(lora_rank, lora_targets))["ratio"]
@@ -479,7 +473,7 @@ def choose_config(
     level everywhere does not reach the budget.
     """
     levels = sens.levels
-    arch = _arch(model_config)
+    arch = as_arch(model_config)
     kw = _flops_kwargs(lora_rank, lora_targets)
     n = arch.num_layers
     allowed = [k for k in KINDS if k in kinds]

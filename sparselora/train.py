@@ -20,9 +20,7 @@ Every file is written atomically; folders are written to a temporary sibling and
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 import platform
 import random

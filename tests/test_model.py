@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sparselora
-from sparselora import SparseLoRAConfig, apply_sparselora, kept_channels, remove_sparselora
+from sparselora import SparseLoRAConfig, apply_sparselora, kept_channels
 
 from helpers import ARCHS, assert_close, clone, lora_grads, make_batch, tiny_model, tiny_peft
 from reference import install_reference

@@ -10,7 +10,6 @@ import warnings
 
 import pytest
 import torch
-import yaml
 
 from sparselora import SparseLoRAConfig, apply_sparselora, flops, remove_sparselora
 from sparselora import sensitivity as S

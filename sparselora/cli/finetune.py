@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import sys
 
 HELP = "fine-tune a LoRA adapter with SparseLoRA (or --dense for the baseline)"
 

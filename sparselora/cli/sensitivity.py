@@ -343,7 +343,7 @@ def _run(args) -> int:
         f"model: {source.get('model')}" + (f" + adapter {source['adapter']}" if source.get("adapter") else ""),
         f"data: {source.get('data')} ({calib['sequences']} examples, seed {source.get('seed')}, "
         f"max_length {source.get('max_length')}, {source.get('dtype')})",
-        f"measured: loss increase on the labelled tokens when one layer's FFN or attention alone is sparse,",
+        "measured: loss increase on the labelled tokens when one layer's FFN or attention alone is sparse,",
         f"  levels {', '.join(f'{v:g}' for v in sens.levels)}, selector {sens.selector}, estimator rank "
         f"{sens.estimator_rank}; dense loss {sens.dense_loss:.4f}",
         f"chosen: least predicted (additive) loss increase {choice.predicted_delta:+.4f} with FLOPs <= "

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
