@@ -9,7 +9,7 @@ import sparselora
 from sparselora import SparseLoRAConfig, apply_sparselora, kept_channels
 
 from helpers import ARCHS, assert_close, clone, lora_grads, make_batch, tiny_model, tiny_peft
-from reference import install_reference
+from reference import assert_bf16_close_to_reference, install_reference
 
 
 def cfg(ffn=0.6, attn=0.5, layers=(1, 2), **kw):
@@ -183,6 +183,19 @@ def test_finite_differences_float64():
                 p.add_(eps * v)
         numeric = (up - down) / (2 * eps)
         assert_close(numeric, analytic, "directional derivative", rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_bf16_as_close_to_float64_as_the_reference(arch, padding_side):
+    """bf16 (PEFT's fp32 adapters on a bf16 base): the sparse run is about as far from the float64 reference as
+    the bf16 reference itself (same rounding points as PEFT)."""
+    model = tiny_peft(arch, dtype=torch.bfloat16, attn_implementation="sdpa")
+    ref = clone(model)
+    batch = make_batch(padding_side=padding_side, seed=9)
+    apply_sparselora(model, cfg(ffn=0.7, attn=0.5, layers=range(4)))
+    sparse = run(model, batch)
+    assert_bf16_close_to_reference(sparse, ref, kept_channels(model), batch, run)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])

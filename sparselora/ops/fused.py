@@ -43,8 +43,8 @@ class _SplitLoRALinear(torch.autograd.Function):
             h = (x.to(lora_a.dtype) @ lora_a.t()) * scale
             if lora_b.dtype == y.dtype:
                 y.addmm_(h, lora_b.t())
-            else:
-                y += (h @ lora_b.t()).to(y.dtype)
+            else:  # wider adapters (PEFT's default fp32 on a bf16 base): add in their dtype, round once, as PEFT
+                y.copy_(torch.addmm(y.to(lora_b.dtype), h, lora_b.t()))
         ctx.save_for_backward(x, weight, w_ctx, idx, lora_a, lora_b, h)
         ctx.n_ctx, ctx.mode, ctx.scale = n_ctx, mode, scale
         return y

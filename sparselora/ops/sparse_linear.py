@@ -86,7 +86,10 @@ def lora_delta(
 
 
 def _add(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    return base if delta is None else base + delta.to(base.dtype)
+    """base + LoRA delta, added in the wider dtype and rounded once, as PEFT does (fp32 adapters on a bf16 base)."""
+    if delta is None:
+        return base
+    return (base.to(delta.dtype) + delta).to(base.dtype) if delta.dtype != base.dtype else base + delta
 
 
 def proj_out_sparse(module: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
