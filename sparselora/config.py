@@ -131,6 +131,16 @@ class SparseLoRAConfig:
                 stacklevel=3,
             )
 
+    def check_layers(self, num_layers: int) -> None:
+        """A clear error when the config names layers the model does not have."""
+        for name in ("ffn_sparsity", "attn_sparsity"):
+            bad = [i for i in getattr(self, name) if i >= num_layers]
+            if bad:
+                raise ValueError(
+                    f"{name} names layer(s) {bad}, but the model has {num_layers} layers (0-{num_layers - 1}); "
+                    f"use SparseLoRAConfig.from_preset('scaled', num_layers={num_layers}) or fix the indices"
+                )
+
     @property
     def is_sparse(self) -> bool:
         return any(v > 0 for v in self.ffn_sparsity.values()) or any(v > 0 for v in self.attn_sparsity.values())

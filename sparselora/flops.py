@@ -87,6 +87,8 @@ def flops(
 
     per_layer_dense = sum(base(p, N) + lora(p, N) for p in dims)
     dense = per_layer_dense * a.num_layers + attn_core + head
+    if sparsity_config is not None:
+        sparsity_config.check_layers(a.num_layers)
     ffn_s = sparsity_config.ffn_sparsity if sparsity_config is not None else {}
     att_s = sparsity_config.attn_sparsity if sparsity_config is not None else {}
     rank = sparsity_config.estimator_rank if sparsity_config is not None else 0

@@ -34,16 +34,6 @@ def get_state(model: nn.Module, required: bool = True) -> SparseLoRAState | None
     return state
 
 
-def _check_layers(config: SparseLoRAConfig, n_layers: int) -> None:
-    for name in ("ffn_sparsity", "attn_sparsity"):
-        bad = [i for i in getattr(config, name) if i >= n_layers]
-        if bad:
-            raise ValueError(
-                f"{name} names layer(s) {bad}, but the model has {n_layers} layers (0-{n_layers - 1}); "
-                f"use SparseLoRAConfig.from_preset('scaled', num_layers={n_layers}) or fix the indices"
-            )
-
-
 def _estimator_weights(hf, config: SparseLoRAConfig) -> dict[tuple[int, str], torch.Tensor]:
     layers = decoder_layers(hf)
     weights = {}
@@ -77,7 +67,7 @@ def apply_sparselora(
     if getattr(hf, STATE_ATTR, None) is not None:
         raise ValueError("SparseLoRA is already applied to this model; call remove_sparselora(model) before applying again")
     arch = arch_info(hf.config)
-    _check_layers(config, arch.num_layers)
+    config.check_layers(arch.num_layers)
     weights = _estimator_weights(hf, config)
     distributed.check_full_weights(distributed.sparse_projections(hf, config), "apply")  # sharded before apply: refuse
     for (i, p), w in weights.items():

@@ -99,3 +99,10 @@ def test_flops_edge_cases():
         flops(LLAMA3_8B, None, (8, 512), 600)
     with pytest.raises(ValueError, match="8x512"):
         flops(LLAMA3_8B, None, "8by512", 6)
+
+
+def test_flops_refuses_layers_the_model_lacks():
+    small = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=30, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=100)
+    with pytest.raises(ValueError, match="has 30 layers"):
+        flops(small, SparseLoRAConfig.from_preset("llama3-8b-math10k"), (8, 512), 128)
