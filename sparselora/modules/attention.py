@@ -12,7 +12,7 @@ from torch import nn
 
 from sparselora.modules.base import ForwardSwap
 from sparselora.ops import proj_in_sparse, proj_out_sparse
-from sparselora.ops.fused import lora_parts, split_lora_linear
+from sparselora.ops.fused import lora_linear, lora_parts, split_lora_linear
 from sparselora.ops.sparse_linear import base_weight_bias, check_lora_module
 from sparselora.selection import select_attention
 
@@ -60,10 +60,7 @@ class SparseAttention:
             inputs = self._inputs
             parts = None if (args or kwargs) else lora_parts(self.projs[p], x)
             if inputs is None:
-                if parts is None:
-                    return self.swaps[p].original(x, *args, **kwargs)
-                y = split_lora_linear(parts, x.reshape(-1, x.shape[-1]))
-                return y.view(*x.shape[:-1], y.shape[-1])
+                return self.swaps[p].original(x, *args, **kwargs) if parts is None else lora_linear(parts, x)
             split = self.state.split
             if parts is not None:
                 y = self._fused(p, parts, x, split)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sparselora.modules.base import ForwardSwap
-from sparselora.ops.fused import lora_parts, split_lora_linear
+from sparselora.ops.fused import lora_linear, lora_parts
 
 
 class FusedLoRALinear:
@@ -22,8 +22,7 @@ class FusedLoRALinear:
         parts = None if (args or kwargs) else lora_parts(self.module, x)
         if parts is None:  # dropout, several adapters, adapter_names=...: PEFT's own forward
             return self.swap.original(x, *args, **kwargs)
-        y = split_lora_linear(parts, x.reshape(-1, x.shape[-1]))
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return lora_linear(parts, x)
 
     def remove(self) -> None:
         self.swap.restore()

@@ -110,3 +110,9 @@ def split_lora_linear(parts, x: torch.Tensor, n_ctx: int = 0, mode: str | None =
     """The fused projection of 2-D ``x`` (rows permuted context-first when ``n_ctx`` > 0)."""
     weight, bias, a, b, scale = parts
     return _SplitLoRALinear.apply(x, weight, bias, a, b, scale, n_ctx, mode, idx)
+
+
+def lora_linear(parts, x: torch.Tensor) -> torch.Tensor:
+    """The fused dense projection of ``x`` of any leading shape."""
+    y = split_lora_linear(parts, x.reshape(-1, x.shape[-1]))
+    return y.view(*x.shape[:-1], y.shape[-1])
