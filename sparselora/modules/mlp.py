@@ -8,7 +8,7 @@ from torch import nn
 from sparselora.modules.base import ForwardSwap
 from sparselora.ops import ffn_context
 from sparselora.ops.fused_kernels import silu_mul
-from sparselora.ops.sparse_linear import check_lora_module
+from sparselora.ops.sparse_linear import base_weight_bias, check_lora_module
 from sparselora.selection import select_ffn
 
 
@@ -29,7 +29,7 @@ class SparseMLP:
         factors = None
         if cfg.selector == "svd":
             factors = self.state.estimator.stacked(self.layer, ("gate", "up"))
-        n = mlp.gate_proj.out_features if hasattr(mlp.gate_proj, "out_features") else mlp.gate_proj.weight.shape[0]
+        n = base_weight_bias(mlp.gate_proj)[0].shape[0]
         keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n)
         self.kept = keep
         yc = ffn_context(mlp.gate_proj, mlp.up_proj, mlp.down_proj, xc, keep)
