@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    ALL_PROJ,
     BATCH_PRESETS,
     DEFAULT_SPARSITY_PRESET,
     SHAPES,
@@ -42,12 +43,11 @@ from common import (  # noqa: E402
     gpu_slug,
     make_batch,
     median,
+    QKVO,
     versions,
     write_json_atomic,
 )
 
-QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
-ALL_PROJ = QKVO + ["gate_proj", "up_proj", "down_proj"]
 
 
 def parse_args(argv=None):

@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    ALL_PROJ,
     BATCH_PRESETS,
     DEFAULT_SPARSITY_PRESET,
     REPO,
@@ -59,13 +60,12 @@ from common import (  # noqa: E402
     gpu_slug,
     make_batch,
     median,
+    QKVO,
     versions,
     write_json_atomic,
 )
 
 ALL_METHODS = ["peft", "peft_liger", "dense_fast", "sparselora", "oracle"]
-QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
-ALL_PROJ = QKVO + ["gate_proj", "up_proj", "down_proj"]
 GiB = 2**30
 
 

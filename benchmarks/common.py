@@ -41,6 +41,9 @@ SHAPES: dict[str, tuple[str, dict]] = {
 }
 
 # (batch, seq, labelled tokens at the end of each row): the shape of the paper's fine-tuning workloads.
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]  # LoRA targets of the paper's setting
+ALL_PROJ = QKVO + ["gate_proj", "up_proj", "down_proj"]
+
 BATCH_PRESETS: dict[str, tuple[int, int, int]] = {
     "math": (8, 512, 128),   # Math10K: long prompt, chain-of-thought answer
     "csr": (8, 512, 3),      # Commonsense170K: the answer is a word or two

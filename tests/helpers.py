@@ -83,6 +83,17 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
+def step_outputs(model, batch, embed_grad: bool = True):
+    """(logits, loss, LoRA/trainable gradients) of one forward + backward; with ``embed_grad`` the input
+    embeddings take a gradient too, so a cut in any path back to the input shows up."""
+    model.zero_grad(set_to_none=True)
+    model.get_input_embeddings().weight.requires_grad_(embed_grad)
+    out = model(**batch)
+    out.loss.backward()
+    logits = out.logits.detach() if out.logits is not None else None
+    return logits, out.loss.detach(), lora_grads(model)
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "", dtype=None, rtol=None, atol=None):
     """torch.testing-style check that reports the worst element's index and the relative error."""
     dtype = dtype or expected.dtype

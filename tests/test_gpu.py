@@ -7,18 +7,13 @@ import torch
 
 from sparselora import SparseLoRAConfig, apply_sparselora, kept_channels
 
-from helpers import assert_close, clone, lora_grads, make_batch, tiny_peft
+from helpers import assert_close, clone, make_batch, step_outputs, tiny_peft
 from reference import assert_bf16_close_to_reference, install_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def run(model, batch):
-    model.zero_grad(set_to_none=True)
-    model.get_input_embeddings().weight.requires_grad_(True)
-    out = model(**batch)
-    out.loss.backward()
-    return out.logits.detach(), out.loss.detach(), lora_grads(model)
+run = step_outputs
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -71,12 +66,8 @@ def test_cuda_fast_kernels_match_plain_path(arch):
     cfg = SparseLoRAConfig(ffn_sparsity={"0-3": 0.7}, attn_sparsity={"1-3": 0.5}, start_step=0)
     apply_sparselora(model, cfg)
     apply_sparselora(fast, cfg, fast_kernels=True)
-    results = []
-    for m in (model, fast):
-        m.zero_grad(set_to_none=True)
-        out = m(**batch)
-        out.loss.backward()
-        results.append((out.loss.detach(), lora_grads(m)))
-    assert_close(results[1][0], results[0][0], "loss", rtol=1e-4, atol=1e-4)
-    for n in results[0][1]:
-        assert_close(results[1][1][n], results[0][1][n], f"grad {n}", rtol=1e-3, atol=1e-4)
+    _, loss, grads = step_outputs(model, batch, embed_grad=False)
+    _, fast_loss, fast_grads = step_outputs(fast, batch, embed_grad=False)
+    assert_close(fast_loss, loss, "loss", rtol=1e-4, atol=1e-4)
+    for n in grads:
+        assert_close(fast_grads[n], grads[n], f"grad {n}", rtol=1e-3, atol=1e-4)

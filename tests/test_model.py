@@ -8,7 +8,7 @@ import torch
 import sparselora
 from sparselora import SparseLoRAConfig, apply_sparselora, kept_channels
 
-from helpers import ARCHS, assert_close, clone, lora_grads, make_batch, tiny_model, tiny_peft
+from helpers import ARCHS, assert_close, clone, make_batch, step_outputs, tiny_model, tiny_peft
 from reference import assert_bf16_close_to_reference, install_reference
 
 
@@ -17,14 +17,7 @@ def cfg(ffn=0.6, attn=0.5, layers=(1, 2), **kw):
     return SparseLoRAConfig(ffn_sparsity={i: ffn for i in layers}, attn_sparsity={i: attn for i in layers}, **kw)
 
 
-def run(model, batch, embed_grad=True):
-    model.zero_grad(set_to_none=True)
-    emb = model.get_input_embeddings().weight
-    emb.requires_grad_(embed_grad)
-    out = model(**batch)
-    out.loss.backward()
-    grads = lora_grads(model)
-    return out.logits.detach(), out.loss.detach(), grads
+run = step_outputs
 
 
 def compare(a, b, dtype=torch.float32, what=""):
