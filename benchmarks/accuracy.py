@@ -327,7 +327,7 @@ def train(model, feats, batches, args, device, sparse: bool) -> dict:
     fn, warm = lr_lambda(len(batches), args.warmup_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
     total = len(batches)
-    losses, events, sparse_steps = [], [], 0
+    losses, events, sparse_steps, grad_norms, skipped = [], [], 0, [], []
     model.train()
     cuda = device.type == "cuda"
     if cuda:
@@ -346,9 +346,15 @@ def train(model, feats, batches, args, device, sparse: bool) -> dict:
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         out = model(**b, use_cache=False)
         out.loss.backward()
-        if args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+        grad_norms.append(norm.detach())
+        # one host sync per step: a non-finite gradient must not reach the weights (GradScaler does the same);
+        # every skipped step is recorded and reported, never hidden
+        if args.skip_nonfinite and not torch.isfinite(norm).item():
+            skipped.append(step)
+            log(f"  step {step}: gradient norm not finite (loss {out.loss.item():.4f}); optimizer step skipped")
+        else:
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.detach())
@@ -373,7 +379,8 @@ def train(model, feats, batches, args, device, sparse: bool) -> dict:
     return {"train_seconds": seconds, "step_ms_median": statistics.median(step_ms[1:] or step_ms),
             "step_ms_median_sparse": statistics.median(step_ms[-max(1, sparse_steps - 1):]) if sparse_steps else None,
             "loss_curve": [round(x, 5) for x in curve], "final_loss": statistics.fmean(curve[-k:]),
-            "diverged_at_step": diverged_at,
+            "diverged_at_step": diverged_at, "skipped_steps": skipped,
+            "grad_norm_curve": [round(x, 4) for x in torch.stack(grad_norms).float().cpu().tolist()],
             "first_loss": curve[0], "sparse_steps": sparse_steps, "warmup_steps": warm,
             "last_sparsity_stats": stats}
 
@@ -485,6 +492,7 @@ def aggregate(doc: dict) -> None:
             m["step_ms_median"] = [r["step_ms_median"] for r in runs]
             m["final_loss"] = [r["final_loss"] for r in runs]
             m["loss_curve"] = [r["loss_curve"] for r in runs]
+            m["skipped_steps"] = [r.get("skipped_steps", []) for r in runs]
             if all("probe" in r for r in runs):
                 m["probe_loss"] = [{"dense": r["probe"]["dense"], "sparse": r["probe"]["sparse"]} for r in runs]
         errors = {k: r["error"] for k, r in m.get("runs", {}).items() if "error" in r}
@@ -535,6 +543,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch-size", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (math), 32 (commonsense)")
     p.add_argument("--device", default=None)
+    p.add_argument("--skip-nonfinite", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip (and record) an optimizer step whose gradient norm is not finite")
     p.add_argument("--cudnn-sdpa", action="store_true",
                    help="allow cuDNN's SDPA kernels (off by default: every method's training went NaN at the same "
                         "batches on the H100 with them, plain PEFT included, while a CPU replay stayed finite)")
@@ -557,7 +567,7 @@ def model_slug(model: str) -> str:
 
 def settings(args, sparsity_cfg, test_info) -> dict:
     keys = ("task", "max_steps", "epochs", "train_limit", "test_limit", "batch_size", "max_length", "group_by_length", "lr",
-            "warmup_ratio", "weight_decay", "target_ratio", "unreachable_slack", "max_grad_norm", "lora_r", "lora_alpha", "adapter_dtype", "dtype", "max_new_tokens", "fast_kernels", "cudnn_sdpa")
+            "warmup_ratio", "weight_decay", "target_ratio", "unreachable_slack", "max_grad_norm", "lora_r", "lora_alpha", "adapter_dtype", "dtype", "max_new_tokens", "fast_kernels", "cudnn_sdpa", "skip_nonfinite")
     s = {k: getattr(args, k) for k in keys}
     s["sparsity_config"] = sparsity_cfg.to_dict()
     s["tests"] = {k: v["lines_sha"] for k, v in test_info.items()}
