@@ -48,7 +48,8 @@ QKVO = ("q", "k", "v", "o")
 ALL7 = ("q", "k", "v", "o", "gate", "up", "down")
 MODULE = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
           "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-BASE_METHODS = {"base": None, "dense": None, "sparselora": "svd", "oracle": "oracle", "random": "random"}
+BASE_METHODS = {"base": None, "dense": None, "sparselora": "svd", "oracle": "oracle", "labelled": "labelled",
+                "random": "random"}
 
 COMMONSENSE_TRAIN = ("boolq", "arc_easy", "arc_challenge", "openbookqa")
 COMMONSENSE_TEST = ("boolq", "piqa", "social_i_qa", "winogrande", "arc_easy", "openbookqa")

@@ -20,6 +20,7 @@ Methods:
   dense_fast  sparselora's patched model with sparsity switched off (its dense fast path)
   sparselora  sparselora with the preset's SVD estimator, sparse from step 0
   oracle      sparselora with oracle channel selection (true activations), sparse from step 0
+  labelled    sparselora ranking channels by the labelled tokens' own dense activations (no estimator matmuls)
 A method that cannot run here (library missing a feature, liger on CPU, out of memory) is reported as skipped
 with the reason; the others still run.
 """
@@ -65,7 +66,7 @@ from common import (  # noqa: E402
     write_json_atomic,
 )
 
-ALL_METHODS = ["peft", "peft_liger", "dense_fast", "sparselora", "oracle"]
+ALL_METHODS = ["peft", "peft_liger", "dense_fast", "sparselora", "oracle", "labelled"]
 GiB = 2**30
 
 
@@ -319,8 +320,12 @@ def build_oracle(bench):
     return _build_sparselora(bench, "oracle", enabled=True, selector="oracle")
 
 
+def build_labelled(bench):
+    return _build_sparselora(bench, "labelled", enabled=True, selector="labelled")
+
+
 BUILDERS = {"peft": build_peft, "peft_liger": build_peft_liger, "dense_fast": build_dense_fast,
-            "sparselora": build_sparselora, "oracle": build_oracle}
+            "sparselora": build_sparselora, "oracle": build_oracle, "labelled": build_labelled}
 
 
 class SelectionTimer:
@@ -328,7 +333,8 @@ class SelectionTimer:
     (SVD estimate or oracle activations, then top-k) are wrapped with timers (CUDA events on a GPU).
     Relies on internal names (sparselora.modules.{mlp,attention}.select_*); absent names -> no timing."""
 
-    TARGETS = (("sparselora.modules.mlp", "select_ffn"), ("sparselora.modules.attention", "select_attention"))
+    TARGETS = (("sparselora.modules.mlp", "select_ffn"), ("sparselora.modules.mlp", "select_ffn_from_activations"),
+               ("sparselora.modules.attention", "select_attention"))
 
     def __init__(self, device):
         self.clock = Clock(device)

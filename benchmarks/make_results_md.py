@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 GOAL_POINTS = 0.5
 GOAL_RATIO = 0.55
-ORDER = ["base", "dense", "sparselora", "oracle", "random", "dense_all7", "sparselora_all7", "oracle_all7", "random_all7"]
+ORDER = ["base", "dense", "sparselora", "labelled", "oracle", "random", "dense_all7", "sparselora_all7", "oracle_all7", "random_all7"]
 # What to run on one H100 (the model converted once to a local folder, the data copied to an ignored .data/).
 GPU_COMMANDS = """```bash
 # math (GSM8K train -> GSM8K test, all 1319): ~6-8 min on an H100 (estimate); resumable, so re-run if cut

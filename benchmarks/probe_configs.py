@@ -2,7 +2,7 @@
 next to its FLOP ratio: the quick check used to pick the accuracy experiment's configs (a single-layer sensitivity
 scan does not see the interactions; this measures them).
 
-    python benchmarks/probe_configs.py --task commonsense --configs "ffn=0.7@3-22" "ffn=0.7@2-22" --oracle
+    python benchmarks/probe_configs.py --task commonsense --configs "ffn=0.7@3-22" "ffn=0.7@2-22" --selectors svd,labelled,oracle
     python benchmarks/probe_configs.py --task math --configs "ffn=0.5@4-20" preset:qwen2.5-coder-0.5b-gsm8k
 
 A config is 'preset:NAME', a YAML path, or 'ffn=S@LAYERS[,attn=S@LAYERS]'. Uses the first --batches batches of the
@@ -46,7 +46,8 @@ def main(argv=None):
     p.add_argument("--task", required=True, choices=["math", "commonsense"])
     p.add_argument("--data-dir", default=str(A.REPO.parent / "shared" / "data"))
     p.add_argument("--configs", nargs="+", required=True)
-    p.add_argument("--oracle", action="store_true", help="also each config with the oracle selector")
+    p.add_argument("--selectors", default="svd", help="comma list: svd, labelled, oracle, random, l2")
+    p.add_argument("--ranks", default="8", help="comma list of estimator ranks to try (svd)")
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
@@ -61,14 +62,17 @@ def main(argv=None):
         dense = sum(model(**b).loss.float().item() for b in bs) / len(bs)
     print(f"dense loss {dense:.4f} on {len(bs)} batches ({st['avg_length']:.0f} tokens, {st['avg_labelled']:.1f} labelled)")
     for spec in a.configs:
-        for selector in ("svd", "oracle") if a.oracle else ("svd",):
+        sels = a.selectors.split(",")
+        runs = [("svd", int(r)) for r in a.ranks.split(",") if "svd" in sels] + [(x, 8) for x in sels if x != "svd"]
+        for selector, rank in runs:
             cfg = parse_config(spec)
-            cfg.selector = selector
+            cfg.selector, cfg.estimator_rank = selector, rank
+            label = f"{selector}-r{rank}" if selector == "svd" else selector
             ratio = flops(model.config, cfg, (8, round(st["avg_length"])), round(st["avg_labelled"]),
                           labelled_only_head=True)["ratio"]
             t = time.time()
             loss = config_loss(model, bs, cfg, estimator_dir=A.REPO / ".cache" / "estimators")
-            print(f"{spec:<40} {selector:<6} FLOPs {ratio:6.1%}  loss {loss:.4f} ({loss - dense:+.4f})  {time.time() - t:.0f}s",
+            print(f"{spec:<30} {label:<8} FLOPs {ratio:6.1%}  loss {loss:.4f} ({loss - dense:+.4f})  {time.time() - t:.0f}s",
                   flush=True)
 
 

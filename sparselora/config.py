@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-SELECTORS = ("svd", "oracle", "random", "l2")
+SELECTORS = ("svd", "labelled", "oracle", "random", "l2")
 
 
 def parse_layers(spec: int | str) -> list[int]:
@@ -99,7 +99,8 @@ class SparseLoRAConfig:
     estimator_rank: int = field(default=8, metadata={"help": "rank of the SVD estimator of each projection"})
     selector: str = field(
         default="svd",
-        metadata={"help": "'svd' (low-rank estimate, default), 'oracle' (true activations), 'random', 'l2'"},
+        metadata={"help": "'svd' (low-rank estimate, default), 'labelled' (the same batch's labelled tokens' own "
+                          "dense activations: free for the FFN), 'oracle' (true context activations), 'random', 'l2'"},
     )
     start_step: float = field(
         default=0.05,
@@ -120,6 +121,11 @@ class SparseLoRAConfig:
             raise ValueError(f"estimator_rank must be a positive integer, got {self.estimator_rank!r}")
         if self.selector not in SELECTORS:
             raise ValueError(f"selector {self.selector!r} is unknown; choose one of {', '.join(SELECTORS)}")
+        if self.selector == "labelled" and not self.dense_output_tokens:
+            raise ValueError(
+                "selector='labelled' ranks channels by the labelled tokens' dense activations, so it needs "
+                "dense_output_tokens=True; use selector='svd' to make every token sparse"
+            )
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, (int, float)) or self.start_step < 0:
             raise ValueError(
                 f"start_step must be >= 0 (a fraction of total steps if <= 1, else a step count), got {self.start_step!r}"

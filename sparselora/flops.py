@@ -5,14 +5,15 @@ Counted: the matmuls. A frozen base projection costs 2*in*out per token forward 
 (input and weight gradients). Causal attention costs 2*heads*head_dim*T^2 per sequence forward, 3x that for
 forward + backward. The LM head costs 4*hidden*vocab per token (all tokens, as transformers computes it,
 unless ``labelled_only_head``). Sparse layers add the estimator's forward and, for context tokens, scale each
-base projection by its kept fraction. Norms, activations and the optimizer are not counted.
+base projection by its kept fraction (the svd estimator's low-rank products; for the labelled selector, the true
+q/k/v of at most LABELLED_ROWS_CAP labelled rows in sparse attention layers). Norms, activations and the optimizer are not counted.
 """
 
 from __future__ import annotations
 
 from sparselora.config import SparseLoRAConfig
 from sparselora.models.registry import ArchInfo, arch_info
-from sparselora.selection import keep_count
+from sparselora.selection import LABELLED_ROWS_CAP, keep_count
 
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -93,6 +94,8 @@ def flops(
     att_s = sparsity_config.attn_sparsity if sparsity_config is not None else {}
     rank = sparsity_config.estimator_rank if sparsity_config is not None else 0
     rope_pairs = sparsity_config.rope_pairs if sparsity_config is not None else True
+    labelled_sel = sparsity_config is not None and sparsity_config.selector == "labelled"
+    rows_l = min(B * labelled_tokens, LABELLED_ROWS_CAP)  # rows the labelled selector scores attention on
     sparse, estimator = 0.0, 0.0
     H, I = a.hidden_size, a.intermediate_size
     for layer in range(a.num_layers):
@@ -105,14 +108,18 @@ def flops(
             cost += sum(base(p, Nd) + lora(p, Nd) for p in ("gate", "up", "down"))
             cost += base("gate", Nc, k) + base("up", Nc, k) + base("down", Nc, k)
             cost += lora("gate", Nc, out_kept=k) + lora("up", Nc, out_kept=k) + lora("down", Nc, in_kept=k)
-            estimator += Nc * (2 * H * 2 * rank + 2 * 2 * rank * I)
+            if not labelled_sel:  # the labelled selector reuses the dense rows' activations: no extra matmul
+                estimator += Nc * (2 * H * 2 * rank + 2 * 2 * rank * I)
         else:
             cost += sum(base(p, N) + lora(p, N) for p in ("gate", "up", "down"))
         if s_att > 0:
             kept = attention_kept(a, s_att, rope_pairs)
             cost += sum(base(p, Nd) + lora(p, Nd) + base(p, Nc, kept[p]) + lora(p, Nc) for p in ("q", "k", "v", "o"))
             q_out, kv_out = dims["q"][1], dims["k"][1]
-            estimator += Nc * (2 * H * 3 * rank + 2 * rank * (q_out + 2 * kv_out))
+            if labelled_sel:
+                estimator += rows_l * 2 * H * (q_out + 2 * kv_out)
+            else:
+                estimator += Nc * (2 * H * 3 * rank + 2 * rank * (q_out + 2 * kv_out))
         else:
             cost += sum(base(p, N) + lora(p, N) for p in ("q", "k", "v", "o"))
         sparse += cost

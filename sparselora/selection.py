@@ -1,8 +1,8 @@
-"""From context-token activations to kept channels: scores (svd | oracle | random | l2), top-k, and the
-mapping of attention channels under grouped-query attention and RoPE.
+"""From activations to kept channels: scores (svd | labelled | oracle | random | l2), top-k, and the mapping of
+attention channels under grouped-query attention and RoPE.
 
-Selection is not differentiable and runs under no_grad; one channel set is chosen per batch from all its
-context tokens.
+Selection is not differentiable and runs under no_grad; one channel set is chosen per batch, from all its context
+tokens (svd, oracle, l2) or from its labelled tokens' real activations (labelled).
 """
 
 from __future__ import annotations
@@ -24,6 +24,24 @@ def keep_count(n: int, sparsity: float) -> int:
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, sorted=False).indices.sort().values
+
+
+# Attention under the labelled selector runs the true q/k/v on at most this many labelled rows (evenly spaced):
+# channel norms are stable well before that, and the extra cost stays a few percent of a sparse layer.
+LABELLED_ROWS_CAP = 512
+
+
+def labelled_rows(x_dense: torch.Tensor, num_labelled: int, cap: int = LABELLED_ROWS_CAP) -> torch.Tensor:
+    """The labelled rows (the first ``num_labelled`` dense rows of a TokenSplit), at most ``cap`` of them."""
+    x = x_dense[:num_labelled]
+    return x if num_labelled <= cap else x[:: -(-num_labelled // cap)]
+
+
+@torch.no_grad()
+def select_ffn_from_activations(sparsity: float, h: torch.Tensor) -> torch.Tensor:
+    """Kept FFN channels ranked by the norm of real activations silu(gate x) * (up x) (rows of ``h``): the
+    labelled selector passes the labelled tokens' own, which the dense path computes anyway."""
+    return _top(h.float().norm(dim=0), keep_count(h.shape[-1], sparsity))
 
 
 def _random(n: int, k: int, device) -> torch.Tensor:
@@ -98,7 +116,8 @@ def select_attention(
     factors: tuple[torch.Tensor, list[torch.Tensor]] | None,
     biases: list[torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Kept output channels of q, k, v and input columns of o.
+    """Kept output channels of q, k, v and input columns of o. ``x``: the context rows, or for the labelled
+    selector the labelled rows (then scored like the oracle, by their true q/k/v).
 
     q/k are ranked jointly by ||q|| * ||k|| (query norms averaged over the heads of a kv group), so a kept k
     channel keeps the matching channel of every query head of its group; v by ||v||, and a kept v channel

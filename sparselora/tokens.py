@@ -20,10 +20,11 @@ IGNORE_INDEX = -100
 class TokenSplit:
     """Flat indices (into batch*seq) of context and dense tokens, and the inverse of their concatenation."""
 
-    order: torch.Tensor  # (N,) long: context rows first, then dense rows, each in original order
+    order: torch.Tensor  # (N,) long: context rows, then labelled rows, then the rest (padding), each in original order
     inverse: torch.Tensor  # (N,) long: inverse permutation of ``order``
     num_context: int
     shape: tuple[int, int]  # (batch, seq)
+    num_labelled: int = 0  # the first rows after the context rows: real tokens with a label
 
     @property
     def ctx(self) -> torch.Tensor:
@@ -86,10 +87,14 @@ def split_tokens(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs have {tuple(input_shape)}"
             )
     mask = context_mask(labels, attention_mask, dense_output_tokens).reshape(-1)
-    order = torch.argsort((~mask).to(torch.int8), stable=True)  # context rows first, each side in order
-    n_ctx = int(mask.sum())  # the one host sync of a step: layer shapes depend on it
+    real = torch.ones_like(mask) if attention_mask is None else attention_mask.reshape(-1).bool()
+    labelled = real & (labels.reshape(-1) != IGNORE_INDEX) & ~mask
+    key = (~mask).to(torch.int8) + (~mask & ~labelled).to(torch.int8)  # 0 context, 1 labelled, 2 padding
+    order = torch.argsort(key, stable=True)  # each group in original order
+    # the one host sync of a step: layer shapes depend on the context count
+    n_ctx, n_lab = torch.stack([mask.sum(), labelled.sum()]).tolist()
     if n_ctx == 0:
         return None
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return TokenSplit(order, inverse, n_ctx, (int(input_shape[0]), int(input_shape[1])))
+    return TokenSplit(order, inverse, n_ctx, (int(input_shape[0]), int(input_shape[1])), n_lab)

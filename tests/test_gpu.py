@@ -19,7 +19,7 @@ run = step_outputs
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("selector", ["svd", "oracle"])
+@pytest.mark.parametrize("selector", ["svd", "labelled", "oracle"])
 def test_cuda_sparse_matches_reference(arch, dtype, padding_side, selector):
     model = tiny_peft(arch, dtype=dtype, attn_implementation="sdpa").cuda()
     ref = clone(model)

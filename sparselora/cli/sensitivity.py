@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from sparselora.config import SELECTORS
+
 EXIT_OK, EXIT_ERROR, EXIT_INFEASIBLE = 0, 1, 3
 
 HELP = "measure each layer's loss sensitivity to sparsity and choose a layer-wise config for a FLOP budget"
@@ -80,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="sparsity levels to measure, comma-separated (default 0.5,0.75,0.9,0.99)",
     )
     src.add_argument("--rank", type=int, default=8, help="SVD estimator rank (default 8)")
-    src.add_argument("--selector", default="svd", choices=["svd", "oracle", "random", "l2"], help="channel selector")
+    src.add_argument("--selector", default="svd", choices=list(SELECTORS), help="channel selector")
     src.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     src.add_argument(
         "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],

@@ -9,7 +9,7 @@ from sparselora.modules.base import ForwardSwap
 from sparselora.ops import ffn_context
 from sparselora.ops.fused_kernels import silu_mul
 from sparselora.ops.sparse_linear import base_weight_bias, check_lora_module
-from sparselora.selection import select_ffn
+from sparselora.selection import select_ffn, select_ffn_from_activations
 
 
 class SparseMLP:
@@ -26,6 +26,8 @@ class SparseMLP:
             return self.swap.original(x)
         mlp, cfg = self.mlp, self.state.config
         xc, xd = split.gather(x)
+        if cfg.selector == "labelled":
+            return self._forward_labelled(split, xc, xd)
         factors = None
         if cfg.selector == "svd":
             factors = self.state.estimator.stacked(self.layer, ("gate", "up"))
@@ -35,6 +37,16 @@ class SparseMLP:
         yc = ffn_context(mlp.gate_proj, mlp.up_proj, mlp.down_proj, xc, keep)
         yd = mlp.down_proj(silu_mul(mlp.gate_proj(xd), mlp.up_proj(xd))) if xd.shape[0] else yc.new_empty(0, yc.shape[-1])
         return split.scatter(yc, yd)
+
+    def _forward_labelled(self, split, xc: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
+        """Dense rows first: their activations, restricted to the labelled rows, rank the context channels."""
+        mlp = self.mlp
+        if split.num_labelled == 0:  # nothing to rank by (and no loss to train): this batch runs dense
+            return split.scatter(*(mlp.down_proj(silu_mul(mlp.gate_proj(r), mlp.up_proj(r))) for r in (xc, xd)))
+        hd = silu_mul(mlp.gate_proj(xd), mlp.up_proj(xd))
+        keep = select_ffn_from_activations(self.sparsity, hd[: split.num_labelled].detach())
+        self.kept = keep
+        return split.scatter(ffn_context(mlp.gate_proj, mlp.up_proj, mlp.down_proj, xc, keep), mlp.down_proj(hd))
 
     def remove(self) -> None:
         self.swap.restore()
