@@ -21,6 +21,8 @@ Methods:
   sparselora  sparselora with the preset's SVD estimator, sparse from step 0
   oracle      sparselora with oracle channel selection (true activations), sparse from step 0
   labelled    sparselora ranking channels by the labelled tokens' own dense activations (no estimator matmuls)
+  *_graph     dense_fast / sparselora / labelled with forward + backward replayed from a CUDA graph
+              (sparselora.CUDAGraphStep); their fwd column is forward + backward, bwd is 0
 A method that cannot run here (library missing a feature, liger on CPU, out of memory) is reported as skipped
 with the reason; the others still run.
 """
@@ -66,7 +68,8 @@ from common import (  # noqa: E402
     write_json_atomic,
 )
 
-ALL_METHODS = ["peft", "peft_liger", "dense_fast", "sparselora", "oracle", "labelled"]
+ALL_METHODS = ["peft", "peft_liger", "dense_fast", "sparselora", "oracle", "labelled",
+               "dense_fast_graph", "sparselora_graph", "labelled_graph"]
 GiB = 2**30
 
 
@@ -176,6 +179,26 @@ def make_step(model, params, ctx=contextlib.nullcontext):
     return step
 
 
+def make_graph_step(model, params):
+    """The timed unit with forward + backward from sparselora.CUDAGraphStep (captured on the first call)."""
+    from sparselora import CUDAGraphStep
+
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    graph_step = CUDAGraphStep(model)
+
+    def step(batch, clock):
+        clock.mark()
+        loss = graph_step(**batch)
+        clock.mark()
+        clock.mark()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clock.mark()
+        return loss
+
+    return step
+
+
 @contextlib.contextmanager
 def swapped_globals(module, replacements: dict):
     """Temporarily rebind names in a module (liger's RoPE is a module-level function swap)."""
@@ -276,7 +299,7 @@ def build_peft_liger(bench: Bench) -> Method:
                   {"adapter_dtype": "bfloat16"})
 
 
-def _build_sparselora(bench: Bench, name: str, enabled: bool, **changes) -> Method:
+def _build_sparselora(bench: Bench, name: str, enabled: bool, graph: bool = False, **changes) -> Method:
     sl = bench.lib()
     missing = [f for f in ("SparseLoRAConfig", "apply_sparselora", "set_enabled") if not hasattr(sl, f)]
     if missing:
@@ -294,6 +317,11 @@ def _build_sparselora(bench: Bench, name: str, enabled: bool, **changes) -> Meth
     model = sl.apply_sparselora(model, cfg, **kw) or model
     sl.set_enabled(model, enabled)
     flops, src = library_flops(bench, cfg, use_sparse=enabled, labelled_only_head=kw.get("fast_kernels", False))
+    if graph:
+        if bench.device.type != "cuda":
+            raise Skip("CUDA graphs need a CUDA device")
+        return Method(name, model, make_graph_step(model, trainable(model)), flops, src,
+                      {"sparsity_config": _cfg_dict(cfg), "cuda_graph": True})
     timer = SelectionTimer(bench.device)
     m = Method(name, model, make_step(model, trainable(model), timer.active), flops, src,
                {"sparsity_config": _cfg_dict(cfg)})
@@ -325,7 +353,11 @@ def build_labelled(bench):
 
 
 BUILDERS = {"peft": build_peft, "peft_liger": build_peft_liger, "dense_fast": build_dense_fast,
-            "sparselora": build_sparselora, "oracle": build_oracle, "labelled": build_labelled}
+            "sparselora": build_sparselora, "oracle": build_oracle, "labelled": build_labelled,
+            "dense_fast_graph": lambda b: _build_sparselora(b, "dense_fast_graph", enabled=False, graph=True),
+            "sparselora_graph": lambda b: _build_sparselora(b, "sparselora_graph", enabled=True, graph=True),
+            "labelled_graph": lambda b: _build_sparselora(b, "labelled_graph", enabled=True, graph=True,
+                                                          selector="labelled")}
 
 
 class SelectionTimer:

@@ -8,6 +8,7 @@ from sparselora.callback import SparseLoRACallback
 from sparselora.config import SparseLoRAConfig
 from sparselora.estimator import EstimatorCacheError
 from sparselora.flops import flops
+from sparselora.graphs import CUDAGraphStep
 from sparselora.models.registry import UnsupportedModelError
 from sparselora.patch import (
     apply_sparselora,
@@ -22,6 +23,7 @@ from sparselora.patch import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CUDAGraphStep",
     "EstimatorCacheError",
     "SparseLoRACallback",
     "SparseLoRAConfig",

@@ -124,7 +124,9 @@ def apply_sparselora(
                 f"labels have shape {tuple(labels.shape)} but input_ids have {shape}; pass one label per input "
                 "token (-100 for prompt and padding tokens)"
             )
-        if state.active:
+        if state.pinned_split is not None:
+            state.split = (state.pinned_split or None) if state.active else None
+        elif state.active:
             state.split = split_tokens(labels, bound.get("attention_mask"), shape, config.dense_output_tokens)
         return None
 

@@ -21,6 +21,10 @@ class SparseLoRAState:
         # Set by the model's forward pre-hook and kept until the next forward, so that gradient checkpointing
         # recomputes layers with the same split during backward.
         self.split: TokenSplit | None = None
+        # Set by CUDAGraphStep around a captured/replayed forward: the split to use as is (False: none) instead of
+        # computing one (which syncs with the host), and the labelled-only head's row count.
+        self.pinned_split: TokenSplit | bool | None = None
+        self.head_rows: int | None = None
         self.layers: dict[int, list] = {}  # layer index -> its wrappers (SparseMLP / SparseAttention)
         self.fused: list = []  # FusedLoRALinear wrappers of the projections not sliced
         self.handles: list = []

@@ -11,6 +11,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sparselora.modules.base import ForwardSwap
 from sparselora.ops.fused_kernels import labelled_cross_entropy, rms_norm, silu_mul
+from sparselora.state import STATE_ATTR
 
 
 class FastRMSNorm:
@@ -58,7 +59,8 @@ class LabelledOnlyHead:
         num_items = extra.pop("num_items_in_batch", None)
         bound.pop("logits_to_keep", None)
         out = self.hf.model(**bound, **extra)
-        loss = labelled_cross_entropy(out.last_hidden_state, self.hf.lm_head.weight, labels, num_items)
+        rows = getattr(getattr(self.hf, STATE_ATTR, None), "head_rows", None)  # set by CUDAGraphStep
+        loss = labelled_cross_entropy(out.last_hidden_state, self.hf.lm_head.weight, labels, num_items, rows)
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 

@@ -36,17 +36,31 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def labelled_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items: int | torch.Tensor | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items: int | torch.Tensor | None = None,
+    num_rows: int | None = None,
 ) -> torch.Tensor:
     """Causal-LM loss from the hidden states of labelled positions only: full-vocabulary logits are never
     formed for context tokens. Same value as transformers' loss (mean over labelled tokens, or sum divided by
-    ``num_items`` as the Trainer passes under gradient accumulation)."""
+    ``num_items`` as the Trainer passes under gradient accumulation).
+
+    ``num_rows`` (the count of labelled positions, known to the caller) finds them without a host sync (a
+    stable sort instead of ``nonzero``), as a CUDA graph needs; liger's fused loss syncs, so it is not used
+    while a graph is being captured."""
     shifted = labels[:, 1:]
-    rows = (shifted != -100).nonzero(as_tuple=True)
-    h = hidden[:, :-1][rows]
-    target = shifted[rows]
+    if num_rows is None:
+        rows = (shifted != -100).nonzero(as_tuple=True)
+        h = hidden[:, :-1][rows]
+        target = shifted[rows]
+    else:
+        flat = shifted.reshape(-1)
+        idx = torch.argsort((flat == -100).to(torch.int8), stable=True)[:num_rows]
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[idx]
+        target = flat[idx]
     reduction = "sum" if num_items is not None else "mean"
-    fn = _liger("flce") if h.is_cuda else None
+    fn = _liger("flce") if h.is_cuda and not torch.cuda.is_current_stream_capturing() else None
     if h.shape[0] == 0:
         return hidden.sum() * 0.0
     if fn is not None:

@@ -1,0 +1,164 @@
+"""A training step's forward and backward replayed from a CUDA graph.
+
+SparseLoRA's sparse step issues several times the kernels of a dense one (gathers, selection, split
+projections), most of them small; on a fast GPU the host cannot launch them as quickly as they run, so the step
+is host-bound and the FLOPs saved do not show up as time. A CUDA graph launches the whole forward + backward at
+once. Shapes inside the step depend on the batch's context and labelled token counts, so one graph is captured
+per (batch shape, context count, labelled count, sparse on/off) and replayed for every batch that matches;
+batches of a fixed shape (packed rows, fixed-length buckets) reuse one graph.
+
+    step = CUDAGraphStep(model)           # after apply_sparselora(model, cfg, fast_kernels=True)
+    for batch in loader:
+        loss = step(**batch)              # forward + backward; gradients land in p.grad as usual
+        opt.step(); opt.zero_grad(set_to_none=True)
+
+The optimizer stays outside the graph (any optimizer works, and the LR schedule needs no care).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparselora.models.registry import causal_lm
+from sparselora.patch import get_state
+from sparselora.tokens import TokenSplit, split_tokens
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph | None
+    inputs: dict[str, torch.Tensor]  # static copies the graph reads
+    split: TokenSplit | None  # static order/inverse the graph reads
+    loss: torch.Tensor | None  # written by every replay
+    grads: list[torch.Tensor | None]  # written by every replay, one per trainable parameter
+
+
+class CUDAGraphStep:
+    """Callable ``step(input_ids=..., labels=..., attention_mask=...) -> loss`` that runs forward + backward of
+    ``model`` (a SparseLoRA-patched PEFT model) from a CUDA graph, capturing one per new batch signature.
+
+    Gradient accumulation works (gradients are added to a ``p.grad`` that is already set). Dropout must be 0
+    and the model must not change between steps other than by in-place parameter updates (the graph holds the
+    tensors it read at capture). ``capture=False`` runs the same path eagerly (what CPU tests check).
+    """
+
+    def __init__(self, model: nn.Module, max_graphs: int = 4, warmup: int = 2, capture: bool = True):
+        self.model, self.state = model, get_state(model)
+        self.hf = causal_lm(model)
+        if capture and not torch.cuda.is_available():
+            raise RuntimeError("CUDAGraphStep needs a CUDA device; use capture=False to run the same path eagerly")
+        if max_graphs < 1 or warmup < 1:
+            raise ValueError(f"max_graphs and warmup must be >= 1, got {max_graphs} and {warmup}")
+        self.capture, self.max_graphs, self.warmup = capture, max_graphs, warmup
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (LoRA adapters); nothing to train")
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.captures = 0
+
+    # ------------------------------------------------------------------------------------------ batch signature
+    def _prepare(self, batch: dict[str, torch.Tensor]):
+        unknown = set(batch) - set(BATCH_KEYS)
+        if unknown or "input_ids" not in batch or "labels" not in batch:
+            raise ValueError(
+                f"CUDAGraphStep takes input_ids, labels and optionally attention_mask; got {sorted(batch)}"
+            )
+        ids, labels, mask = batch["input_ids"], batch["labels"], batch.get("attention_mask")
+        if tuple(labels.shape) != tuple(ids.shape):
+            raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids have {tuple(ids.shape)}")
+        # one host sync: whether the mask can be dropped, and the labelled-only head's row count
+        head_rows, all_real = torch.stack(
+            [(labels[:, 1:] != -100).sum(), mask.all() if mask is not None else labels.new_ones(())]
+        ).tolist()
+        if mask is not None and all_real:
+            mask = None  # no padding: the causal kernel needs no mask (and reads none)
+        split = None
+        if self.state.active:  # the split's one host sync: shapes depend on the context count
+            split = split_tokens(labels, mask, tuple(ids.shape), self.state.config.dense_output_tokens)
+        inputs = {"input_ids": ids, "labels": labels, **({"attention_mask": mask} if mask is not None else {})}
+        key = (tuple(ids.shape), mask is not None, head_rows, self.state.active,
+               None if split is None else (split.num_context, split.num_labelled), torch.is_autocast_enabled())
+        return key, inputs, split, head_rows
+
+    # ------------------------------------------------------------------------------------------------ running
+    def _forward_backward(self, entry: _Graph, head_rows: int) -> torch.Tensor:
+        st = self.state
+        st.pinned_split, st.head_rows = (entry.split if entry.split is not None else False), head_rows
+        try:
+            loss = self.model(**entry.inputs, use_cache=False).loss
+            loss.backward()
+        finally:
+            st.pinned_split, st.head_rows = None, None
+        return loss.detach()
+
+    def _new_entry(self, inputs, split) -> _Graph:
+        static = {k: v.clone() for k, v in inputs.items()}
+        sp = None
+        if split is not None:
+            sp = TokenSplit(split.order.clone(), split.inverse.clone(), split.num_context, split.shape,
+                            split.num_labelled)
+        return _Graph(None, static, sp, None, [])
+
+    def _capture(self, entry: _Graph, head_rows: int) -> None:
+        saved = [p.grad for p in self.params]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side):  # warm-up: lazy inits, Triton compilation, cuBLAS workspaces
+                for _ in range(self.warmup):
+                    for p in self.params:
+                        p.grad = None
+                    self._forward_backward(entry, head_rows)
+            torch.cuda.current_stream().wait_stream(side)
+            for p in self.params:
+                p.grad = None
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    entry.loss = self._forward_backward(entry, head_rows)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"CUDA graph capture of the training step failed ({type(exc).__name__}: {exc}). Something in "
+                    "the step synchronizes with the host; common causes: dropout > 0, a padded batch whose mask "
+                    "code syncs in this transformers version (pack rows or bucket lengths), a loss that calls "
+                    ".item(). Run the step without CUDAGraphStep."
+                ) from exc
+            entry.graph = graph
+            entry.grads = [p.grad for p in self.params]
+            self.captures += 1
+        finally:
+            for p, g in zip(self.params, saved):
+                p.grad = g
+
+    def __call__(self, **batch: torch.Tensor) -> torch.Tensor:
+        key, inputs, split, head_rows = self._prepare(batch)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._new_entry(inputs, split)
+            if self.capture:
+                self._capture(entry, head_rows)
+            self.graphs[key] = entry
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        for k, v in inputs.items():
+            entry.inputs[k].copy_(v)
+        if split is not None:
+            entry.split.order.copy_(split.order)
+            entry.split.inverse.copy_(split.inverse)
+        if not self.capture:
+            return self._forward_backward(entry, head_rows)
+        own = {id(g) for e in self.graphs.values() for g in e.grads if g is not None}
+        before = [None if p.grad is None else (p.grad.clone() if id(p.grad) in own else p.grad) for p in self.params]
+        entry.graph.replay()
+        for p, g, prev in zip(self.params, entry.grads, before):
+            p.grad = g if prev is None else prev.add_(g) if g is not None else prev
+        self.state.split = entry.split
+        return entry.loss.clone()
