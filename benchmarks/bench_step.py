@@ -196,6 +196,7 @@ def make_graph_step(model, params):
         clock.mark()
         return loss
 
+    step.graph_step = graph_step
     return step
 
 
@@ -508,7 +509,9 @@ class Runner:
         out = {f"{k}_ms": v for k, v in out.items()}
         out["estimator_ms"] = median([x["est"] for x in s])
         out["measured_steps"] = len(s)
-        out["peak_gib"] = ((self.base_bytes + rec.pop("own_resident_bytes", 0) + rec.pop("transient"))
+        # a CUDA graph keeps its activations reserved in a private pool between steps: count its capture's peak
+        graph_bytes = getattr(getattr(m.step, "graph_step", None), "graph_peak_bytes", 0) if m else 0
+        out["peak_gib"] = ((self.base_bytes + rec.pop("own_resident_bytes", 0) + max(rec.pop("transient"), graph_bytes))
                            / GiB if self.cuda else None)
         out["process_peak_gib"] = rec.pop("process_peak", 0) / GiB if self.cuda else None
         out["flops_per_step"] = m.flops if m else None

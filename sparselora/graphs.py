@@ -62,6 +62,9 @@ class CUDAGraphStep:
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.captures = 0
+        # Activations, gradients and loss of the largest capture: memory the graphs keep reserved between steps
+        # (capturing resets CUDA's peak-memory statistics to measure it).
+        self.graph_peak_bytes = 0
 
     # ------------------------------------------------------------------------------------------ batch signature
     def _prepare(self, batch: dict[str, torch.Tensor]):
@@ -120,6 +123,9 @@ class CUDAGraphStep:
             for p in self.params:
                 p.grad = None
             graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()  # what the graph's private memory pool must hold, below
+            start = torch.cuda.memory_allocated()
             try:
                 with torch.cuda.graph(graph, pool=self.pool):
                     entry.loss = self._forward_backward(entry, head_rows)
@@ -133,6 +139,7 @@ class CUDAGraphStep:
             entry.graph = graph
             entry.grads = [p.grad for p in self.params]
             self.captures += 1
+            self.graph_peak_bytes = max(self.graph_peak_bytes, torch.cuda.max_memory_allocated() - start)
         finally:
             for p, g in zip(self.params, saved):
                 p.grad = g

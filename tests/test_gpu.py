@@ -77,12 +77,12 @@ def test_cuda_fast_kernels_match_plain_path(arch):
 @pytest.mark.parametrize("selector", ["svd", "labelled"])
 def test_cuda_graph_step_matches_eager_training(padded, selector):
     """Five AdamW steps through CUDAGraphStep (captured graphs, replayed with new ids) give the losses and adapter
-    weights of the same steps run eagerly (float32); a dense (warm-up) step gets its own graph."""
+    weights of the same steps run eagerly (float32); the dense (warm-up) steps get their own graph."""
     from sparselora import CUDAGraphStep, schedule
 
     model = tiny_peft("qwen2", attn_implementation="sdpa").cuda()
     eager = clone(model)
-    cfg = SparseLoRAConfig(ffn_sparsity={"0-3": 0.7}, attn_sparsity={"1-3": 0.5}, selector=selector, start_step=1)
+    cfg = SparseLoRAConfig(ffn_sparsity={"0-3": 0.7}, attn_sparsity={"1-3": 0.5}, selector=selector, start_step=2)
     for m in (model, eager):
         apply_sparselora(m, cfg, fast_kernels=True)
     step = CUDAGraphStep(model)
@@ -99,7 +99,7 @@ def test_cuda_graph_step_matches_eager_training(padded, selector):
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)
-    assert step.captures == 2  # dense step 0, sparse steps 1-4
+    assert step.captures == 2  # dense steps 0-1, sparse steps 2-4
     for (n, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
         if p.requires_grad:
             assert_close(p, q, f"weight {n} after 5 steps", rtol=1e-3, atol=1e-4)
