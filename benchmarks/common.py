@@ -172,6 +172,9 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    """SPARSELORA_COMMIT when set (a copied checkout's .git may be stale: the GPU machine's was), else git's HEAD."""
+    if os.environ.get("SPARSELORA_COMMIT"):
+        return os.environ["SPARSELORA_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
@@ -180,7 +183,7 @@ def git_commit() -> str | None:
             return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("SPARSELORA_COMMIT")
+    return None
 
 
 def write_json_atomic(path: str | Path, obj) -> Path:

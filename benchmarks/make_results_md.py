@@ -22,16 +22,18 @@ REPO = Path(__file__).resolve().parents[1]
 GOAL_POINTS = 0.5
 GOAL_RATIO = 0.55
 ORDER = ["base", "dense", "sparselora", "labelled", "oracle", "random", "dense_all7", "sparselora_all7", "oracle_all7", "random_all7"]
-# What to run on one H100 (the model converted once to a local folder, the data copied to an ignored .data/).
+# How the tables were made on one H100: the model file reassembled there (see ../shared/data/README.md for the
+# package parts; sparselora converts it once to a bf16 folder), the data copied to /root/xfer/data.
 GPU_COMMANDS = """```bash
-# math (GSM8K train -> GSM8K test, all 1319): ~6-8 min on an H100 (estimate); resumable, so re-run if cut
-python benchmarks/accuracy.py --model /root/xfer/qwen2.5-coder-0.5b --task math --data-dir .data \\
-  --methods base,dense,sparselora,oracle:0,dense_all7:0,sparselora_all7:0 --seeds 0,1 --max-steps 150 \\
-  --eval-batch-size 1319 --deadline 540 --out /root/xfer/accuracy-qwen2.5-coder-0.5b-math.json
-# commonsense (BoolQ+ARC-e+ARC-c+OBQA train -> 6 test sets, ~11.2k): ~5-7 min on an H100 (estimate)
-python benchmarks/accuracy.py --model /root/xfer/qwen2.5-coder-0.5b --task commonsense --data-dir .data \\
-  --methods base,dense,sparselora,oracle:0,dense_all7:0,sparselora_all7:0 --seeds 0,1 --max-steps 150 \\
-  --eval-batch-size 2048 --deadline 540 --out /root/xfer/accuracy-qwen2.5-coder-0.5b-commonsense.json
+cat qwen.gguf.part0* > /root/xfer/qwen.gguf    # Qwen2.5-Coder-0.5B-Instruct GGUF, sha256 1d961463...
+python benchmarks/accuracy.py --model /root/xfer/qwen.gguf --data-dir /root/xfer/data --task math \\
+  --methods base,dense,sparselora,oracle:0,dense_all7:0,sparselora_all7:0,labelled --seeds 0,1 --max-steps 150 \\
+  --sparsity qwen2.5-coder-0.5b-math --fast-kernels --test-limit 500 --eval-batch-size 500 --deadline 540 \\
+  --out /root/xfer/acc-math.json     # resumable: re-run the same command until every run is done
+python benchmarks/accuracy.py --model /root/xfer/qwen.gguf --data-dir /root/xfer/data --task commonsense \\
+  --methods base,dense,sparselora,oracle:0,dense_all7:0,sparselora_all7:0 --seeds 0,1 --max-steps 300 \\
+  --sparsity qwen2.5-coder-0.5b-commonsense --fast-kernels --test-limit 500 --eval-batch-size 500 --deadline 540 \\
+  --out /root/xfer/acc-cs.json
 ```"""
 TASK_SETS = {"math": ["gsm8k"], "commonsense": ["boolq", "piqa", "social_i_qa", "winogrande", "arc_easy", "openbookqa"]}
 
@@ -57,7 +59,8 @@ def accuracy_section(doc: dict, path: Path) -> list[str]:
     sets = list(next((m["accuracy"] for m in doc["methods"].values() if m.get("accuracy")), {}) or TASK_SETS[doc["task"]])
     tests = cfg.get("tests", {})
     head = ["method", "seeds"] + [f"{s} (n={tests.get(s, {}).get('n', '?')})" for s in sets] + ["average", "FLOPs % dense", "train s/run"]
-    lines = [f"### {doc['model']} — {doc['task']}", ""]
+    model = path.stem.removeprefix("accuracy-").removesuffix(f"-{doc['task']}")  # the alias, not the file name used
+    lines = [f"### {model} — {doc['task']}", ""]
     lines.append(f"GPU: {doc.get('gpu')}; versions: " + ", ".join(f"{k} {v}" for k, v in (doc.get("versions") or {}).items() if v)
                  + f"; commit `{doc.get('commit')}`; updated {doc.get('updated')}; file `{path.relative_to(REPO) if path.is_relative_to(REPO) else path}`.")
     lines.append("")
@@ -119,6 +122,9 @@ def goal_lines(doc: dict) -> list[str]:
                    f"({'ok' if ok_acc else 'short by %.2f' % (-GOAL_POINTS - gap)}), FLOPs {100 * ratio:.1f}% "
                    f"({'ok' if ok_fl else 'over by %.1f points' % (100 * (ratio - GOAL_RATIO))}); seeds "
                    f"{s.get('seeds')} vs {d.get('seeds')}.")
+        skipped = [x for x in (s.get("skipped_steps") or []) + (d.get("skipped_steps") or []) if x]
+        if skipped:
+            out.append(f"  Optimizer steps skipped for a non-finite gradient: {skipped}.")
         probes = s.get("probe_loss")
         if probes:
             out.append("  Loss of the untrained model on the first batches, dense vs sparse: "
@@ -193,9 +199,9 @@ def main(argv=None):
             lines += [f"### {task}", "", "Not yet run (`benchmarks/accuracy.py --task %s`; commands below)." % task, ""]
         for f, d in have:
             lines += accuracy_section(d, f)
-    if len({d.get("task") for _, d in docs}) < 2:
-        lines += ["Commands for the GPU (then copy the JSONs into `benchmarks/results/` and re-run this script):", "",
-                  GPU_COMMANDS, ""]
+    lines += ["What the numbers mean, and what was tried: [accuracy-notes.md](accuracy-notes.md). The commands that "
+              "made the tables (one H100; copy the JSONs into `benchmarks/results/`, then re-run this script):", "",
+              GPU_COMMANDS, ""]
     lines += ["## Estimator recall on real activations", "",
               "Recall of the oracle's top-k channels (true activations of the dense model on context tokens) by the "
               "library's SVD estimator at ranks 4/8/16, by the estimator plus the projection bias (`+b`, Qwen2 has "
