@@ -10,6 +10,7 @@ from sparselora.estimator import EstimatorCacheError
 from sparselora.flops import flops
 from sparselora.graphs import CUDAGraphStep
 from sparselora.models.registry import UnsupportedModelError
+from sparselora.trainer import CUDAGraphTrainer
 from sparselora.patch import (
     apply_sparselora,
     dense,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CUDAGraphStep",
+    "CUDAGraphTrainer",
     "EstimatorCacheError",
     "SparseLoRACallback",
     "SparseLoRAConfig",

@@ -144,7 +144,9 @@ class CUDAGraphStep:
             for p, g in zip(self.params, saved):
                 p.grad = g
 
-    def __call__(self, **batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, grad_scale: float = 1.0, **batch: torch.Tensor) -> torch.Tensor:
+        """Forward + backward of ``batch``; the new gradients, times ``grad_scale`` (1 / accumulation steps under
+        gradient accumulation), are added to any ``p.grad`` already set. Returns the (unscaled) loss."""
         key, inputs, split, head_rows = self._prepare(batch)
         entry = self.graphs.get(key)
         if entry is None:
@@ -160,12 +162,20 @@ class CUDAGraphStep:
         if split is not None:
             entry.split.order.copy_(split.order)
             entry.split.inverse.copy_(split.inverse)
-        if not self.capture:
-            return self._forward_backward(entry, head_rows)
+        # a p.grad that is a graph's own buffer would be overwritten by the replay: keep a copy
         own = {id(g) for e in self.graphs.values() for g in e.grads if g is not None}
         before = [None if p.grad is None else (p.grad.clone() if id(p.grad) in own else p.grad) for p in self.params]
-        entry.graph.replay()
-        for p, g, prev in zip(self.params, entry.grads, before):
-            p.grad = g if prev is None else prev.add_(g) if g is not None else prev
+        if self.capture:
+            entry.graph.replay()
+            loss, new = entry.loss.clone(), entry.grads
+        else:
+            for p in self.params:
+                p.grad = None
+            loss = self._forward_backward(entry, head_rows)
+            new = [p.grad for p in self.params]
+        for p, g, prev in zip(self.params, new, before):
+            if g is not None and grad_scale != 1.0:
+                g.mul_(grad_scale)
+            p.grad = g if prev is None else (prev.add_(g) if g is not None else prev)
         self.state.split = entry.split
-        return entry.loss.clone()
+        return loss

@@ -84,6 +84,7 @@ class RunConfig:
     cache_dir: str | None = None  # converted-model cache (default: $SPARSELORA_CACHE or ~/.cache/sparselora/models)
     threads: int = 0  # torch CPU threads (0: torch's default)
     fast_kernels: bool = False  # fused RMSNorm/SiLU*up and a labelled-only LM head (dense and sparse runs alike)
+    cuda_graphs: bool = False  # forward + backward replayed from CUDA graphs (sparselora.CUDAGraphTrainer)
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
@@ -106,6 +107,9 @@ class RunConfig:
             raise RunError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.learning_rate <= 0:
             raise RunError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.cuda_graphs and (self.gradient_checkpointing or self.lora_dropout > 0 or self.dtype == "float16"):
+            raise RunError("cuda_graphs needs lora_dropout 0, no gradient checkpointing and bfloat16/float32; "
+                           "turn cuda_graphs off or change those")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -544,8 +548,11 @@ def finetune(
         dataloader_num_workers=0,
         save_only_model=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(features), data_collator=counter,
-                      callbacks=cbs)
+    trainer_cls = Trainer
+    if cfg.cuda_graphs:
+        from sparselora.trainer import CUDAGraphTrainer as trainer_cls
+    trainer = trainer_cls(model=model, args=args, train_dataset=_ListDataset(features), data_collator=counter,
+                          callbacks=cbs)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
 

@@ -237,6 +237,7 @@ def test_keyboard_interrupt_saves_checkpoint_and_resume_matches(env, uninterrupt
         ("missing_flags", "missing --data"),
         ("nothing_to_resume", "nothing to resume"),
         ("unsupported_family", "does not support model_type"),
+        ("graphs_with_dropout", "cuda_graphs needs lora_dropout 0"),
     ],
 )
 def test_bad_input_gives_one_clear_message(case, message, env, tmp_path, capsys):
@@ -257,6 +258,8 @@ def test_bad_input_gives_one_clear_message(case, message, env, tmp_path, capsys)
         extra = ["--config", str(tmp_path / "run.yaml")]
     elif case == "bad_sparsity":
         extra = ["--sparsity", "super-sparse"]
+    elif case == "graphs_with_dropout":
+        extra = ["--cuda-graphs"]  # the default LoRA dropout is 0.05
     elif case == "unsupported_family":
         from transformers import GPT2Config
 
@@ -275,6 +278,20 @@ def test_bad_input_gives_one_clear_message(case, message, env, tmp_path, capsys)
     assert rc == 2, err
     assert message in err, err
     assert "Traceback" not in err and err.count("\n") <= 3
+
+
+def test_finetune_with_cuda_graphs_flag_matches_plain_run(env, tmp_path):
+    """--cuda-graphs (its eager path without CUDA) trains to the same losses as the plain Trainer run."""
+    losses = {}
+    for name, extra in (("plain", []), ("graphs", ["--cuda-graphs"])):
+        out = tmp_path / name
+        argv = base_args(env, out, "--max-steps", "3", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0",
+                         "--fast-kernels", *extra)
+        assert main(argv) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["config"]["cuda_graphs"] is bool(extra)
+        losses[name] = [x["loss"] for x in summary["losses"]]
+    assert losses["plain"] and losses["graphs"] == pytest.approx(losses["plain"], rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------- other commands

@@ -103,3 +103,36 @@ def test_cuda_graph_step_matches_eager_training(padded, selector):
     for (n, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
         if p.requires_grad:
             assert_close(p, q, f"weight {n} after 5 steps", rtol=1e-3, atol=1e-4)
+
+
+def test_cuda_graph_trainer_matches_trainer_on_gpu(tmp_path):
+    """CUDAGraphTrainer with real captures logs the losses and ends with the weights of the plain Trainer."""
+    from transformers import Trainer, TrainingArguments
+
+    from sparselora import CUDAGraphTrainer, SparseLoRACallback
+    from sparselora.data import DataCollator, Example, tokenize_examples
+    from test_data import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    base = tiny_peft("llama", vocab_size=len(tok), r=4, attn_implementation="sdpa")
+    rows = [Example(f"Question {i}: what is {i} times {i + 3}? Think.", f" {i * (i + 3)}") for i in range(16)]
+    feats, _ = tokenize_examples(rows, tok, max_length=128)
+    runs = {}
+    for cls in (Trainer, CUDAGraphTrainer):
+        model = clone(base).cuda()
+        apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={"1-2": 0.75}, attn_sparsity={"2": 0.5}, start_step=2),
+                         fast_kernels=True)
+        args = TrainingArguments(output_dir=str(tmp_path / cls.__name__), max_steps=4, per_device_train_batch_size=2,
+                                 learning_rate=1e-2, report_to=[], logging_steps=1, save_strategy="no",
+                                 disable_tqdm=True, remove_unused_columns=False, seed=0, data_seed=0)
+        trainer = cls(model=model, args=args, train_dataset=feats, data_collator=DataCollator(tok),
+                      callbacks=[SparseLoRACallback()])
+        trainer.train()
+        if cls is CUDAGraphTrainer:
+            assert trainer._graph_step.captures >= 2  # dense warm-up and sparse steps, per batch signature
+        runs[cls.__name__] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
+                              {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    (la, wa), (lb, wb) = runs["Trainer"], runs["CUDAGraphTrainer"]
+    assert_close(torch.tensor(lb), torch.tensor(la), "logged losses", rtol=1e-4, atol=1e-4)
+    for n in wa:
+        assert_close(wb[n], wa[n], f"weight {n}", rtol=1e-3, atol=1e-4)

@@ -76,3 +76,18 @@ def test_bad_input():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a CUDA device"):
             CUDAGraphStep(model)
+
+
+def test_grad_scale():
+    model = tiny_peft("llama")
+    apply_sparselora(model, _cfg(), fast_kernels=True)
+    step = CUDAGraphStep(model, capture=False)
+    batch = make_batch()
+    step(**batch)
+    full = lora_grads(model)
+    model.zero_grad(set_to_none=True)
+    step(grad_scale=0.25, **batch)
+    step(grad_scale=0.25, **batch)
+    half = lora_grads(model)
+    for n in full:
+        assert_close(half[n], 0.5 * full[n], f"scaled {n}", torch.float32)

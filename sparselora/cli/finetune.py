@@ -16,6 +16,7 @@ _FLAGS = {
     "limit": "limit", "estimator_dir": "estimator_dir", "threads": "threads",
 }
 _SWITCHES = {"dense": "dense", "gradient_checkpointing": "gradient_checkpointing", "fast_kernels": "fast_kernels",
+             "cuda_graphs": "cuda_graphs",
              "skip_bad_lines": "skip_bad_lines", "merge": "merge"}
 
 
@@ -51,6 +52,9 @@ def add_run_arguments(p: argparse.ArgumentParser, required: bool = True) -> None
     t.add_argument("--gradient-checkpointing", action="store_true", default=None)
     t.add_argument("--fast-kernels", action="store_true", default=None,
                    help="fused RMSNorm/SiLU*up and an LM head on labelled tokens only (dense and sparse alike)")
+    t.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="replay forward + backward from CUDA graphs (one per batch signature; pays off with "
+                        "repeated shapes; eager on CPU)")
     t.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 50)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     d = p.add_argument_group("data")

@@ -1,0 +1,53 @@
+"""transformers.Trainer whose training step runs forward + backward through `CUDAGraphStep`.
+
+The Trainer keeps everything else (optimizer, schedule, clipping, logging, checkpoints, resume); only the
+forward + backward of each micro-batch is replayed from a CUDA graph. Use with `SparseLoRACallback` as usual:
+
+    trainer = CUDAGraphTrainer(model=model, args=args, ..., callbacks=[SparseLoRACallback()])
+
+Under gradient accumulation every micro-batch's mean loss weighs the same (the graph cannot take the Trainer's
+per-step token count), like the Trainer without ``num_items_in_batch``. Single process, bf16 or fp32 only. On a
+machine without CUDA the same path runs eagerly (for tests and CPU runs).
+"""
+
+from __future__ import annotations
+
+from transformers import Trainer
+
+from sparselora.graphs import BATCH_KEYS, CUDAGraphStep
+
+
+class CUDAGraphTrainingMixin:
+    """Mix into any transformers.Trainer subclass (TRL's SFTTrainer included) before it."""
+
+    def _graph_checks(self) -> None:
+        a = self.args
+        if a.world_size > 1:
+            raise ValueError("CUDAGraphTrainer runs in one process; for DDP/FSDP use the plain Trainer")
+        if a.fp16:
+            raise ValueError("CUDAGraphTrainer does not support fp16 loss scaling; use bf16=True or fp32")
+        if getattr(a, "gradient_checkpointing", False):
+            raise ValueError("CUDAGraphTrainer does not capture gradient checkpointing; turn one of them off")
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if getattr(self, "_graph_step", None) is None:
+            self._graph_checks()
+            self._graph_step = CUDAGraphStep(self.model, capture=next(self.model.parameters()).is_cuda)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        extra = set(inputs) - set(BATCH_KEYS)
+        if extra:
+            raise ValueError(
+                f"CUDAGraphTrainer takes batches of {', '.join(BATCH_KEYS)}; the collator also gave {sorted(extra)}"
+            )
+        ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        with self.compute_loss_context_manager():
+            loss = self._graph_step(grad_scale=1.0 / ga, **inputs)
+        return loss.detach() / ga
+
+
+class CUDAGraphTrainer(CUDAGraphTrainingMixin, Trainer):
+    pass
+
+
+__all__ = ["CUDAGraphTrainer", "CUDAGraphTrainingMixin"]
