@@ -42,7 +42,7 @@ def test_cuda_sparse_matches_reference(arch, dtype, padding_side, selector):
     assert_bf16_close_to_reference(sparse, ref, kept, batch, run)
 
 
-@pytest.mark.parametrize("n, i, r", [(3072, 14336, 8), (1800, 700, 8), (37, 1000, 4), (1, 129, 16), (700, 5, 8)])
+@pytest.mark.parametrize("n, i, r", [(3072, 14336, 8), (37, 1000, 4), (1, 129, 16), (700, 5, 8)])
 def test_triton_ffn_scores(n, i, r):
     import torch.nn.functional as F
 

@@ -32,28 +32,24 @@ def col_norms_sq(z: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
 if triton is not None:
 
     @triton.jit
-    def _ffn_score_kernel(zg, zu, bg, bu, out, N, I, CHUNK, R: tl.constexpr, BLOCK_T: tl.constexpr,
-                          BLOCK_J: tl.constexpr):
-        """Program (j, s): channels j*BLOCK_J.., tokens s*CHUNK..; writes its partial sums to row s of ``out``."""
+    def _ffn_score_kernel(zg, zu, bg, bu, out, N, I, R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
         pid = tl.program_id(0)
-        sid = tl.program_id(1)
         cols = pid * BLOCK_J + tl.arange(0, BLOCK_J)
         rr = tl.arange(0, R)
         cmask = cols < I
         b_g = tl.load(bg + rr[:, None] * I + cols[None, :], mask=cmask[None, :], other=0.0)
         b_u = tl.load(bu + rr[:, None] * I + cols[None, :], mask=cmask[None, :], other=0.0)
         acc = tl.zeros((BLOCK_J,), dtype=tl.float32)
-        end = tl.minimum(N, (sid + 1) * CHUNK)
-        for t0 in range(sid * CHUNK, end, BLOCK_T):
+        for t0 in range(0, N, BLOCK_T):
             rows = t0 + tl.arange(0, BLOCK_T)
-            rmask = rows < end
+            rmask = rows < N
             a_g = tl.load(zg + rows[:, None] * R + rr[None, :], mask=rmask[:, None], other=0.0)
             a_u = tl.load(zu + rows[:, None] * R + rr[None, :], mask=rmask[:, None], other=0.0)
             g = tl.dot(a_g, b_g, input_precision="ieee")
             u = tl.dot(a_u, b_u, input_precision="ieee")
             h = g * tl.sigmoid(g) * u
             acc += tl.sum(h * h, axis=0)
-        tl.store(out + sid * I + cols, acc, mask=cmask)
+        tl.store(out + cols, acc, mask=cmask)
 
 
 def _pad_rank(t: torch.Tensor, dim: int, r: int) -> torch.Tensor:
@@ -72,15 +68,9 @@ def ffn_scores_sq(zg: torch.Tensor, zu: torch.Tensor, bg: torch.Tensor, bu: torc
         zg, zu = _pad_rank(zg.float(), 1, r), _pad_rank(zu.float(), 1, r)
         bg, bu = _pad_rank(bg.float(), 0, r), _pad_rank(bu.float(), 0, r)
         n, i = zg.shape[0], bg.shape[1]
-        # split the tokens too: channel blocks alone (112 for a 14336-wide FFN) leave most SMs idle; the partial
-        # sums are added in a fixed order, so the scores stay deterministic
-        block_t, block_j = 64, 128
-        splits = max(1, min(8, triton.cdiv(n, 4 * block_t)))
-        chunk = triton.cdiv(triton.cdiv(n, splits), block_t) * block_t
-        part = torch.empty(splits, i, device=zg.device, dtype=torch.float32)
-        _ffn_score_kernel[(triton.cdiv(i, block_j), splits)](zg, zu, bg, bu, part, n, i, chunk, R=r, BLOCK_T=block_t,
-                                                               BLOCK_J=block_j)
-        return part.sum(0)
+        out = torch.empty(i, device=zg.device, dtype=torch.float32)
+        _ffn_score_kernel[(triton.cdiv(i, 128),)](zg, zu, bg, bu, out, n, i, R=r, BLOCK_T=64, BLOCK_J=128)
+        return out
     out = None
     for s in range(0, zg.shape[0], 1024):  # bounded memory on CPU
         h = F.silu(zg[s : s + 1024] @ bg) * (zu[s : s + 1024] @ bu)
