@@ -10,7 +10,6 @@ from sparselora.estimator import EstimatorCacheError
 from sparselora.flops import flops
 from sparselora.graphs import CUDAGraphStep
 from sparselora.models.registry import UnsupportedModelError
-from sparselora.trainer import CUDAGraphTrainer
 from sparselora.patch import (
     apply_sparselora,
     dense,
@@ -22,6 +21,15 @@ from sparselora.patch import (
 )
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # transformers.Trainer costs half a second to import: only when asked for
+    if name == "CUDAGraphTrainer":
+        from sparselora.trainer import CUDAGraphTrainer
+
+        return CUDAGraphTrainer
+    raise AttributeError(f"module 'sparselora' has no attribute {name!r}")
 
 __all__ = [
     "CUDAGraphStep",
