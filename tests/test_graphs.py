@@ -39,19 +39,6 @@ def test_pinned_path_matches_plain_step(padding_side, selector):
     assert len(step.graphs) == 2
 
 
-def test_gradients_accumulate_across_calls():
-    model = tiny_peft("llama")
-    apply_sparselora(model, _cfg(), fast_kernels=True)
-    step = CUDAGraphStep(model, capture=False)
-    batch = make_batch()
-    step(**batch)
-    once = lora_grads(model)
-    step(**batch)
-    twice = lora_grads(model)
-    for n in once:
-        assert_close(twice[n], 2 * once[n], f"accumulated {n}", torch.float32)
-
-
 def test_labelled_loss_without_sync_matches():
     g = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(3, 9, 16, generator=g), torch.randn(40, 16, generator=g)
@@ -78,16 +65,20 @@ def test_bad_input():
             CUDAGraphStep(model)
 
 
-def test_grad_scale():
+def test_gradients_accumulate_and_scale():
+    """New gradients are added to a p.grad already set, times grad_scale (1 / accumulation steps)."""
     model = tiny_peft("llama")
     apply_sparselora(model, _cfg(), fast_kernels=True)
     step = CUDAGraphStep(model, capture=False)
     batch = make_batch()
     step(**batch)
-    full = lora_grads(model)
+    once = lora_grads(model)
+    step(**batch)
+    twice = lora_grads(model)
     model.zero_grad(set_to_none=True)
     step(grad_scale=0.25, **batch)
     step(grad_scale=0.25, **batch)
     half = lora_grads(model)
-    for n in full:
-        assert_close(half[n], 0.5 * full[n], f"scaled {n}", torch.float32)
+    for n in once:
+        assert_close(twice[n], 2 * once[n], f"accumulated {n}", torch.float32)
+        assert_close(half[n], 0.5 * once[n], f"scaled {n}", torch.float32)

@@ -25,6 +25,8 @@ class SparseMLP:
         if split is None:
             return self.swap.original(x)
         mlp, cfg = self.mlp, self.state.config
+        if cfg.selector == "labelled" and split.num_labelled == 0:
+            return self.swap.original(x)  # nothing to rank by (and no loss to train): this batch runs dense
         xc, xd = split.gather(x)
         if cfg.selector == "labelled":
             return self._forward_labelled(split, xc, xd)
@@ -41,8 +43,6 @@ class SparseMLP:
     def _forward_labelled(self, split, xc: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
         """Dense rows first: their activations, restricted to the labelled rows, rank the context channels."""
         mlp = self.mlp
-        if split.num_labelled == 0:  # nothing to rank by (and no loss to train): this batch runs dense
-            return split.scatter(*(mlp.down_proj(silu_mul(mlp.gate_proj(r), mlp.up_proj(r))) for r in (xc, xd)))
         hd = silu_mul(mlp.gate_proj(xd), mlp.up_proj(xd))
         keep = select_ffn_from_activations(self.sparsity, hd[: split.num_labelled].detach())
         self.kept = keep
