@@ -190,3 +190,31 @@ def test_cuda_graph_trainer_matches_trainer(tmp_path, grad_accum):
     assert_close(torch.tensor(lb), torch.tensor(la), "logged losses", torch.float32)
     for n in wa:
         assert_close(wb[n], wa[n], f"weight {n}", torch.float32)
+
+
+def test_cuda_graph_trainer_refuses_what_it_cannot_capture(tmp_path):
+    from transformers import TrainingArguments
+
+    from sparselora import CUDAGraphTrainer
+    from sparselora.data import DataCollator, Example, tokenize_examples
+
+    tok = tiny_tokenizer()
+    model = tiny_peft("llama", vocab_size=len(tok), r=4)
+    apply_sparselora(model, SparseLoRAConfig(**CFG), fast_kernels=True)
+    feats, _ = tokenize_examples([Example(r["prompt"], r["completion"]) for r in _rows(4)], tok, max_length=128)
+
+    def trainer(collator, **kw):
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                                 use_cpu=True, save_strategy="no", disable_tqdm=True, remove_unused_columns=False, **kw)
+        return CUDAGraphTrainer(model=model, args=args, train_dataset=feats, data_collator=collator)
+
+    with pytest.raises(ValueError, match="does not capture gradient checkpointing"):
+        trainer(DataCollator(tok), gradient_checkpointing=True).train()
+
+    def with_extra(features):
+        batch = DataCollator(tok)(features)
+        batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+        return batch
+
+    with pytest.raises(ValueError, match=r"also gave \['position_ids'\]"):
+        trainer(with_extra).train()
