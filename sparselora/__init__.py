@@ -10,6 +10,7 @@ from sparselora.estimator import EstimatorCacheError
 from sparselora.flops import flops
 from sparselora.graphs import CUDAGraphStep
 from sparselora.models.registry import UnsupportedModelError
+from sparselora.ops.varlen import use_packed_attention
 from sparselora.patch import (
     apply_sparselora,
     dense,
@@ -46,4 +47,5 @@ __all__ = [
     "schedule",
     "set_enabled",
     "sparsity_stats",
+    "use_packed_attention",
 ]

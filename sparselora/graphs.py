@@ -3,9 +3,11 @@
 SparseLoRA's sparse step issues several times the kernels of a dense one (gathers, selection, split
 projections), most of them small; on a fast GPU the host cannot launch them as quickly as they run, so the step
 is host-bound and the FLOPs saved do not show up as time. A CUDA graph launches the whole forward + backward at
-once. Shapes inside the step depend on the batch's context and labelled token counts, so one graph is captured
-per (batch shape, context count, labelled count, sparse on/off) and replayed for every batch that matches;
-batches of a fixed shape (packed rows, fixed-length buckets) reuse one graph.
+once. Shapes inside the step depend on the batch's shape and token counts, so one graph is captured per
+signature and replayed for every batch that matches. To make a handful of signatures serve a whole run of real,
+variable-length data, batch it packed (`sparselora.data.PackedCollator`: one shape for every batch) and let the
+step round the counts to buckets: the sparse row count down (the last few context tokens run dense, exactly),
+the labelled-only head's row count up (extra rows carry no label, so no loss and no gradient).
 
     step = CUDAGraphStep(model)           # after apply_sparselora(model, cfg, fast_kernels=True)
     for batch in loader:
@@ -27,13 +29,22 @@ from sparselora.models.registry import causal_lm
 from sparselora.patch import get_state
 from sparselora.tokens import TokenSplit, split_tokens
 
-BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
+INT_KEYS = ("max_length_q", "max_length_k")  # packed batches' segment bound: part of the signature
+BATCH_KEYS = TENSOR_KEYS + INT_KEYS
+
+
+def auto_bucket(num_tokens: int) -> int:
+    """Bucket size for token counts: the power of two nearest below 1/16 of the batch's slots (256 for 4096).
+    At most 1/16 of the context runs dense, and a run sees a few signatures."""
+    return 1 << max(0, (num_tokens // 16).bit_length() - 1)
 
 
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph | None
     inputs: dict[str, torch.Tensor]  # static copies the graph reads
+    ints: dict[str, int]  # host values of the signature (packed batches' segment bound)
     split: TokenSplit | None  # static order/inverse the graph reads
     loss: torch.Tensor | None  # written by every replay
     grads: list[torch.Tensor | None]  # written by every replay, one per trainable parameter
@@ -48,14 +59,17 @@ class CUDAGraphStep:
     tensors it read at capture). ``capture=False`` runs the same path eagerly (what CPU tests check).
     """
 
-    def __init__(self, model: nn.Module, max_graphs: int = 4, warmup: int = 2, capture: bool = True):
+    def __init__(self, model: nn.Module, max_graphs: int = 16, warmup: int = 2, capture: bool = True,
+                 bucket: int | None = None):
         self.model, self.state = model, get_state(model)
         self.hf = causal_lm(model)
         if capture and not torch.cuda.is_available():
             raise RuntimeError("CUDAGraphStep needs a CUDA device; use capture=False to run the same path eagerly")
         if max_graphs < 1 or warmup < 1:
             raise ValueError(f"max_graphs and warmup must be >= 1, got {max_graphs} and {warmup}")
-        self.capture, self.max_graphs, self.warmup = capture, max_graphs, warmup
+        if bucket is not None and bucket < 1:
+            raise ValueError(f"bucket must be >= 1 (1: exact counts) or None (automatic), got {bucket}")
+        self.capture, self.max_graphs, self.warmup, self.bucket = capture, max_graphs, warmup, bucket
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (LoRA adapters); nothing to train")
@@ -67,47 +81,57 @@ class CUDAGraphStep:
         self.graph_peak_bytes = 0
 
     # ------------------------------------------------------------------------------------------ batch signature
-    def _prepare(self, batch: dict[str, torch.Tensor]):
+    def _prepare(self, batch: dict):
         unknown = set(batch) - set(BATCH_KEYS)
         if unknown or "input_ids" not in batch or "labels" not in batch:
             raise ValueError(
-                f"CUDAGraphStep takes input_ids, labels and optionally attention_mask; got {sorted(batch)}"
+                f"CUDAGraphStep takes {', '.join(BATCH_KEYS)} (input_ids and labels required); got {sorted(batch)}"
             )
         ids, labels, mask = batch["input_ids"], batch["labels"], batch.get("attention_mask")
         if tuple(labels.shape) != tuple(ids.shape):
             raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids have {tuple(ids.shape)}")
+        bucket = self.bucket or auto_bucket(ids.numel())
         # one host sync: whether the mask can be dropped, and the labelled-only head's row count
         head_rows, all_real = torch.stack(
             [(labels[:, 1:] != -100).sum(), mask.all() if mask is not None else labels.new_ones(())]
         ).tolist()
-        if mask is not None and all_real:
+        head_rows = min(-(-head_rows // bucket) * bucket, labels[:, 1:].numel())  # extra rows: no label
+        packed = "cu_seq_lens_q" in batch
+        if mask is not None and all_real and not packed:
             mask = None  # no padding: the causal kernel needs no mask (and reads none)
         split = None
         if self.state.active:  # the split's one host sync: shapes depend on the context count
-            split = split_tokens(labels, mask, tuple(ids.shape), self.state.config.dense_output_tokens)
-        inputs = {"input_ids": ids, "labels": labels, **({"attention_mask": mask} if mask is not None else {})}
-        key = (tuple(ids.shape), mask is not None, head_rows, self.state.active,
-               None if split is None else (split.num_context, split.num_labelled), torch.is_autocast_enabled())
-        return key, inputs, split, head_rows
+            split = split_tokens(labels, mask, tuple(ids.shape), self.state.config.dense_output_tokens, bucket)
+        inputs = {k: v for k, v in batch.items() if k in TENSOR_KEYS and v is not None}
+        if mask is None:
+            inputs.pop("attention_mask", None)
+        ints = tuple((k, int(batch[k])) for k in INT_KEYS if batch.get(k) is not None)
+        counts = None
+        if split is not None:
+            labelled = self.state.config.selector == "labelled"  # its shapes depend on the labelled count too
+            counts = (split.num_context, split.num_labelled if labelled else None)
+        key = (tuple((k, tuple(v.shape)) for k, v in sorted(inputs.items())), ints, head_rows, self.state.active,
+               counts, torch.is_autocast_enabled())
+        return key, inputs, dict(ints), split, head_rows
 
     # ------------------------------------------------------------------------------------------------ running
     def _forward_backward(self, entry: _Graph, head_rows: int) -> torch.Tensor:
         st = self.state
         st.pinned_split, st.head_rows = (entry.split if entry.split is not None else False), head_rows
         try:
-            loss = self.model(**entry.inputs, use_cache=False).loss
+            loss = self.model(**entry.inputs, **entry.ints, use_cache=False).loss
             loss.backward()
         finally:
             st.pinned_split, st.head_rows = None, None
         return loss.detach()
 
-    def _new_entry(self, inputs, split) -> _Graph:
+    def _new_entry(self, inputs, ints, split) -> _Graph:
         static = {k: v.clone() for k, v in inputs.items()}
         sp = None
         if split is not None:
             sp = TokenSplit(split.order.clone(), split.inverse.clone(), split.num_context, split.shape,
                             split.num_labelled)
-        return _Graph(None, static, sp, None, [])
+        return _Graph(None, static, ints, sp, None, [])
 
     def _capture(self, entry: _Graph, head_rows: int) -> None:
         saved = [p.grad for p in self.params]
@@ -147,10 +171,10 @@ class CUDAGraphStep:
     def __call__(self, grad_scale: float = 1.0, **batch: torch.Tensor) -> torch.Tensor:
         """Forward + backward of ``batch``; the new gradients, times ``grad_scale`` (1 / accumulation steps under
         gradient accumulation), are added to any ``p.grad`` already set. Returns the (unscaled) loss."""
-        key, inputs, split, head_rows = self._prepare(batch)
+        key, inputs, ints, split, head_rows = self._prepare(batch)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._new_entry(inputs, split)
+            entry = self._new_entry(inputs, ints, split)
             if self.capture:
                 self._capture(entry, head_rows)
             self.graphs[key] = entry

@@ -127,7 +127,8 @@ def apply_sparselora(
         if state.pinned_split is not None:
             state.split = (state.pinned_split or None) if state.active else None
         elif state.active:
-            state.split = split_tokens(labels, bound.get("attention_mask"), shape, config.dense_output_tokens)
+            state.split = split_tokens(labels, bound.get("attention_mask"), shape, config.dense_output_tokens,
+                                       state.bucket)
         return None
 
     state.handles.append(hf.register_forward_pre_hook(split_batch, with_kwargs=True))

@@ -25,6 +25,8 @@ class SparseLoRAState:
         # computing one (which syncs with the host), and the labelled-only head's row count.
         self.pinned_split: TokenSplit | bool | None = None
         self.head_rows: int | None = None
+        # Round the sparse row count down to a multiple of this (see `split_tokens`); CUDAGraphStep buckets its own.
+        self.bucket = 1
         self.layers: dict[int, list] = {}  # layer index -> its wrappers (SparseMLP / SparseAttention)
         self.fused: list = []  # FusedLoRALinear wrappers of the projections not sliced
         self.handles: list = []

@@ -69,8 +69,14 @@ def split_tokens(
     attention_mask: torch.Tensor | None,
     input_shape: tuple[int, ...],
     dense_output_tokens: bool = True,
+    bucket: int = 1,
 ) -> TokenSplit | None:
-    """The split for one batch, or None when the batch has no context token (then the step runs dense)."""
+    """The split for one batch, or None when the batch has no context token (then the step runs dense).
+
+    ``bucket`` > 1 rounds the sparse row count down to a multiple of it: the last few context tokens run dense
+    (exact, just not sparse), so the layer shapes of a run take a handful of values and a few CUDA graphs serve
+    every batch. A batch with fewer context tokens than one bucket runs dense.
+    """
     if tuple(labels.shape) != tuple(input_shape):
         raise ValueError(
             f"labels have shape {tuple(labels.shape)} but the inputs have (batch, seq) = {tuple(input_shape)}; "
@@ -89,12 +95,15 @@ def split_tokens(
     mask = context_mask(labels, attention_mask, dense_output_tokens).reshape(-1)
     real = torch.ones_like(mask) if attention_mask is None else attention_mask.reshape(-1).bool()
     labelled = real & (labels.reshape(-1) != IGNORE_INDEX) & ~mask
-    key = (~mask).to(torch.int8) + (~mask & ~labelled).to(torch.int8)  # 0 context, 1 labelled, 2 padding
-    order = torch.argsort(key, stable=True)  # each group in original order
     # the one host sync of a step: layer shapes depend on the context count
     n_ctx, n_lab = torch.stack([mask.sum(), labelled.sum()]).tolist()
+    if bucket > 1:
+        n_ctx = n_ctx // bucket * bucket
+        mask = mask & (torch.cumsum(mask, 0) <= n_ctx)
     if n_ctx == 0:
         return None
+    key = (~mask).to(torch.int8) + (~mask & ~labelled).to(torch.int8)  # 0 context, 1 labelled, 2 the rest
+    order = torch.argsort(key, stable=True)  # each group in original order
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     return TokenSplit(order, inverse, n_ctx, (int(input_shape[0]), int(input_shape[1])), n_lab)

@@ -18,7 +18,15 @@ from sparselora.graphs import BATCH_KEYS, CUDAGraphStep
 
 
 class CUDAGraphTrainingMixin:
-    """Mix into any transformers.Trainer subclass (TRL's SFTTrainer included) before it."""
+    """Mix into any transformers.Trainer subclass (TRL's SFTTrainer included) before it.
+
+    ``graph_bucket``: token-count bucket of `CUDAGraphStep` (None: automatic; 1: exact counts, one graph per
+    distinct count). Batch real data with `sparselora.data.PackedCollator` so that a few graphs serve the run.
+    """
+
+    def __init__(self, *args, graph_bucket: int | None = None, **kwargs):
+        self._graph_bucket = graph_bucket
+        super().__init__(*args, **kwargs)
 
     def _graph_checks(self) -> None:
         a = self.args
@@ -32,7 +40,8 @@ class CUDAGraphTrainingMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         if getattr(self, "_graph_step", None) is None:
             self._graph_checks()
-            self._graph_step = CUDAGraphStep(self.model, capture=next(self.model.parameters()).is_cuda)
+            self._graph_step = CUDAGraphStep(self.model, capture=next(self.model.parameters()).is_cuda,
+                                             bucket=self._graph_bucket)
         model.train()
         inputs = self._prepare_inputs(inputs)
         extra = set(inputs) - set(BATCH_KEYS)

@@ -85,7 +85,7 @@ def test_cuda_graph_step_matches_eager_training(padded, selector):
     cfg = SparseLoRAConfig(ffn_sparsity={"0-3": 0.7}, attn_sparsity={"1-3": 0.5}, selector=selector, start_step=2)
     for m in (model, eager):
         apply_sparselora(m, cfg, fast_kernels=True)
-    step = CUDAGraphStep(model)
+    step = CUDAGraphStep(model, bucket=1)
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (model, eager)]
     for i in range(5):
         b = make_batch(seed=10 + i, lengths=(24, 17, 11) if padded else (24,))
@@ -125,8 +125,9 @@ def test_cuda_graph_trainer_matches_trainer_on_gpu(tmp_path):
         args = TrainingArguments(output_dir=str(tmp_path / cls.__name__), max_steps=4, per_device_train_batch_size=2,
                                  learning_rate=1e-2, report_to=[], logging_steps=1, save_strategy="no",
                                  disable_tqdm=True, remove_unused_columns=False, seed=0, data_seed=0)
+        exact = {} if cls is Trainer else {"graph_bucket": 1}
         trainer = cls(model=model, args=args, train_dataset=feats, data_collator=DataCollator(tok),
-                      callbacks=[SparseLoRACallback()])
+                      callbacks=[SparseLoRACallback()], **exact)
         trainer.train()
         if cls is CUDAGraphTrainer:
             assert trainer._graph_step.captures >= 2  # dense warm-up and sparse steps, per batch signature

@@ -23,7 +23,7 @@ def test_pinned_path_matches_plain_step(padding_side, selector):
     ref = clone(model)
     apply_sparselora(model, _cfg(selector), fast_kernels=True)
     apply_sparselora(ref, _cfg(selector), fast_kernels=True)
-    step = CUDAGraphStep(model, capture=False)
+    step = CUDAGraphStep(model, capture=False, bucket=1)
     for seed, labelled in ((1, (3, 5, 1)), (2, (2, 4, 1)), (3, (3, 5, 1))):  # the third reuses the first's
         batch = make_batch(padding_side=padding_side, seed=seed, labelled=labelled)
         loss = step(**batch)
@@ -54,9 +54,9 @@ def test_labelled_loss_without_sync_matches():
 def test_bad_input():
     model = tiny_peft("llama")
     apply_sparselora(model, _cfg(), fast_kernels=True)
-    step = CUDAGraphStep(model, capture=False)
+    step = CUDAGraphStep(model, capture=False, bucket=1)
     batch = make_batch()
-    with pytest.raises(ValueError, match="input_ids, labels"):
+    with pytest.raises(ValueError, match="input_ids and labels required"):
         step(input_ids=batch["input_ids"])
     with pytest.raises(ValueError, match="labels have shape"):
         step(input_ids=batch["input_ids"], labels=batch["labels"][:, 1:])
@@ -69,7 +69,7 @@ def test_gradients_accumulate_and_scale():
     """New gradients are added to a p.grad already set, times grad_scale (1 / accumulation steps)."""
     model = tiny_peft("llama")
     apply_sparselora(model, _cfg(), fast_kernels=True)
-    step = CUDAGraphStep(model, capture=False)
+    step = CUDAGraphStep(model, capture=False, bucket=1)
     batch = make_batch()
     step(**batch)
     once = lora_grads(model)

@@ -8,6 +8,7 @@ Typical use::
 """
 
 from .collator import DataCollator
+from .packing import PackedCollator, pack_features
 from .readers import FORMATS, DataFormatError, Example, Examples, load_examples, parse_record
 from .tokenize import (
     IGNORE_INDEX,
@@ -23,6 +24,8 @@ from .tokenize import (
 
 __all__ = [
     "DataCollator",
+    "PackedCollator",
+    "pack_features",
     "DataFormatError",
     "Example",
     "Examples",

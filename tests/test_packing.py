@@ -1,0 +1,192 @@
+"""Packed batches: segment-isolated attention, the packer and collator, and packed training against the same
+examples padded; bucketed token counts against the plain step with the same split."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparselora import CUDAGraphStep, SparseLoRAConfig, apply_sparselora, use_packed_attention
+from sparselora.data import DataCollator, PackedCollator, pack_features
+from sparselora.ops.varlen import reference_packed_attention
+from sparselora.patch import get_state
+from sparselora.tokens import split_tokens
+
+from helpers import assert_close, clone, lora_grads, tiny_peft
+
+
+def _examples(lengths, labelled, vocab=101, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n, lab in zip(lengths, labelled):
+        ids = torch.randint(1, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * (n - lab) + ids[n - lab :]})
+    return out
+
+
+def test_reference_attention_is_per_segment_causal():
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 5, 12, 13, 20, 20, 20], dtype=torch.int32)  # zero-length segments included
+    q, k, v = torch.randn(20, 4, 8), torch.randn(20, 2, 8), torch.randn(20, 2, 8)
+    out = reference_packed_attention(q, k, v, cu, 0.3)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if a == b:
+            continue
+        qs, ks, vs = q[a:b].transpose(0, 1), k[a:b].repeat_interleave(2, 1).transpose(0, 1), v[a:b].repeat_interleave(2, 1).transpose(0, 1)
+        ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=0.3).transpose(0, 1)
+        assert_close(out[a:b], ref, f"segment {a}:{b}")
+
+
+def test_packer_keeps_limits_and_order():
+    feats = _examples([30, 50, 20, 70, 10, 40, 90], [5] * 7)
+    packs = pack_features(feats, max_tokens=100, max_segments=3)
+    assert sorted(n for p in packs for n in p["seq_lens"]) == sorted(len(f["input_ids"]) for f in feats)
+    for p in packs:
+        assert sum(p["seq_lens"]) <= 100 and len(p["seq_lens"]) <= 3
+        assert len(p["input_ids"]) == len(p["labels"]) == sum(p["seq_lens"])
+        start = 0
+        for n in p["seq_lens"]:
+            assert p["labels"][start] == -100  # a segment's first token is never predicted from the previous one
+            start += n
+    with pytest.raises(ValueError, match="more than a packed row holds"):
+        pack_features(_examples([120], [3]), max_tokens=100)
+
+
+def test_collator_gives_one_shape_for_every_batch():
+    feats = _examples([30, 50, 20, 70, 10, 40, 90, 33], [5] * 8)
+    coll = PackedCollator(pad_token_id=0, max_tokens=100, max_segments=4, max_segment_len=90)
+    packs = pack_features(feats, 100, 4)
+    shapes = set()
+    for i in range(0, len(packs), 2):
+        b = coll(packs[i : i + 2])
+        shapes.add(tuple((k, tuple(v.shape) if torch.is_tensor(v) else v) for k, v in b.items()))
+        cu = b["cu_seq_lens_q"]
+        assert cu[-1] == b["input_ids"].numel() and (cu[1:] >= cu[:-1]).all()
+        assert (cu[1:] - cu[:-1]).max() <= 90
+        real = b["attention_mask"].bool()
+        assert (b["labels"][~real] == -100).all()
+    assert len(shapes) <= 2  # the last batch may hold one pack
+    with pytest.raises(ValueError, match="plain examples"):
+        coll(feats[:2])
+
+
+def _packed_model(arch="llama", **kw):
+    model = tiny_peft(arch, **kw)
+    use_packed_attention(model)
+    return model
+
+
+def _segment_logits(logits, batch):
+    cu = batch["cu_seq_lens_q"].tolist()
+    flat = logits.reshape(-1, logits.shape[-1])
+    return [flat[a:b] for a, b in zip(cu[:-1], cu[1:])]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_forward_matches_each_example_alone(arch):
+    feats = _examples([17, 9, 23], [4, 3, 6])
+    model = _packed_model(arch)
+    alone = clone(model)
+    alone.base_model.model.set_attn_implementation("sdpa")
+    coll = PackedCollator(pad_token_id=0, max_tokens=64, max_segments=4)
+    batch = coll(pack_features(feats, 64, 4))
+    with torch.no_grad():
+        segs = _segment_logits(model(**batch).logits, batch)
+        for f, seg in zip(feats, segs):
+            ref = alone(input_ids=torch.tensor([f["input_ids"]])).logits[0]
+            assert_close(seg, ref, "segment logits")
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_changing_one_segment_leaves_the_others_unchanged(sparse):
+    """Isolation of packed segments, for logits and for every LoRA gradient's contribution (random selector with a
+    fixed seed, so the channel choice does not depend on the data and only attention could leak)."""
+    coll = PackedCollator(pad_token_id=0, max_tokens=64, max_segments=4)
+    feats = _examples([17, 9, 23], [4, 3, 6])
+    changed = [feats[0], _examples([9], [3], seed=5)[0], feats[2]]
+    model = _packed_model()
+    if sparse:
+        apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={"1-2": 0.5}, attn_sparsity={"1-2": 0.5},
+                                                 selector="random", start_step=0))
+    outs = []
+    for fs in (feats, changed):
+        batch = coll(pack_features(fs, 64, 4))
+        # loss on segments 0 and 2 only: their gradients must not see segment 1
+        batch["labels"][0, 17 : 17 + 9] = -100
+        torch.manual_seed(0)
+        model.zero_grad(set_to_none=True)
+        out = model(**batch)
+        out.loss.backward()
+        segs = _segment_logits(out.logits.detach(), batch)
+        outs.append((segs[0], segs[2], lora_grads(model)))
+    assert_close(outs[1][0], outs[0][0], "segment 0 logits")
+    assert_close(outs[1][1], outs[0][1], "segment 2 logits")
+    for n, g in outs[0][2].items():
+        assert_close(outs[1][2][n], g, f"grad {n}")
+
+
+@pytest.mark.parametrize("fast_kernels", [False, True])
+def test_packed_step_matches_padded_step(fast_kernels):
+    """Same examples, packed (packed attention) or padded (sdpa, per-row): same loss and gradients, dense LoRA."""
+    feats = _examples([17, 9, 23, 12], [4, 3, 6, 2])
+    packed = _packed_model()
+    padded = clone(packed)
+    padded.base_model.model.set_attn_implementation("sdpa")
+    for m in (packed, padded):
+        apply_sparselora(m, SparseLoRAConfig(ffn_sparsity={}, attn_sparsity={}, start_step=0),
+                         fast_kernels=fast_kernels)
+    pb = PackedCollator(pad_token_id=0, max_tokens=40, max_segments=4)(pack_features(feats, 40, 4))
+    db = DataCollator(pad_token_id=0)(feats)
+    losses = []
+    for m, b in ((packed, pb), (padded, db)):
+        m.zero_grad(set_to_none=True)
+        loss = m(**b).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert_close(losses[0], losses[1], "loss")
+    g, rg = lora_grads(packed), lora_grads(padded)
+    assert g.keys() == rg.keys() and g
+    for n in g:
+        assert_close(g[n], rg[n], f"grad {n}")
+
+
+def test_bucket_rounds_the_sparse_rows_down():
+    labels = torch.full((2, 20), -100)
+    labels[0, 15:] = 1
+    labels[1, 18:] = 1
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, 19] = 0
+    exact = split_tokens(labels, mask, (2, 20))
+    assert exact.num_context == 15 + 18
+    b = split_tokens(labels, mask, (2, 20), bucket=8)
+    assert b.num_context == 32 and b.num_labelled == exact.num_labelled
+    assert torch.equal(b.ctx, exact.ctx[:32])  # the last context token runs dense
+    assert split_tokens(labels, mask, (2, 20), bucket=64) is None  # less than one bucket: dense
+
+
+@pytest.mark.parametrize("selector", ["svd", "labelled"])
+def test_graph_path_on_packed_buckets_matches_plain_step(selector):
+    """CUDAGraphStep's path on packed batches with bucketed counts against the plain step with the same split."""
+    cfg = lambda: SparseLoRAConfig(ffn_sparsity={"1-2": 0.6}, attn_sparsity={"1-2": 0.5}, selector=selector,  # noqa: E731
+                                   start_step=0)
+    model = _packed_model("qwen2")
+    ref = clone(model)
+    apply_sparselora(model, cfg(), fast_kernels=True)
+    apply_sparselora(ref, cfg(), fast_kernels=True)
+    step = CUDAGraphStep(model, capture=False, bucket=4)
+    get_state(ref).bucket = 4
+    coll = PackedCollator(pad_token_id=0, max_tokens=64, max_segments=4, max_segment_len=32)
+    for seed in (1, 2, 1):
+        batch = coll(pack_features(_examples([17, 9, 23], [4, 3, 6], seed=seed), 64, 4))
+        loss = step(**batch)
+        ref_loss = ref(**batch).loss
+        ref_loss.backward()
+        assert_close(loss, ref_loss.detach(), "loss", torch.float32)
+        g, rg = lora_grads(model), lora_grads(ref)
+        assert g.keys() == rg.keys() and g
+        for n in g:
+            assert_close(g[n], rg[n], f"grad {n}", torch.float32)
+        for m in (model, ref):
+            m.zero_grad(set_to_none=True)
+    assert get_state(model).split.num_context % 4 == 0
