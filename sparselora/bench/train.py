@@ -1,0 +1,240 @@
+"""Training throughput through `transformers.Trainer` on real, variable-length data: the benchmark users believe.
+
+Row lengths (prompt and answer token counts) come from the real training mixes (lengths/*.json, tokenized by
+benchmarks/make_lengths.py); token ids are random, weights random at a model shape (or a real model folder).
+Every method sees the same examples in the same order, the same optimizer (AdamW), schedule (cosine, warm-up),
+clipping (1.0) and bf16, and the same real-token budget per step; only the batching and the model path differ.
+
+    python benchmarks/bench_train.py --shape llama3-8b --mix math          # or: sparselora bench --trainer ...
+
+Prints a table and writes benchmarks/results/train-<shape>-<mix>-<gpu>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from sparselora.bench.shapes import REPO, SHAPES, build_base_model, git_commit, gpu_slug, versions
+
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+PRESET = {  # the SparseLoRA preset a mix is benchmarked with unless --preset says otherwise
+    ("llama3-8b", "math"): "llama3-8b-math10k", ("llama3-8b", "commonsense"): "llama3-8b-csr170k",
+    ("llama3-8b", "code"): "llama3.1-8b-codefeedback", ("llama2-7b", "math"): "llama2-7b-math10k",
+    ("llama2-7b", "commonsense"): "llama2-7b-csr170k",
+}
+# name: (kind, batching, what it is)
+METHODS = {
+    "peft": ("dense", "padded", "Trainer + stock PEFT, batches padded to their longest row"),
+    "peft_liger": ("dense", "padded", "Trainer + PEFT, use_liger_kernel=True"),
+    "peft_liger_grouped": ("dense", "padded, group_by_length", "Trainer + PEFT + liger, length-grouped batches"),
+    "peft_liger_packed": ("dense", "packed", "Trainer + PEFT + liger, packed rows, segment-isolated attention"),
+    "dense_graph_packed": ("dense", "packed", "sparselora's dense path (fused LoRA, fused kernels) + CUDA graphs, "
+                                              "packed rows"),
+    "sparselora_trainer": ("sparse", "padded", "Trainer + sparselora as a plain Trainer user gets it "
+                                               "(apply_sparselora, DataCollator)"),
+    "sparselora_packed": ("sparse", "packed", "Trainer + sparselora, packed rows, fused kernels, eager"),
+    "sparselora_fast": ("sparse", "packed", "sparselora's default GPU path: packed rows, fused kernels, "
+                                            "CUDAGraphTrainer with bucketed counts"),
+}
+
+
+def load_lengths(mix: str) -> dict:
+    path = resources.files("sparselora.bench") / "lengths" / f"{mix}.json"
+    if not path.is_file():
+        raise SystemExit(f"no token lengths for mix {mix!r}; choose math, commonsense or code")
+    return json.loads(path.read_text())
+
+
+def make_examples(lengths: dict, n: int, vocab: int, seed: int) -> list[dict]:
+    """``n`` examples drawn (shuffled, seeded) from the mix's real (prompt, answer) lengths, random ids."""
+    rng = random.Random(seed)
+    pairs = list(zip(lengths["prompt"], lengths["answer"]))
+    rng.shuffle(pairs)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p, a in (pairs * (n // len(pairs) + 1))[:n]:
+        ids = torch.randint(1, vocab, (p + a,), generator=g).tolist()
+        out.append({"input_ids": ids, "attention_mask": [1] * (p + a), "labels": [-100] * p + ids[p:]})
+    return out
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class _Recorder:
+    """Per-step wall time (synchronized at step boundaries), real tokens per batch, losses."""
+
+    def __init__(self, collator):
+        self.collator, self.tokens, self.times = collator, [], []
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        self.tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        rec = self
+
+        class Timer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                _sync()
+                rec.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                _sync()
+                rec.times.append(time.perf_counter() - rec.t0)
+
+        return Timer()
+
+
+def run_method(name: str, args, examples: list[dict], lengths: list[int], device) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from sparselora import SparseLoRACallback, SparseLoRAConfig, apply_sparselora, use_packed_attention
+    from sparselora.data import DataCollator
+    from sparselora.fastpath import choose_path, packed_data
+    from sparselora.trainer import CUDAGraphTrainer
+
+    kind, batching, _ = METHODS[name]
+    base = build_base_model(args.shape, args.model, device, seed=args.seed)
+    model = get_peft_model(base, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=QKVO))
+    packed = batching == "packed"
+    path = choose_path(device.type, lengths, args.rows, packing=True, max_tokens=args.tokens_per_step)
+    if packed:
+        use_packed_attention(model)
+        data, collator = packed_data(examples, path, pad_token_id=0)
+    else:
+        data, collator = examples, DataCollator(pad_token_id=0)
+    trainer_cls, extra, callbacks = Trainer, {}, []
+    if name.startswith("sparselora") or name == "dense_graph_packed":
+        if kind == "sparse":
+            cfg = SparseLoRAConfig.from_preset(args.preset, num_layers=base.config.num_hidden_layers)
+            cfg.start_step = 0  # sparse from the first step: the steady state is what is timed
+        else:
+            cfg = SparseLoRAConfig(ffn_sparsity={}, attn_sparsity={})
+        apply_sparselora(model, cfg, fast_kernels=name != "sparselora_trainer")
+        callbacks.append(SparseLoRACallback())
+    if name in ("sparselora_fast", "dense_graph_packed"):
+        trainer_cls = CUDAGraphTrainer
+    rec = _Recorder(collator)
+    targs = TrainingArguments(
+        output_dir=str(Path(args.scratch) / name), max_steps=args.warmup + args.steps,
+        per_device_train_batch_size=1 if packed else args.rows, learning_rate=3e-4, lr_scheduler_type="cosine",
+        warmup_steps=2, max_grad_norm=1.0, bf16=device.type == "cuda", use_cpu=device.type == "cpu", logging_steps=1, save_strategy="no", report_to=[],
+        disable_tqdm=True, remove_unused_columns=False, dataloader_drop_last=True, seed=args.seed, data_seed=args.seed,
+        use_liger_kernel=name.startswith("peft_liger"),
+        train_sampling_strategy="group_by_length" if name == "peft_liger_grouped" else "sequential")
+    trainer = trainer_cls(model=model, args=targs, train_dataset=data, data_collator=rec,
+                          callbacks=callbacks + [rec.callback()], **extra)
+    _sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    times, toks = rec.times, rec.tokens[: len(rec.times)]
+    meas_t, meas_n = times[args.warmup:], toks[args.warmup:]
+    step = getattr(trainer, "_graph_step", None)
+    out = {
+        "kind": kind, "batching": batching, "what": METHODS[name][2],
+        "tokens_per_s": sum(meas_n) / sum(meas_t), "step_ms": statistics.median(meas_t) * 1e3,
+        "mean_step_ms": statistics.mean(times) * 1e3, "tokens_per_step": statistics.mean(meas_n),
+        "peak_gib": peak, "captures": step.captures if step is not None else 0,
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "steps_measured": len(meas_t),
+    }
+    if packed:
+        out["pack"] = {"max_tokens": path.max_tokens, "max_segments": path.max_segments,
+                       "max_segment_len": path.max_segment_len}
+    del trainer, model, base
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="sparselora bench --trainer", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES), help="model shape, random weights")
+    ap.add_argument("--model", default=None, help="a real model folder instead of --shape")
+    ap.add_argument("--mix", default="math", choices=["math", "commonsense", "code"])
+    ap.add_argument("--preset", default=None, help="SparseLoRA preset (default: the paper's for shape and mix)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--tokens-per-step", type=int, default=4096, help="real-token budget of a step (packed row size)")
+    ap.add_argument("--steps", type=int, default=20, help="measured steps")
+    ap.add_argument("--warmup", type=int, default=5, help="steps before measuring (captures happen here and later)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scratch", default="/tmp/sparselora-bench-train")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train-<shape>-<mix>-<gpu>.json)")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke run of the tiny shape
+    shape = args.shape if not args.model else Path(args.model).name
+    args.preset = args.preset or PRESET.get((args.shape, args.mix), "scaled")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    lengths = load_lengths(args.mix)
+    mean_len = statistics.mean(p + a for p, a in zip(lengths["prompt"], lengths["answer"]))
+    args.rows = max(1, round(args.tokens_per_step / mean_len))  # padded batches: the same real tokens per step
+    vocab = SHAPES[args.shape][1]["vocab_size"] if not args.model else 32000
+    n = int((args.warmup + args.steps + 2) * args.rows * 1.3)
+    examples = make_examples(lengths, n, vocab, args.seed)
+    ex_lengths = [len(e["input_ids"]) for e in examples]
+    gpu = gpu_slug(device)
+    out_path = Path(args.out or REPO / "benchmarks" / "results" / f"train-{shape}-{args.mix}-{gpu}.json")
+    record = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "shape": shape, "mix": args.mix, "preset": args.preset,
+              "versions": versions(), "commit": git_commit(), "command": "sparselora bench --trainer " +
+              " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+              "rows_per_padded_batch": args.rows, "tokens_per_step": args.tokens_per_step,
+              "lengths": {"tokenizer": lengths["tokenizer"], "sources": lengths["sources"],
+                          "mean_prompt": statistics.mean(lengths["prompt"]),
+                          "mean_answer": statistics.mean(lengths["answer"])},
+              "vocab": vocab, "methods": {}}
+    for name in methods:
+        print(f"-- {name}: {METHODS[name][2]}", flush=True)
+        try:
+            record["methods"][name] = run_method(name, args, examples, ex_lengths, device)
+        except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others' numbers
+            record["methods"][name] = {"kind": METHODS[name][0], "error": f"{type(exc).__name__}: {exc}"}
+            print(f"   failed: {type(exc).__name__}: {exc}", flush=True)
+        from sparselora.io import atomic_write_json
+
+        atomic_write_json(out_path, record)  # after every method: a crash keeps what was measured
+    _table(record)
+    print(f"wrote {out_path}")
+    return 0
+
+
+def _table(record: dict) -> None:
+    ms = record["methods"]
+    ok = {k: v for k, v in ms.items() if "error" not in v}
+    best_dense = max((v["tokens_per_s"] for v in ok.values() if v["kind"] == "dense"), default=None)
+    print(f"\n{record['shape']} / {record['mix']} / {record['preset']} on {record['gpu']}")
+    print(f"{'method':<22}{'tok/s':>9}{'ms/step':>9}{'mean ms':>9}{'tok/step':>9}{'peak GiB':>9}{'graphs':>7}"
+          f"{'vs best dense':>14}{'loss first/last':>18}")
+    for k, v in ms.items():
+        if "error" in v:
+            print(f"{k:<22} failed: {v['error'][:100]}")
+            continue
+        rel = f"{v['tokens_per_s'] / best_dense:.2f}x" if best_dense else "-"
+        loss = f"{v['first_loss']:.2f}/{v['last_loss']:.2f}" if v["first_loss"] is not None else "-"
+        print(f"{k:<22}{v['tokens_per_s']:>9.0f}{v['step_ms']:>9.1f}{v['mean_step_ms']:>9.1f}"
+              f"{v['tokens_per_step']:>9.0f}{v['peak_gib']:>9.1f}{v['captures']:>7}{rel:>14}{loss:>18}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Which training path a run takes, decided once, printed, and shared by `sparselora finetune`, the Trainer
+integration and the benchmark (so the benchmark measures what users run).
+
+On a CUDA GPU the fastest correct path is: packed rows of a fixed token budget with segment-isolated attention
+(no padding, one batch shape), fused kernels, and forward + backward replayed from CUDA graphs with bucketed token
+counts (a handful of graphs per run). Each piece falls back, with its reason, where it cannot apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from sparselora.data.packing import PackedCollator, pack_features
+
+ROUND = 128  # token budgets and segment bounds are multiples of this
+
+
+def _round_up(n: float, m: int = ROUND) -> int:
+    return max(m, int(-(-n // m) * m))
+
+
+@dataclass
+class TrainingPath:
+    packed: bool
+    cuda_graphs: bool
+    fast_kernels: bool
+    max_tokens: int | None = None  # packed rows: tokens per row
+    max_segment_len: int | None = None
+    max_segments: int = 32
+    reasons: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        parts = [f"packed rows of {self.max_tokens} tokens (segment-isolated attention)" if self.packed
+                 else "padded batches", "CUDA graphs" if self.cuda_graphs else "eager",
+                 "fused kernels" if self.fast_kernels else "plain kernels"]
+        why = f" ({'; '.join(self.reasons)})" if self.reasons else ""
+        return "training path: " + ", ".join(parts) + why
+
+
+def choose_path(
+    device_type: str,
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    lora_dropout: float = 0.0,
+    gradient_checkpointing: bool = False,
+    world_size: int = 1,
+    dtype: str = "bfloat16",
+    packing: bool | None = None,
+    cuda_graphs: bool | None = None,
+    fast_kernels: bool | None = None,
+    max_tokens: int | None = None,
+) -> TrainingPath:
+    """The fastest correct path for this run; ``None`` means "decide", a bool forces that piece (an impossible
+    forced choice raises). A packed row holds about ``batch_size`` examples on average, so a step sees as many
+    examples as a padded batch would."""
+    reasons: list[str] = []
+    gpu = device_type == "cuda"
+    if packing is None:
+        packing = gpu
+        if not gpu:
+            reasons.append("packing pays on a GPU; on CPU padded batches are as fast")
+    if fast_kernels is None:
+        fast_kernels = gpu
+    blockers = []
+    if not gpu:
+        blockers.append("no CUDA device")
+    if lora_dropout > 0:
+        blockers.append(f"LoRA dropout {lora_dropout} (graphs need 0)")
+    if gradient_checkpointing:
+        blockers.append("gradient checkpointing")
+    if world_size > 1:
+        blockers.append("several processes")
+    if dtype == "float16":
+        blockers.append("float16 loss scaling")
+    if cuda_graphs and blockers:
+        raise ValueError(f"CUDA graphs cannot run here: {', '.join(blockers)}; turn cuda_graphs off or change that")
+    if cuda_graphs is None:
+        cuda_graphs = not blockers
+        if blockers and gpu:
+            reasons.append("eager because of " + ", ".join(blockers))
+    if cuda_graphs and not packing:
+        reasons.append("CUDA graphs without packing capture a graph per batch shape")
+    path = TrainingPath(packing, bool(cuda_graphs), bool(fast_kernels), reasons=reasons)
+    if packing:
+        if not lengths:
+            raise ValueError("no examples to pack")
+        longest = max(lengths)
+        path.max_segment_len = _round_up(longest, 64)
+        mean = sum(lengths) / len(lengths)
+        path.max_tokens = max_tokens or max(_round_up(batch_size * mean), _round_up(longest))
+        if path.max_tokens < longest:
+            raise ValueError(f"max_tokens={path.max_tokens} is shorter than the longest example ({longest} tokens)")
+        path.max_segments = max(8, 2 * batch_size)
+    return path
+
+
+def packed_data(features: Sequence[dict], path: TrainingPath, pad_token_id: int) -> tuple[list[dict], PackedCollator]:
+    """The training set as packs and the collator that batches them, for a packed `TrainingPath`."""
+    packs = pack_features(features, path.max_tokens, path.max_segments)
+    seg = min(path.max_segment_len, path.max_tokens)
+    return packs, PackedCollator(pad_token_id, path.max_tokens, path.max_segments, seg)
