@@ -1,22 +1,28 @@
-"""How well does the SVD estimator find the channels the oracle keeps? Recall on real activations of a real model.
+"""How well does each selector find the channels the oracle keeps? Real activations of a real model, and the
+frozen model's loss with the whole default config per selector.
 
-    python benchmarks/recall.py --model qwen2.5-coder-0.5b --data ../shared/data/gsm8k/train.jsonl \
-        --samples 16 --out benchmarks/results/recall-qwen2.5-coder-0.5b.json
+    python benchmarks/recall.py --model smollm2-135m --out benchmarks/results/recall-smollm2-135m.json
 
-The dense model runs real training sequences (prompt + target, tokenized exactly as training tokenizes them)
-in batches of ``--batch-size`` (one channel set per batch, as in training). Forward hooks capture, for every
-layer, the MLP input and the attention input on *context* tokens (label -100, not padding) and the true
-outputs of gate/up and q/k/v. Then, per layer and sparsity level, `sparselora.selection.select_ffn` /
-`select_attention` choose channels with the oracle (true activations) and with:
+Batches of ``--batch-size`` GSM8K train examples (prompt + answer, tokenized exactly as training tokenizes them);
+one channel set per batch, as in training. For every layer that the model's default config (the `scaled`
+preset) makes sparse, a forward pre-hook on the dense model's MLP / attention takes the context rows (label
+-100, not padding) and the labelled rows of its input, and each candidate chooses channels with the library's
+own `select_ffn` / `select_attention` and the layer's real projections:
 
-* ``svd-rN``   the library's estimator (`sparselora.estimator.low_rank_factors`, rank N, no bias);
-* ``svd-rN+b`` the same plus the projection's bias (Qwen2 has q/k/v biases, which the estimator leaves out);
-* ``l2``       (attention) q and k ranked apart by their own norms instead of jointly;
-* ``random``   expected recall = kept fraction (analytic).
+* ``oracle``      true activations of every context row (the reference);
+* ``sampled``     the library's default: the oracle's score on `SAMPLE_ROWS` evenly spaced context rows;
+  ``sampled-S`` the same on S rows;
+* ``mean``        the oracle's score of the mean context row (how the reference implementation scores the FFN);
+* ``labelled``    the oracle's score on the batch's labelled rows (the library's labelled selector);
+* ``svd``         the library's estimator at its default rank 8 (q/k/v biases included), ``svd-rN`` rank N;
+* ``l2``, ``random`` the library's ablations.
 
-Recall = |chosen ∩ oracle| / |oracle|. ``mass`` (FFN, v) = oracle score captured by the chosen channels /
-oracle score of the oracle's own top-k: 1.0 when a miss swaps in a channel as strong as the one it misses.
-Attention reports k channels (chosen jointly with q) and v channels (which also decide o's columns).
+recall = |chosen ∩ oracle| / |oracle|; mass = true score summed over the chosen channels / over the oracle's.
+True scores: FFN ||silu(gate x) * (up x)||_j over the context rows; attention q/k the oracle's joint score of a kv
+channel (query norms averaged over its group, times ||k||); v ||v||. Kind ``attention`` is the worse of q/k and
+v per layer (``attention_qk``, ``attention_v`` apart). Per layer: mean over batches; summary: mean and worst layer
+over the config's sparse layers. ``loss``: the frozen model's mean loss on the first ``--loss-batches`` batches,
+dense and with the whole default config per selector (`apply_sparselora`, start_step 0).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import random
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -33,216 +40,201 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, git_commit, versions, write_json_atomic  # noqa: E402
 
-FFN_LEVELS = (0.5, 0.9, 0.99)
-ATTN_LEVELS = (0.5, 0.75)
-RANKS = (4, 8, 16)
+LEVELS = (0.5, 0.7, 0.9)
+SAMPLES = (32, 64, 256)  # besides the library's SAMPLE_ROWS
+LOSS_SELECTORS = ("sampled", "svd", "labelled", "oracle", "random")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"))
-    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--samples", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0, help="which samples: the first N of a seeded shuffle")
-    p.add_argument("--ffn-levels", default=",".join(map(str, FFN_LEVELS)))
-    p.add_argument("--attn-levels", default=",".join(map(str, ATTN_LEVELS)))
-    p.add_argument("--ranks", default=",".join(map(str, RANKS)))
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="model dtype for the activations (float32 is faster on CPUs)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="which examples: the first N of a seeded shuffle")
+    p.add_argument("--levels", default=",".join(map(str, LEVELS)))
+    p.add_argument("--ranks", default="64", help="svd ranks besides the default rank 8 (empty: none)")
+    p.add_argument("--loss-batches", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--estimator-dir", default=str(Path.home() / ".cache" / "sparselora" / "estimators"))
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+def _overlap(a, b):
     return torch.isin(a, b).sum().item() / b.numel()
 
 
 def main(argv=None):
     args = parse_args(argv)
+    from sparselora import SparseLoRAConfig, apply_sparselora, remove_sparselora
     from sparselora.data import DataCollator, load_examples, tokenize_examples
-    from sparselora.estimator import low_rank_factors, stack_factors
+    from sparselora.estimator import Estimator
     from sparselora.models.loading import load_model
     from sparselora.models.registry import arch_info, decoder_layers
-    from sparselora.selection import keep_count, select_attention, select_ffn
+    from sparselora.ops.sparse_linear import base_weight_bias
+    from sparselora.selection import DEFAULT_SELECTOR, SAMPLE_ROWS, labelled_rows, select_attention, select_ffn
     from sparselora.tokens import context_mask
 
+    torch.set_num_threads(args.threads)
     t0 = time.time()
-    ffn_levels = [float(x) for x in args.ffn_levels.split(",")]
-    attn_levels = [float(x) for x in args.attn_levels.split(",")]
-    ranks = [int(x) for x in args.ranks.split(",")]
-    dtype = getattr(torch, args.dtype)
-    device = torch.device(args.device)
-    model, tok = load_model(args.model, dtype=dtype, device=device)
-    model.requires_grad_(False)
-    arch = arch_info(model.config)
-    layers = decoder_layers(model)
-    L = arch.num_layers
+    levels = [float(x) for x in args.levels.split(",")]
+    ranks = [8] + [int(r) for r in args.ranks.split(",") if r and int(r) != 8]
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device="cpu")
+    model.requires_grad_(False).eval()
+    arch, layers = arch_info(model.config), decoder_layers(model)
+    cfg = SparseLoRAConfig.from_preset("scaled", num_layers=arch.num_layers)
+    ffn_layers, att_layers = sorted(cfg.ffn_sparsity), sorted(cfg.attn_sparsity)
 
     pool = load_examples(args.data)
-    idx = list(range(len(pool)))
-    random.Random(args.seed).shuffle(idx)
-    examples = [pool[i] for i in idx[: args.samples]]
-    feats, _ = tokenize_examples(examples, tok, max_length=args.max_length)
+    order = list(range(len(pool)))
+    random.Random(args.seed).shuffle(order)
+    feats, _ = tokenize_examples([pool[i] for i in order[: args.samples]], tok, max_length=args.max_length)
     collate = DataCollator(tok)
+    batches = [collate(feats[b : b + args.batch_size]) for b in range(0, len(feats), args.batch_size)]
 
-    # estimator factors per layer and rank, from the frozen weights (float32, as the library builds them)
-    def w(mod):
-        return mod.weight.detach().float()
+    # the library's SVD factors (cached on disk: the loss runs below load the same file)
+    weights = {(i, p): base_weight_bias(getattr(layers[i].mlp, f"{p}_proj"))[0] for i in ffn_layers for p in ("gate", "up")}
+    weights |= {(i, p): base_weight_bias(getattr(layers[i].self_attn, f"{p}_proj"))[0] for i in att_layers for p in "qkv"}
+    est = {r: Estimator.build(weights, r, args.estimator_dir) for r in ranks}
+    print(f"loaded, factors built ({time.time() - t0:.0f}s)", flush=True)
 
-    factors = {}
-    for r in ranks:
-        for i, layer in enumerate(layers):
-            a, m = layer.self_attn, layer.mlp
-            factors[(r, i)] = {p: low_rank_factors(w(getattr(mod, f"{p}_proj")), r)
-                               for mod, ps in ((m, ("gate", "up")), (a, ("q", "k", "v"))) for p in ps}
+    # store[metric][kind][level][selector][layer] -> values over batches
+    store = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list)))))
+    rows = {}
 
-    cap: dict = {}
+    def record(kind, s, name, layer, chosen, best, true):
+        store["recall"][kind][s][name][layer].append(_overlap(chosen, best))
+        store["mass"][kind][s][name][layer].append((true[chosen].sum() / true[best].sum()).item())
 
-    def hook_in(key):
-        def f(mod, args_, kwargs):
-            x = kwargs.get("hidden_states", args_[0] if args_ else None)
-            cap[key] = x.reshape(-1, x.shape[-1])[cap["ctx"]].float()
-        return f
+    def names(r):
+        return "svd" if r == 8 else f"svd-r{r}"
 
-    def hook_out(key):
-        def f(mod, args_, out):
-            cap[key] = out.reshape(-1, out.shape[-1])[cap["ctx"]].float()
-        return f
+    def ffn_hook(i):
+        def hook(mod, a):
+            x = a[0].reshape(-1, a[0].shape[-1]).float()
+            xc, xl = x[rows["ctx"]], x[rows["lab"]]
+            n = arch.intermediate_size
+            g, u = mod.gate_proj(xc).float(), mod.up_proj(xc).float()
+            true = (torch.nn.functional.silu(g) * u).norm(dim=0)
+            for s in levels:
+                best = select_ffn("oracle", s, xc, lambda _: g, lambda _: u, None, n)
+                cands = {"sampled" if S == SAMPLE_ROWS else f"sampled-{S}": (
+                    select_ffn("sampled", s, xc, mod.gate_proj, mod.up_proj, None, n, rows=S))
+                    for S in sorted({SAMPLE_ROWS, *SAMPLES})}
+                cands["mean"] = select_ffn("oracle", s, xc.mean(0, keepdim=True), mod.gate_proj, mod.up_proj, None, n)
+                cands["labelled"] = select_ffn("oracle", s, xl, mod.gate_proj, mod.up_proj, None, n)
+                cands["l2"] = select_ffn("l2", s, xc, lambda _: g, lambda _: u, None, n)
+                torch.manual_seed(1000 * i + int(100 * s))
+                cands["random"] = select_ffn("random", s, xc, None, None, None, n)
+                for r in ranks:
+                    cands[names(r)] = select_ffn("svd", s, xc, None, None, est[r].stacked(i, ("gate", "up")), n)
+                for name, chosen in cands.items():
+                    record("ffn", s, name, i, chosen, best, true)
+        return hook
 
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.mlp.register_forward_pre_hook(hook_in((i, "x_mlp")), with_kwargs=True))
-        handles.append(layer.self_attn.register_forward_pre_hook(hook_in((i, "x_att")), with_kwargs=True))
-        for p in ("gate", "up"):
-            handles.append(getattr(layer.mlp, f"{p}_proj").register_forward_hook(hook_out((i, p))))
-        for p in ("q", "k", "v"):
-            handles.append(getattr(layer.self_attn, f"{p}_proj").register_forward_hook(hook_out((i, p))))
+    def att_hook(i):
+        def hook(mod, a, kw):
+            h = kw.get("hidden_states", a[0] if a else None)
+            x = h.reshape(-1, h.shape[-1]).float()
+            xc, xl = x[rows["ctx"]], x[rows["lab"]]
+            proj = [getattr(mod, f"{p}_proj") for p in "qkv"]
+            q, k, v = (f(xc).float() for f in proj)
+            D, G = arch.head_dim, arch.group_size
+            qk_true = (q.norm(dim=0).view(arch.num_kv_heads, G, D).mean(1) * k.norm(dim=0).view(-1, D)).reshape(-1)
+            v_true = v.norm(dim=0)
+            fixed = (lambda _: q, lambda _: k, lambda _: v)
+            biases = [base_weight_bias(f)[1] for f in proj]
+            for s in levels:
+                best = select_attention("oracle", s, xc, arch, cfg.rope_pairs, *fixed, None)
+                cands = {"sampled" if S == SAMPLE_ROWS else f"sampled-{S}": select_attention(
+                    "sampled", s, xc, arch, cfg.rope_pairs, *proj, None, rows=S) for S in sorted({SAMPLE_ROWS, *SAMPLES})}
+                cands["mean"] = select_attention("oracle", s, xc.mean(0, keepdim=True), arch, cfg.rope_pairs, *proj, None)
+                cands["labelled"] = select_attention("oracle", s, labelled_rows(xl, xl.shape[0]), arch, cfg.rope_pairs,
+                                                     *proj, None)
+                cands["l2"] = select_attention("l2", s, xc, arch, cfg.rope_pairs, *fixed, None)
+                torch.manual_seed(1000 * i + int(100 * s))
+                cands["random"] = select_attention("random", s, xc, arch, cfg.rope_pairs, None, None, None, None)
+                for r in ranks:
+                    cands[names(r)] = select_attention("svd", s, xc, arch, cfg.rope_pairs, None, None, None,
+                                                       est[r].stacked(i, "qkv"), biases)
+                for name, c in cands.items():
+                    record("attention_qk", s, name, i, c["k"], best["k"], qk_true)
+                    record("attention_v", s, name, i, c["v"], best["v"], v_true)
+        return hook
 
-    # results[kind][level][selector] -> list over batches of per-layer values
-    kinds = {"ffn": ffn_levels, "attn_k": attn_levels, "attn_v": attn_levels}
-    res = {k: {str(s): {} for s in lv} for k, lv in kinds.items()}
-    mass = {k: {str(s): {} for s in lv} for k, lv in (("ffn", ffn_levels), ("attn_v", attn_levels))}
-
-    def add(store, kind, s, sel, layer, value):
-        store[kind][str(s)].setdefault(sel, [[] for _ in range(L)])[layer].append(value)
-
-    n_ctx_total = 0
-    bs = args.batch_size
-    for b in range(0, len(feats), bs):
-        batch = collate(feats[b : b + bs])
-        ctx = context_mask(batch["labels"], batch["attention_mask"]).reshape(-1).to(device)
-        cap.clear()
-        cap["ctx"] = ctx
-        n_ctx_total += int(ctx.sum())
+    handles = [layers[i].mlp.register_forward_pre_hook(ffn_hook(i)) for i in ffn_layers]
+    handles += [layers[i].self_attn.register_forward_pre_hook(att_hook(i), with_kwargs=True) for i in att_layers]
+    n_ctx = n_lab = 0
+    for bi, batch in enumerate(batches):
+        rows["ctx"] = context_mask(batch["labels"], batch["attention_mask"]).reshape(-1)
+        rows["lab"] = (batch["labels"] != -100).reshape(-1)
+        n_ctx += int(rows["ctx"].sum())
+        n_lab += int(rows["lab"].sum())
         with torch.no_grad():
-            model.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        for i, layer in enumerate(layers):
-            act = layer.mlp.act_fn
-            n_ffn = arch.intermediate_size
-            x, g, u = cap[(i, "x_mlp")], cap[(i, "gate")], cap[(i, "up")]
-            score = (act(g) * u).norm(dim=0)
-            for s in ffn_levels:
-                k = keep_count(n_ffn, s)
-                orc = select_ffn("oracle", s, x, lambda _: g, lambda _: u, None, n_ffn)
-                best = score[orc].sum().item()
-                add(res, "ffn", s, "random", i, k / n_ffn)
-                add(mass, "ffn", s, "random", i, k / n_ffn * score.sum().item() / best)
-                for r in ranks:
-                    f = factors[(r, i)]
-                    sel = select_ffn("svd", s, x, None, None, stack_factors([f["gate"], f["up"]]), n_ffn)
-                    add(res, "ffn", s, f"svd-r{r}", i, _overlap(sel, orc))
-                    add(mass, "ffn", s, f"svd-r{r}", i, score[sel].sum().item() / best)
-            xa = cap[(i, "x_att")]
-            q, kk, v = cap[(i, "q")], cap[(i, "k")], cap[(i, "v")]
-            att = layer.self_attn
-            vscore = v.norm(dim=0)
-            for s in attn_levels:
-                orc = select_attention("oracle", s, xa, arch, True, lambda _: q, lambda _: kk, lambda _: v, None)
-                n_k, n_v = orc["k"].numel(), orc["v"].numel()
-                add(res, "attn_k", s, "random", i, n_k / (arch.num_kv_heads * arch.head_dim))
-                add(res, "attn_v", s, "random", i, n_v / (arch.num_kv_heads * arch.head_dim))
-                vbest = vscore[orc["v"]].sum().item()
-                add(mass, "attn_v", s, "random", i, n_v / vscore.numel() * vscore.sum().item() / vbest)
-                l2 = select_attention("l2", s, xa, arch, True, lambda _: q, lambda _: kk, lambda _: v, None)
-                add(res, "attn_k", s, "l2", i, _overlap(l2["k"], orc["k"]))
-                add(res, "attn_v", s, "l2", i, _overlap(l2["v"], orc["v"]))
-                for r in ranks:
-                    f = factors[(r, i)]
-                    sel = select_attention("svd", s, xa, arch, True, None, None, None, stack_factors([f["q"], f["k"], f["v"]]))
-                    add(res, "attn_k", s, f"svd-r{r}", i, _overlap(sel["k"], orc["k"]))
-                    add(res, "attn_v", s, f"svd-r{r}", i, _overlap(sel["v"], orc["v"]))
-                    add(mass, "attn_v", s, f"svd-r{r}", i, vscore[sel["v"]].sum().item() / vbest)
-                    bias = {p: getattr(getattr(att, f"{p}_proj"), "bias", None) for p in ("q", "k", "v")}
-                    if any(bb is not None for bb in bias.values()):
-                        def lr(p, f=f, bias=bias):
-                            a_, b_ = f[p]
-                            bb = bias[p]
-                            return lambda z: z @ a_ @ b_ + (bb.float() if bb is not None else 0.0)
-                        selb = select_attention("oracle", s, xa, arch, True, lr("q"), lr("k"), lr("v"), None)
-                        add(res, "attn_k", s, f"svd-r{r}+b", i, _overlap(selb["k"], orc["k"]))
-                        add(res, "attn_v", s, f"svd-r{r}+b", i, _overlap(selb["v"], orc["v"]))
+            model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        print(f"batch {bi + 1}/{len(batches)} ({time.time() - t0:.0f}s)", flush=True)
     for h in handles:
         h.remove()
 
-    from sparselora import SparseLoRAConfig
+    # the frozen model's loss with the whole default config, per selector
+    loss = {}
+    lb = batches[: args.loss_batches]
 
-    scaled = SparseLoRAConfig.from_preset("scaled", num_layers=L)
-    sparse_layers = {"ffn": sorted(scaled.ffn_sparsity), "attn_k": sorted(scaled.attn_sparsity),
-                     "attn_v": sorted(scaled.attn_sparsity)}
+    def mean_loss():
+        with torch.no_grad():
+            return statistics.fmean(model(**b).loss.item() for b in lb)
 
-    def finish(store):
-        per_layer, summary = {}, {}
-        for kind, levels in store.items():
-            per_layer[kind], summary[kind] = {}, {}
-            for s, sels in levels.items():
-                per_layer[kind][s], summary[kind][s] = {}, {}
-                for sel, vals in sels.items():
-                    pl = [statistics.fmean(v) for v in vals]
-                    per_layer[kind][s][sel] = [round(x, 4) for x in pl]
-                    summary[kind][s][sel] = {
-                        "all_layers": round(statistics.fmean(pl), 4),
-                        "scaled_sparse_layers": round(statistics.fmean(pl[j] for j in sparse_layers[kind]), 4),
-                        "min_layer": round(min(pl), 4)}
-        return per_layer, summary
+    loss["dense"] = mean_loss()
+    for sel in LOSS_SELECTORS:
+        torch.manual_seed(0)
+        apply_sparselora(model, SparseLoRAConfig.from_preset("scaled", num_layers=arch.num_layers, selector=sel,
+                                                             start_step=0), estimator_dir=args.estimator_dir)
+        loss[sel] = mean_loss()
+        remove_sparselora(model)
+    loss = {k: round(v, 4) for k, v in loss.items()}
+    print("loss", loss, flush=True)
 
-    per_layer, summary = finish(res)
-    mass_pl, mass_summary = finish(mass)
+    summary, per_layer = {}, {}
+    for metric, kinds in store.items():  # kind "attention": the worse of q/k and v per layer and batch
+        kinds["attention"] = {s: {n: {i: [min(a, b) for a, b in zip(kinds["attention_qk"][s][n][i],
+                                                                   kinds["attention_v"][s][n][i])]
+                                      for i in kinds["attention_qk"][s][n]} for n in kinds["attention_qk"][s]}
+                              for s in kinds["attention_qk"]}
+        summary[metric], per_layer[metric] = {}, {}
+        for kind in ("ffn", "attention", "attention_qk", "attention_v"):
+            summary[metric][kind], per_layer[metric][kind] = {}, {}
+            for s, sels in kinds[kind].items():
+                pl = {n: {str(i): round(statistics.fmean(v), 4) for i, v in sorted(d.items())} for n, d in sels.items()}
+                per_layer[metric][kind][str(s)] = pl
+                summary[metric][kind][str(s)] = {n: {"config_layers_mean": round(statistics.fmean(d.values()), 4),
+                                                     "config_layers_min": round(min(d.values()), 4)}
+                                                 for n, d in pl.items()}
     doc = {
-        "model": args.model, "architecture": arch.__dict__ | {"group_size": arch.group_size},
-        "data": str(Path(args.data).resolve().relative_to(REPO.parent)) if str(Path(args.data).resolve()).startswith(str(REPO.parent)) else args.data,
-        "samples": len(feats), "batch_size": bs, "batches": (len(feats) + bs - 1) // bs, "seed": args.seed,
-        "context_tokens": n_ctx_total, "dtype": args.dtype, "device": str(device),
-        "ranks": ranks, "ffn_levels": ffn_levels, "attn_levels": attn_levels,
-        "scaled_sparse_layers": {"ffn": sparse_layers["ffn"], "attn": sparse_layers["attn_k"]},
+        "model": args.model, "default_selector": DEFAULT_SELECTOR, "sample_rows": SAMPLE_ROWS,
+        "architecture": arch.__dict__ | {"group_size": arch.group_size},
+        "data": str(Path(args.data).resolve().relative_to(REPO.parent)) if Path(args.data).resolve().is_relative_to(REPO.parent) else args.data,
+        "samples": len(feats), "batch_size": args.batch_size, "batches": len(batches), "seed": args.seed,
+        "context_tokens": n_ctx, "labelled_tokens": n_lab, "dtype": args.dtype, "device": "cpu",
+        "levels": levels, "config": "scaled preset", "config_layers": {"ffn": ffn_layers, "attention": att_layers},
         "versions": versions(), "commit": git_commit(),
         "command": "python benchmarks/recall.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "seconds": round(time.time() - t0, 1),
-        "recall": summary, "mass": mass_summary, "recall_per_layer": per_layer, "mass_per_layer": mass_pl,
+        "mass_vs_oracle": summary["mass"], "recall": summary["recall"],
+        "mass_vs_oracle_per_layer": per_layer["mass"], "recall_per_layer": per_layer["recall"],
+        "loss": {"batches": len(lb), "config": "scaled preset, start_step 0", **loss},
     }
     slug = "".join(c if c.isalnum() or c in ".-" else "-" for c in Path(args.model).name.lower())
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"recall-{slug}.json"
     write_json_atomic(out, doc)
-    print_table(doc)
+    for kind in ("ffn", "attention"):
+        print(kind)
+        for s, sels in doc["mass_vs_oracle"][kind].items():
+            print(f"  s={s}: " + ", ".join(f"{n} {v['config_layers_mean']:.3f}/{v['config_layers_min']:.2f}" for n, v in sels.items()))
     print(f"wrote {out} ({doc['seconds']}s)")
     return 0
-
-
-def print_table(doc):
-    print(f"\nrecall of the oracle's channels: {doc['model']}, {doc['samples']} samples, {doc['context_tokens']} context "
-          f"tokens (mean over the 'scaled' preset's sparse layers; all layers in brackets)")
-    for kind, title in (("ffn", "FFN"), ("attn_k", "attention q/k"), ("attn_v", "attention v/o")):
-        levels = list(doc["recall"][kind])
-        sels = list(doc["recall"][kind][levels[0]])
-        print(f"  {title:<14}" + "".join(f"{'s=' + lv:>20}" for lv in levels))
-        for sel in sels:
-            cells = []
-            for lv in levels:
-                r = doc["recall"][kind][lv].get(sel)
-                cells.append(f"{r['scaled_sparse_layers']:.3f} ({r['all_layers']:.3f})" if r else "-")
-            print(f"    {sel:<12}" + "".join(f"{c:>20}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from typing import Any
 
 import yaml
 
-SELECTORS = ("svd", "labelled", "oracle", "random", "l2")
+from sparselora.selection import DEFAULT_SELECTOR, SELECTORS as _REGISTRY
+
+SELECTORS = tuple(_REGISTRY)  # names, from the registry in sparselora.selection
 
 
 def parse_layers(spec: int | str) -> list[int]:
@@ -96,11 +98,11 @@ class SparseLoRAConfig:
         default_factory=dict,
         metadata={"help": "layer index (or 'a-b' range) -> fraction of q/k and of v/o channels removed"},
     )
-    estimator_rank: int = field(default=8, metadata={"help": "rank of the SVD estimator of each projection"})
+    estimator_rank: int = field(default=8, metadata={"help": "rank of the SVD estimator of each projection (selector svd)"})
     selector: str = field(
-        default="svd",
-        metadata={"help": "'svd' (low-rank estimate, default), 'labelled' (the same batch's labelled tokens' own "
-                          "dense activations: free for the FFN), 'oracle' (true context activations), 'random', 'l2'"},
+        default=DEFAULT_SELECTOR,
+        metadata={"help": "how channels are chosen per batch: " + "; ".join(
+            f"'{k}' ({v.help})" for k, v in _REGISTRY.items())},
     )
     start_step: float = field(
         default=0.05,
@@ -121,10 +123,10 @@ class SparseLoRAConfig:
             raise ValueError(f"estimator_rank must be a positive integer, got {self.estimator_rank!r}")
         if self.selector not in SELECTORS:
             raise ValueError(f"selector {self.selector!r} is unknown; choose one of {', '.join(SELECTORS)}")
-        if self.selector == "labelled" and not self.dense_output_tokens:
+        if _REGISTRY[self.selector].scores_labelled and not self.dense_output_tokens:
             raise ValueError(
                 "selector='labelled' ranks channels by the labelled tokens' dense activations, so it needs "
-                "dense_output_tokens=True; use selector='svd' to make every token sparse"
+                "dense_output_tokens=True; use selector='sampled' or 'svd' to make every token sparse"
             )
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, (int, float)) or self.start_step < 0:
             raise ValueError(

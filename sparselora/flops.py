@@ -4,16 +4,18 @@ Counted: the matmuls. A frozen base projection costs 2*in*out per token forward 
 (input gradient only, no weight gradient); a LoRA branch costs 2*r*(in+out) forward and twice that backward
 (input and weight gradients). Causal attention costs 2*heads*head_dim*T^2 per sequence forward, 3x that for
 forward + backward. The LM head costs 4*hidden*vocab per token (all tokens, as transformers computes it,
-unless ``labelled_only_head``). Sparse layers add the estimator's forward and, for context tokens, scale each
-base projection by its kept fraction (the svd estimator's low-rank products; for the labelled selector, the true
-q/k/v of at most LABELLED_ROWS_CAP labelled rows in sparse attention layers). Norms, activations and the optimizer are not counted.
+unless ``labelled_only_head``). Sparse layers scale each base projection of context tokens by its kept fraction
+and add the channel selection as run, from the selector's own cost (`sparselora.selection.SELECTORS`): the true
+gate/up or q/k/v on the rows it scores (every context row for the oracle and l2, at most SAMPLE_ROWS for sampled,
+at most LABELLED_ROWS_CAP labelled rows for the labelled selector's attention; its FFN reuses the dense rows'
+activations), the low-rank products for svd, nothing for random. Norms, activations and the optimizer are not counted.
 """
 
 from __future__ import annotations
 
 from sparselora.config import SparseLoRAConfig
 from sparselora.models.registry import ArchInfo, arch_info
-from sparselora.selection import LABELLED_ROWS_CAP, keep_count
+from sparselora.selection import DEFAULT_SELECTOR, SELECTORS, keep_count
 
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -94,8 +96,8 @@ def flops(
     att_s = sparsity_config.attn_sparsity if sparsity_config is not None else {}
     rank = sparsity_config.estimator_rank if sparsity_config is not None else 0
     rope_pairs = sparsity_config.rope_pairs if sparsity_config is not None else True
-    labelled_sel = sparsity_config is not None and sparsity_config.selector == "labelled"
-    rows_l = min(B * labelled_tokens, LABELLED_ROWS_CAP)  # rows the labelled selector scores attention on
+    sel = SELECTORS[sparsity_config.selector if sparsity_config is not None else DEFAULT_SELECTOR]
+    Nl = B * labelled_tokens
     sparse, estimator = 0.0, 0.0
     H, I = a.hidden_size, a.intermediate_size
     for layer in range(a.num_layers):
@@ -108,18 +110,14 @@ def flops(
             cost += sum(base(p, Nd) + lora(p, Nd) for p in ("gate", "up", "down"))
             cost += base("gate", Nc, k) + base("up", Nc, k) + base("down", Nc, k)
             cost += lora("gate", Nc, out_kept=k) + lora("up", Nc, out_kept=k) + lora("down", Nc, in_kept=k)
-            if not labelled_sel:  # the labelled selector reuses the dense rows' activations: no extra matmul
-                estimator += Nc * (2 * H * 2 * rank + 2 * 2 * rank * I)
+            estimator += sel.flops("ffn", H, (I, I), Nc, Nl, rank)
         else:
             cost += sum(base(p, N) + lora(p, N) for p in ("gate", "up", "down"))
         if s_att > 0:
             kept = attention_kept(a, s_att, rope_pairs)
             cost += sum(base(p, Nd) + lora(p, Nd) + base(p, Nc, kept[p]) + lora(p, Nc) for p in ("q", "k", "v", "o"))
             q_out, kv_out = dims["q"][1], dims["k"][1]
-            if labelled_sel:
-                estimator += rows_l * 2 * H * (q_out + 2 * kv_out)
-            else:
-                estimator += Nc * (2 * H * 3 * rank + 2 * rank * (q_out + 2 * kv_out))
+            estimator += sel.flops("attention", H, (q_out, kv_out, kv_out), Nc, Nl, rank)
         else:
             cost += sum(base(p, N) + lora(p, N) for p in ("q", "k", "v", "o"))
         sparse += cost

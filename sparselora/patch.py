@@ -20,6 +20,7 @@ from sparselora.models.registry import arch_info, causal_lm, decoder_layers
 from sparselora.modules import SparseAttention, SparseMLP
 from sparselora.modules.linear import FusedLoRALinear
 from sparselora.ops.sparse_linear import base_weight_bias
+from sparselora.selection import SELECTORS
 from sparselora.state import STATE_ATTR, SparseLoRAState
 from sparselora.tokens import split_tokens
 
@@ -77,7 +78,7 @@ def apply_sparselora(
                 f"{tuple(w.shape)}; use estimator_rank <= {min(w.shape)}"
             )
     estimator = None
-    if config.selector == "svd" and weights:
+    if SELECTORS[config.selector].needs_factors and weights:
         # under torch.distributed: rank 0 builds (or loads), the others receive its factors
         estimator = distributed.build_estimator(weights, config.estimator_rank, estimator_dir, Estimator.build)
 

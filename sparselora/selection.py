@@ -1,12 +1,24 @@
-"""From activations to kept channels: scores (svd | labelled | oracle | random | l2), top-k, and the mapping of
+"""From activations to kept channels: the selectors (one registry, `SELECTORS`), top-k, and the mapping of
 attention channels under grouped-query attention and RoPE.
 
-Selection is not differentiable and runs under no_grad; one channel set is chosen per batch, from all its context
-tokens (svd, oracle, l2) or from its labelled tokens' real activations (labelled).
+Selection is not differentiable and runs under no_grad; one channel set is chosen per batch. Every selector is
+a way of estimating the oracle's score, the norm over the batch's context rows of a channel's true activation
+(FFN: silu(gate x) * (up x); attention: ||q|| * ||k|| per kv channel under GQA, and ||v||):
+
+* ``sampled`` (default): the oracle's score on an evenly spaced sample of at most `SAMPLE_ROWS` context rows,
+  computed with the real projections (bias and LoRA included). Deterministic strided rows (no RNG), so gradient
+  checkpointing recomputes the same channels, and the index shape depends only on the number of context rows.
+* ``svd``: the paper's estimator, the rank-r SVD factors of gate/up and q/k/v, on every context row.
+* ``labelled``: the real activations of the same batch's labelled rows (free for the FFN: the dense path has them).
+* ``oracle``: the true activations of every context row (an upper bound; costs the dense gate/up or q/k/v).
+* ``l2``: each projection ranked by its own output norms rather than jointly: attention q by ||q||, k by ||k||;
+  FFN by ||silu(gate x)_j|| * ||(up x)_j|| (the Cauchy-Schwarz bound of the oracle's score). An ablation.
+* ``random``: uniformly random channels from the global RNG (checkpointing's RNG replay keeps them).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -35,6 +47,56 @@ def labelled_rows(x_dense: torch.Tensor, num_labelled: int, cap: int = LABELLED_
     """The labelled rows (the first ``num_labelled`` dense rows of a TokenSplit), at most ``cap`` of them."""
     x = x_dense[:num_labelled]
     return x if num_labelled <= cap else x[:: -(-num_labelled // cap)]
+
+
+# The sampled selector scores at most this many context rows per batch (evenly spaced). Measured on real GSM8K
+# batches of three models (benchmarks/results/recall-*.json): see docs/results.md.
+SAMPLE_ROWS = 128
+
+
+def sample_rows(x: torch.Tensor, rows: int = SAMPLE_ROWS) -> torch.Tensor:
+    """At most ``rows`` evenly spaced rows of ``x``: rows (i * n) // rows, i < rows. No RNG, so a recomputation
+    (gradient checkpointing) picks the same rows; the index shape depends only on n (CUDA graphs)."""
+    n = x.shape[0]
+    if n <= rows:
+        return x
+    return x.index_select(0, torch.arange(rows, device=x.device) * n // rows)
+
+
+@dataclass(frozen=True)
+class Selector:
+    """What a selector needs and what it costs. ``true_rows(kind, context_rows, labelled_rows)``: the rows on
+    which it runs the true projections (gate+up for kind "ffn", q+k+v for "attention") per batch and layer."""
+
+    name: str
+    help: str
+    needs_factors: bool = False  # rank-r SVD factors of gate/up and q/k/v, built at apply_sparselora
+    scores_labelled: bool = False  # ranks by the labelled rows: a batch without them runs dense
+    true_rows: Callable[[str, int, int], int] = lambda kind, nc, nl: 0
+
+    def flops(self, kind: str, hidden: int, outs: tuple[int, ...], context_rows: int, labelled_rows: int,
+              rank: int) -> float:
+        """Forward FLOPs of choosing the channels of one layer's FFN or attention for one batch; ``outs``: the
+        output widths of the scored projections ((I, I) for gate/up, (q, kv, kv) for q/k/v)."""
+        f = 2.0 * hidden * sum(outs) * self.true_rows(kind, context_rows, labelled_rows)
+        if self.needs_factors:  # x A (all projections at once), then z B
+            f += context_rows * (2.0 * hidden * len(outs) * rank + 2.0 * rank * sum(outs))
+        return f
+
+
+SELECTORS: dict[str, Selector] = {s.name: s for s in (
+    Selector("sampled", "the oracle's score on an evenly spaced sample of at most SAMPLE_ROWS context rows "
+             "(real projections; default)", true_rows=lambda kind, nc, nl: min(nc, SAMPLE_ROWS)),
+    Selector("svd", "the paper's estimator: rank-r SVD factors of gate/up and q/k/v on every context row",
+             needs_factors=True),
+    Selector("labelled", "the same batch's labelled tokens' own dense activations (free for the FFN)",
+             scores_labelled=True, true_rows=lambda kind, nc, nl: 0 if kind == "ffn" else min(nl, LABELLED_ROWS_CAP)),
+    Selector("oracle", "true activations of every context row (upper bound)", true_rows=lambda kind, nc, nl: nc),
+    Selector("random", "uniformly random channels (ablation)"),
+    Selector("l2", "each projection ranked by its own output norms, not jointly (ablation)",
+             true_rows=lambda kind, nc, nl: nc),
+)}
+DEFAULT_SELECTOR = "sampled"
 
 
 @torch.no_grad()
@@ -66,15 +128,21 @@ def select_ffn(
     up: Proj,
     factors: tuple[torch.Tensor, list[torch.Tensor]] | None,
     n: int,
+    rows: int = SAMPLE_ROWS,
 ) -> torch.Tensor:
-    """Kept FFN intermediate channels, ranked by the norm over context tokens of silu(gate x) * (up x)."""
+    """Kept FFN intermediate channels, ranked by (an estimate of) the norm over the context rows ``x`` of
+    silu(gate x) * (up x). ``rows``: the sample size of the sampled selector."""
     k = keep_count(n, sparsity)
     if selector == "random":
         return _random(n, k, x.device)
     if selector == "svd":
         zg, zu = _project(x, factors)
         return _top(ffn_scores_sq(zg, zu, *factors[1]), k)  # squared norms: same order
-    g, u = gate(x).float(), up(x).float()  # oracle and l2 both use the true intermediate activation
+    if selector == "sampled":
+        x = sample_rows(x, rows)
+    g, u = gate(x).float(), up(x).float()
+    if selector == "l2":  # the two factors' norms apart: an upper bound of the product's norm
+        return _top(F.silu(g).norm(dim=0) * u.norm(dim=0), k)
     return _top((F.silu(g) * u).norm(dim=0), k)
 
 
@@ -115,9 +183,12 @@ def select_attention(
     v: Proj,
     factors: tuple[torch.Tensor, list[torch.Tensor]] | None,
     biases: list[torch.Tensor | None] | None = None,
+    rows: int = SAMPLE_ROWS,
 ) -> dict[str, torch.Tensor]:
     """Kept output channels of q, k, v and input columns of o. ``x``: the context rows, or for the labelled
-    selector the labelled rows (then scored like the oracle, by their true q/k/v).
+    selector the labelled rows (then scored like the oracle, by their true q/k/v); the sampled selector scores
+    like the oracle on at most ``rows`` evenly spaced rows of ``x``. ``q``/``k``/``v`` include their bias; for
+    svd, ``biases`` are added to the low-rank estimate.
 
     q/k are ranked jointly by ||q|| * ||k|| (query norms averaged over the heads of a kv group), so a kept k
     channel keeps the matching channel of every query head of its group; v by ||v||, and a kept v channel
@@ -139,7 +210,8 @@ def select_attention(
         biases = biases or [None] * 3
         qn, kn, vn = (col_norms_sq(z, b, c).sqrt() for z, b, c in zip(_project(x, factors), factors[1], biases))
     else:
-        qn, kn, vn = (f(x).float().norm(dim=0) for f in (q, k, v))
+        xs = sample_rows(x, rows) if selector == "sampled" else x
+        qn, kn, vn = (f(xs).float().norm(dim=0) for f in (q, k, v))
     qn, kn = qn.view(Hq, D), kn.view(Hkv, D)
     v_ch = _top(vn, v_keep)
     if selector == "l2":

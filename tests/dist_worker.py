@@ -28,7 +28,7 @@ STEPS, LR, WORLD = 3, 0.05, 2
 
 
 def config(start_step=0):
-    return SparseLoRAConfig(ffn_sparsity={1: 0.6, 2: 0.6}, attn_sparsity={2: 0.5}, estimator_rank=4,
+    return SparseLoRAConfig(ffn_sparsity={1: 0.6, 2: 0.6}, attn_sparsity={2: 0.5}, estimator_rank=4, selector="svd",
                             start_step=start_step)
 
 

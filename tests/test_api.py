@@ -129,7 +129,7 @@ def test_batch_without_context_runs_dense():
 
 def test_estimator_cache_is_reused_and_checked(tmp_path, monkeypatch):
     model = tiny_peft()
-    apply_sparselora(model, cfg(), estimator_dir=tmp_path)
+    apply_sparselora(model, cfg(selector="svd"), estimator_dir=tmp_path)
     files = list(tmp_path.glob("*.safetensors"))
     assert len(files) == 1
     est = sparselora.patch.get_state(model).estimator
@@ -138,14 +138,14 @@ def test_estimator_cache_is_reused_and_checked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(E, "low_rank_factors", lambda *a: (_ for _ in ()).throw(AssertionError("rebuilt")))
     other = tiny_peft()
-    apply_sparselora(other, cfg(), estimator_dir=tmp_path)
+    apply_sparselora(other, cfg(selector="svd"), estimator_dir=tmp_path)
     est2 = sparselora.patch.get_state(other).estimator
     for k in est.factors:
         assert torch.equal(est.factors[k], est2.factors[k])
     monkeypatch.undo()
     # a different model gets its own file, never the first one's
     third = tiny_peft(seed=5)
-    apply_sparselora(third, cfg(), estimator_dir=tmp_path)
+    apply_sparselora(third, cfg(selector="svd"), estimator_dir=tmp_path)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
     # a file planted under another model's name is refused
     files = sorted(tmp_path.glob("*.safetensors"))

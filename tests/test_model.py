@@ -36,8 +36,8 @@ def test_all_channels_kept_reproduces_peft(arch):
     model = tiny_peft(arch)
     ref = clone(model)
     batch = make_batch()
-    apply_sparselora(model, cfg(ffn=1e-9, attn=1e-9, layers=range(4)))
-    for selector in ("svd", "oracle"):
+    apply_sparselora(model, cfg(ffn=1e-9, attn=1e-9, layers=range(4), selector="svd"))  # builds the factors
+    for selector in ("svd", "oracle", "sampled"):
         model_state = sparselora.patch.get_state(model)
         model_state.config.selector = selector
         compare(run(model, batch), run(ref, batch), what=f"{arch}/{selector}")
@@ -46,7 +46,7 @@ def test_all_channels_kept_reproduces_peft(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("selector", ["svd", "labelled", "random", "l2"])
+@pytest.mark.parametrize("selector", ["sampled", "svd", "labelled", "random", "l2"])
 def test_sparse_matches_masked_reference(arch, padding_side, selector):
     model = tiny_peft(arch)
     ref = clone(model)
@@ -206,7 +206,7 @@ def test_dtypes_against_reference(dtype):
 
 
 def test_gradient_checkpointing_same_gradients():
-    for selector in ("svd", "labelled", "random"):
+    for selector in ("sampled", "svd", "labelled", "random"):
         model = tiny_peft("llama")
         ckpt = clone(model)
         batch = make_batch(seed=4)

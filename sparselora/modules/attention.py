@@ -14,7 +14,7 @@ from sparselora.modules.base import ForwardSwap
 from sparselora.ops import proj_in_sparse, proj_out_sparse
 from sparselora.ops.fused import lora_linear, lora_parts, split_lora_linear
 from sparselora.ops.sparse_linear import base_weight_bias, check_lora_module
-from sparselora.selection import labelled_rows, select_attention
+from sparselora.selection import SELECTORS, labelled_rows, select_attention
 
 PROJS = ("q", "k", "v", "o")
 
@@ -39,12 +39,12 @@ class SparseAttention:
         xp = split.permute(x)
         xc, xd = xp[: split.num_context], xp[split.num_context :]
         cfg, est = self.state.config, self.state.estimator
-        xs = xc
-        if cfg.selector == "labelled":
+        xs, sel = xc, SELECTORS[cfg.selector]
+        if sel.scores_labelled:
             if split.num_labelled == 0:  # nothing to rank by (and no loss to train): this batch runs dense
                 return None
             xs = labelled_rows(xd, split.num_labelled)
-        factors = est.stacked(self.layer, "qkv") if cfg.selector == "svd" else None
+        factors = est.stacked(self.layer, "qkv") if sel.needs_factors else None
         orig = {p: s.original for p, s in self.swaps.items()}
         biases = [base_weight_bias(self.projs[p])[1] for p in "qkv"]  # Qwen2's q/k/v biases
         self.kept = select_attention(

@@ -9,7 +9,7 @@ from sparselora.modules.base import ForwardSwap
 from sparselora.ops import ffn_context
 from sparselora.ops.fused_kernels import silu_mul
 from sparselora.ops.sparse_linear import base_weight_bias, check_lora_module
-from sparselora.selection import select_ffn, select_ffn_from_activations
+from sparselora.selection import SELECTORS, select_ffn, select_ffn_from_activations
 
 
 class SparseMLP:
@@ -25,13 +25,14 @@ class SparseMLP:
         if split is None:
             return self.swap.original(x)
         mlp, cfg = self.mlp, self.state.config
-        if cfg.selector == "labelled" and split.num_labelled == 0:
+        sel = SELECTORS[cfg.selector]
+        if sel.scores_labelled and split.num_labelled == 0:
             return self.swap.original(x)  # nothing to rank by (and no loss to train): this batch runs dense
         xc, xd = split.gather(x)
-        if cfg.selector == "labelled":
+        if sel.scores_labelled:
             return self._forward_labelled(split, xc, xd)
         factors = None
-        if cfg.selector == "svd":
+        if sel.needs_factors:
             factors = self.state.estimator.stacked(self.layer, ("gate", "up"))
         n = base_weight_bias(mlp.gate_proj)[0].shape[0]
         keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n)
