@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from sparselora.selection import DEFAULT_SELECTOR, SELECTORS as _REGISTRY
+from sparselora.selection import DEFAULT_SELECTOR, SAMPLE_ROWS, SELECTORS as _REGISTRY
 
 SELECTORS = tuple(_REGISTRY)  # names, from the registry in sparselora.selection
 
@@ -104,6 +104,10 @@ class SparseLoRAConfig:
         metadata={"help": "how channels are chosen per batch: " + "; ".join(
             f"'{k}' ({v.help})" for k, v in _REGISTRY.items())},
     )
+    sample_rows: int = field(
+        default=SAMPLE_ROWS,
+        metadata={"help": "context rows per batch whose true activations the sampled selector scores (evenly spaced)"},
+    )
     start_step: float = field(
         default=0.05,
         metadata={"help": "dense warm-up: a fraction of total steps if <= 1, else a step count"},
@@ -121,6 +125,8 @@ class SparseLoRAConfig:
         self.attn_sparsity = _expand("attn_sparsity", self.attn_sparsity)
         if isinstance(self.estimator_rank, bool) or not isinstance(self.estimator_rank, int) or self.estimator_rank < 1:
             raise ValueError(f"estimator_rank must be a positive integer, got {self.estimator_rank!r}")
+        if isinstance(self.sample_rows, bool) or not isinstance(self.sample_rows, int) or self.sample_rows < 1:
+            raise ValueError(f"sample_rows must be a positive integer, got {self.sample_rows!r}")
         if self.selector not in SELECTORS:
             raise ValueError(f"selector {self.selector!r} is unknown; choose one of {', '.join(SELECTORS)}")
         if _REGISTRY[self.selector].scores_labelled and not self.dense_output_tokens:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from sparselora.config import SparseLoRAConfig
 from sparselora.models.registry import ArchInfo, arch_info
-from sparselora.selection import DEFAULT_SELECTOR, SELECTORS, keep_count
+from sparselora.selection import DEFAULT_SELECTOR, SAMPLE_ROWS, SELECTORS, keep_count
 
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -98,6 +98,7 @@ def flops(
     rope_pairs = sparsity_config.rope_pairs if sparsity_config is not None else True
     sel = SELECTORS[sparsity_config.selector if sparsity_config is not None else DEFAULT_SELECTOR]
     Nl = B * labelled_tokens
+    rows = sparsity_config.sample_rows if sparsity_config is not None else SAMPLE_ROWS
     sparse, estimator = 0.0, 0.0
     H, I = a.hidden_size, a.intermediate_size
     for layer in range(a.num_layers):
@@ -110,14 +111,14 @@ def flops(
             cost += sum(base(p, Nd) + lora(p, Nd) for p in ("gate", "up", "down"))
             cost += base("gate", Nc, k) + base("up", Nc, k) + base("down", Nc, k)
             cost += lora("gate", Nc, out_kept=k) + lora("up", Nc, out_kept=k) + lora("down", Nc, in_kept=k)
-            estimator += sel.flops("ffn", H, (I, I), Nc, Nl, rank)
+            estimator += sel.flops("ffn", H, (I, I), Nc, Nl, rank, rows)
         else:
             cost += sum(base(p, N) + lora(p, N) for p in ("gate", "up", "down"))
         if s_att > 0:
             kept = attention_kept(a, s_att, rope_pairs)
             cost += sum(base(p, Nd) + lora(p, Nd) + base(p, Nc, kept[p]) + lora(p, Nc) for p in ("q", "k", "v", "o"))
             q_out, kv_out = dims["q"][1], dims["k"][1]
-            estimator += sel.flops("attention", H, (q_out, kv_out, kv_out), Nc, Nl, rank)
+            estimator += sel.flops("attention", H, (q_out, kv_out, kv_out), Nc, Nl, rank, rows)
         else:
             cost += sum(base(p, N) + lora(p, N) for p in ("q", "k", "v", "o"))
         sparse += cost

@@ -65,36 +65,36 @@ def sample_rows(x: torch.Tensor, rows: int = SAMPLE_ROWS) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Selector:
-    """What a selector needs and what it costs. ``true_rows(kind, context_rows, labelled_rows)``: the rows on
-    which it runs the true projections (gate+up for kind "ffn", q+k+v for "attention") per batch and layer."""
+    """What a selector needs and what it costs. ``true_rows(kind, context_rows, labelled_rows, sample_rows)``: the
+    rows on which it runs the true projections (gate+up for kind "ffn", q+k+v for "attention") per batch and layer."""
 
     name: str
     help: str
     needs_factors: bool = False  # rank-r SVD factors of gate/up and q/k/v, built at apply_sparselora
     scores_labelled: bool = False  # ranks by the labelled rows: a batch without them runs dense
-    true_rows: Callable[[str, int, int], int] = lambda kind, nc, nl: 0
+    true_rows: Callable[[str, int, int, int], int] = lambda kind, nc, nl, sr: 0
 
     def flops(self, kind: str, hidden: int, outs: tuple[int, ...], context_rows: int, labelled_rows: int,
-              rank: int) -> float:
+              rank: int, sample_rows: int = SAMPLE_ROWS) -> float:
         """Forward FLOPs of choosing the channels of one layer's FFN or attention for one batch; ``outs``: the
         output widths of the scored projections ((I, I) for gate/up, (q, kv, kv) for q/k/v)."""
-        f = 2.0 * hidden * sum(outs) * self.true_rows(kind, context_rows, labelled_rows)
+        f = 2.0 * hidden * sum(outs) * self.true_rows(kind, context_rows, labelled_rows, sample_rows)
         if self.needs_factors:  # x A (all projections at once), then z B
             f += context_rows * (2.0 * hidden * len(outs) * rank + 2.0 * rank * sum(outs))
         return f
 
 
 SELECTORS: dict[str, Selector] = {s.name: s for s in (
-    Selector("sampled", "the oracle's score on an evenly spaced sample of at most SAMPLE_ROWS context rows "
-             "(real projections; default)", true_rows=lambda kind, nc, nl: min(nc, SAMPLE_ROWS)),
+    Selector("sampled", "the oracle's score on an evenly spaced sample of at most sample_rows context rows "
+             "(real projections, bias and LoRA included; default)", true_rows=lambda kind, nc, nl, sr: min(nc, sr)),
     Selector("svd", "the paper's estimator: rank-r SVD factors of gate/up and q/k/v on every context row",
              needs_factors=True),
     Selector("labelled", "the same batch's labelled tokens' own dense activations (free for the FFN)",
-             scores_labelled=True, true_rows=lambda kind, nc, nl: 0 if kind == "ffn" else min(nl, LABELLED_ROWS_CAP)),
-    Selector("oracle", "true activations of every context row (upper bound)", true_rows=lambda kind, nc, nl: nc),
+             scores_labelled=True, true_rows=lambda kind, nc, nl, sr: 0 if kind == "ffn" else min(nl, LABELLED_ROWS_CAP)),
+    Selector("oracle", "true activations of every context row (upper bound)", true_rows=lambda kind, nc, nl, sr: nc),
     Selector("random", "uniformly random channels (ablation)"),
     Selector("l2", "each projection ranked by its own output norms, not jointly (ablation)",
-             true_rows=lambda kind, nc, nl: nc),
+             true_rows=lambda kind, nc, nl, sr: nc),
 )}
 DEFAULT_SELECTOR = "sampled"
 

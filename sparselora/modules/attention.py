@@ -49,7 +49,7 @@ class SparseAttention:
         biases = [base_weight_bias(self.projs[p])[1] for p in "qkv"]  # Qwen2's q/k/v biases
         self.kept = select_attention(
             cfg.selector, self.sparsity, xs, self.state.arch, cfg.rope_pairs, orig["q"], orig["k"], orig["v"], factors,
-            biases,
+            biases, cfg.sample_rows,
         )
         self._inputs = (x, xc, xd, xp)
         return None

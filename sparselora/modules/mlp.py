@@ -35,7 +35,7 @@ class SparseMLP:
         if sel.needs_factors:
             factors = self.state.estimator.stacked(self.layer, ("gate", "up"))
         n = base_weight_bias(mlp.gate_proj)[0].shape[0]
-        keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n)
+        keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n, cfg.sample_rows)
         self.kept = keep
         yc = ffn_context(mlp.gate_proj, mlp.up_proj, mlp.down_proj, xc, keep)
         yd = mlp.down_proj(silu_mul(mlp.gate_proj(xd), mlp.up_proj(xd))) if xd.shape[0] else yc.new_empty(0, yc.shape[-1])
