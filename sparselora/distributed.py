@@ -108,7 +108,9 @@ def _broadcast(obj):
 def file_lock(path: str | Path):
     """Exclusive advisory lock on ``<path>.lock`` (POSIX ``flock``); a no-op where fcntl is missing.
 
-    The lock file is left in place (removing it would race with a waiter that already opened it).
+    The lock file is removed when the lock is released. A waiter that opened the file before it was removed
+    finds, once it holds the lock, that the path no longer names the file it locked, and starts over on a fresh
+    one; so two processes never hold "the" lock at once and no ``.lock`` file stays behind.
     """
     try:
         import fcntl
@@ -117,15 +119,31 @@ def file_lock(path: str | Path):
         return
     lock = Path(str(path) + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("sparselora: waiting for another process building %s", path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("sparselora: waiting for another process building %s", path)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)  # the holder removed this file while we waited: lock the path's current file instead
+    try:
         yield
     finally:
+        try:
+            os.unlink(lock)  # while still holding the lock (see above)
+        except FileNotFoundError:
+            pass
         os.close(fd)  # closing the descriptor releases the lock
 
 

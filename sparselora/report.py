@@ -38,6 +38,17 @@ def sibling_runs(run_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     return out
 
 
+MODE_LINES = {"dense": "-", "sparse": "--"}
+
+
+def line_styles(runs: list[tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One colour per run (sibling runs of one mode must not share one), the line style per mode."""
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+               "tab:gray", "tab:olive", "tab:cyan"]
+    return [dict(color=palette[i % len(palette)], ls=MODE_LINES.get(s.get("mode"), ":")) for i, (_, s) in
+            enumerate(runs)]
+
+
 def plot_losses(run_dir: str | Path, runs: list[tuple[Path, dict[str, Any]]] | None = None,
                 out: str | Path | None = None, title: str | None = None) -> Path | None:
     """Write ``loss.png`` (training loss per step) for ``run_dir``, with sibling runs overlaid."""
@@ -51,8 +62,7 @@ def plot_losses(run_dir: str | Path, runs: list[tuple[Path, dict[str, Any]]] | N
     if not runs:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    styles = {"dense": dict(color="tab:blue", ls="-"), "sparse": dict(color="tab:orange", ls="--")}
-    for d, s in runs:
+    for (d, s), style in zip(runs, line_styles(runs)):
         xs = [p["step"] for p in s["losses"]]
         ys = [p["loss"] for p in s["losses"]]
         mode = s.get("mode", "?")
@@ -60,7 +70,7 @@ def plot_losses(run_dir: str | Path, runs: list[tuple[Path, dict[str, Any]]] | N
         step_s = s.get("median_sparse_step_seconds") if mode == "sparse" else s.get("median_step_seconds")
         if step_s:
             label += f", {step_s:.2f} s/step"
-        ax.plot(xs, ys, marker="o" if len(xs) < 40 else None, ms=3, label=label, **styles.get(mode, {}))
+        ax.plot(xs, ys, marker="o" if len(xs) < 40 else None, ms=3, label=label, **style)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     first = runs[0][1]

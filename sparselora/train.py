@@ -19,6 +19,7 @@ Every file is written atomically; folders are written to a temporary sibling and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -67,7 +68,7 @@ class RunConfig:
     weight_decay: float = 0.0
     batch_size: int = 4
     grad_accum: int = 1
-    max_steps: int = -1  # > 0 overrides epochs
+    max_steps: int = -1  # > 0 overrides epochs; -1: not set (train for `epochs`)
     epochs: float = 1.0
     max_length: int = 512
     seed: int = 42
@@ -82,7 +83,7 @@ class RunConfig:
     merge: bool = False
     estimator_dir: str | None = "~/.cache/sparselora/estimators"
     cache_dir: str | None = None  # converted-model cache (default: $SPARSELORA_CACHE or ~/.cache/sparselora/models)
-    threads: int = 0  # torch CPU threads (0: torch's default)
+    threads: int | None = None  # torch CPU threads (None or 0: `default_threads()`, the rule of every command)
     fast_kernels: bool = False  # fused RMSNorm/SiLU*up and a labelled-only LM head (dense and sparse runs alike)
     cuda_graphs: bool = False  # forward + backward replayed from CUDA graphs (sparselora.CUDAGraphTrainer)
 
@@ -96,17 +97,32 @@ class RunConfig:
         for name in ("lora_r", "batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise RunError(f"{name} must be a positive integer, got {v!r}")
+                raise RunError(f"{name} (--{name.replace('_', '-')}) must be a positive integer, got {v!r}")
         if not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool):
-            raise RunError(f"max_steps must be an integer, got {self.max_steps!r}")
-        if self.max_steps <= 0 and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
-            raise RunError("give max_steps > 0 or epochs > 0")
+            raise RunError(f"max_steps (--max-steps) must be an integer, got {self.max_steps!r}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise RunError(f"max_steps (--max-steps) must be >= 1, got {self.max_steps} (leave it out to train "
+                           "for --epochs instead)")
+        if self.max_steps == -1 and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
+            raise RunError(f"epochs (--epochs) must be > 0, got {self.epochs!r} (or give --max-steps)")
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
+                                       or self.limit < 1):
+            raise RunError(f"limit (--limit) must be a positive number of examples, got {self.limit!r} "
+                           "(leave it out to use the whole file)")
+        if not isinstance(self.warmup, (int, float)) or isinstance(self.warmup, bool) or self.warmup < 0:
+            raise RunError(f"warmup (--warmup) must be >= 0 (a fraction of the steps if < 1, else a step count), "
+                           f"got {self.warmup!r}")
+        if self.warmup >= 1 and self.warmup != int(self.warmup):
+            raise RunError(f"warmup (--warmup) >= 1 is a number of steps and must be whole, got {self.warmup}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 0):
+            raise RunError(f"threads (--threads) must be >= 1 (or 0 for the default rule), got {self.threads!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise RunError(f"dtype {self.dtype!r} unknown; choose auto, float32, bfloat16 or float16")
         if not 0 <= self.lora_dropout < 1:
-            raise RunError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise RunError(f"lora_dropout (--lora-dropout) must be in [0, 1), got {self.lora_dropout}")
         if self.learning_rate <= 0:
-            raise RunError(f"learning_rate must be > 0, got {self.learning_rate}")
+            raise RunError(f"learning_rate (--lr) must be > 0, got {self.learning_rate}")
         if self.cuda_graphs and (self.gradient_checkpointing or self.lora_dropout > 0 or self.dtype == "float16"):
             raise RunError("cuda_graphs needs lora_dropout 0, no gradient checkpointing and bfloat16/float32; "
                            "turn cuda_graphs off or change those")
@@ -155,7 +171,21 @@ def resolve_dtype(name: str):
 
 
 def sparsity_config(spec: str | None, num_layers: int):
-    """A SparseLoRAConfig from a preset name, a YAML file, or None (the `scaled` preset for this depth)."""
+    """A SparseLoRAConfig from a preset name, a YAML file, or None (the `scaled` preset for this depth),
+    checked against the model's depth."""
+    sp = _sparsity_config(spec, num_layers)
+    try:
+        sp.check_layers(num_layers)
+    except ValueError:
+        bad = sorted({i for d in (sp.ffn_sparsity, sp.attn_sparsity) for i in d if i >= num_layers})
+        raise RunError(
+            f"--sparsity {spec}: names layer(s) {bad}, but the model has {num_layers} layers (0-{num_layers - 1}); "
+            "fix the indices, or leave --sparsity out for the 'scaled' preset of this depth"
+        ) from None
+    return sp
+
+
+def _sparsity_config(spec: str | None, num_layers: int):
     from sparselora.config import SparseLoRAConfig
 
     if spec is None or spec == "scaled":
@@ -190,6 +220,29 @@ def versions() -> dict[str, str]:
     except Exception:  # pragma: no cover
         pass
     return out
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """The CPU thread rule of every command (finetune, eval, sensitivity, demo): half the usable cores, at most 4
+    (1 on a 2-core machine). torch's own default (every core) is many times slower on a busy machine, where
+    other processes hold some of the cores; on a GPU the CPU threads hardly matter."""
+    return max(1, min(4, usable_cores() // 2))
+
+
+def set_threads(threads: int | None) -> int:
+    """Apply ``threads`` (None or 0: `default_threads()`) to torch; returns the number set."""
+    import torch
+
+    n = threads if threads else default_threads()
+    torch.set_num_threads(n)
+    return n
 
 
 def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
@@ -227,12 +280,15 @@ def last_checkpoint(output: Path) -> Path | None:
     return max(done)[1] if done else None
 
 
+ASIDE_PREFIX = ".replaced-"  # a previous run moved aside by --overwrite until the new one has replaced it
+
+
 def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / f).exists() for f in RUN_FILES)
 
 
-def prepare_output(output: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Check the output folder; returns the saved run config dict when resuming."""
+def check_output(output: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Check the output folder without changing it; returns the saved run config dict when resuming."""
     if resume and overwrite:
         raise RunError("--resume and --overwrite exclude each other")
     if output.exists() and not output.is_dir():
@@ -241,8 +297,14 @@ def prepare_output(output: Path, resume: bool, overwrite: bool) -> dict[str, Any
         cfg = output / "run_config.yaml"
         if not cfg.is_file():
             raise RunError(f"nothing to resume in {output}: it has no run_config.yaml (start the run without --resume)")
-        return yaml.safe_load(cfg.read_text())
-    if output.is_dir() and any(output.iterdir()):
+        try:
+            saved = yaml.safe_load(cfg.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RunError(f"{cfg} is not valid YAML ({exc}); start a new run with --overwrite") from None
+        if not isinstance(saved, dict):
+            raise RunError(f"{cfg} is not a run configuration; start a new run with --overwrite")
+        return saved
+    if output.is_dir() and any(not p.name.startswith(ASIDE_PREFIX) for p in output.iterdir()):
         if not is_run_dir(output):
             raise RunError(
                 f"output folder {output} is not empty and holds no sparselora run; choose a new or empty folder"
@@ -252,13 +314,73 @@ def prepare_output(output: Path, resume: bool, overwrite: bool) -> dict[str, Any
                 f"output folder {output} already holds a run; pass --resume to continue it or --overwrite to "
                 "replace it"
             )
-        for name in RUN_FILES:
-            p = output / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
     return None
+
+
+def prepare_output(output: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Kept for callers of earlier versions: `check_output` (nothing is deleted any more)."""
+    return check_output(output, resume, overwrite)
+
+
+def _set_aside(output: Path) -> Path | None:
+    """Move the previous run's files into a hidden folder inside ``output`` (restored if the new run fails)."""
+    present = [n for n in RUN_FILES if (output / n).exists()]
+    if not present:
+        return None
+    aside = output / f"{ASIDE_PREFIX}{os.getpid()}"
+    if aside.exists():
+        shutil.rmtree(aside)
+    aside.mkdir()
+    for n in present:
+        os.replace(output / n, aside / n)
+    return aside
+
+
+def _remove_run_files(output: Path) -> None:
+    for n in RUN_FILES:
+        p = output / n
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()
+
+
+def _abandon(output: Path, aside: Path | None, created: bool) -> str | None:
+    """After a failed start: undo what this run wrote unless it has a checkpoint to resume from, and put a
+    previous run that --overwrite moved aside back. Returns a note for the user (or None)."""
+    if last_checkpoint(output) is not None:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+            return "the previous run was replaced by this one (continue it with --resume)"
+        return None
+    _remove_run_files(output)
+    if aside is not None:
+        for p in aside.iterdir():
+            os.replace(p, output / p.name)
+        aside.rmdir()
+        note = f"the previous run in {output} is kept as it was"
+    else:
+        note = None
+    if created:
+        with contextlib.suppress(OSError):
+            output.rmdir()  # only when empty
+    return note
+
+
+def finished_summary(output: Path) -> dict[str, Any] | None:
+    """The summary of a run that reached its last step and wrote its adapter (None otherwise)."""
+    from sparselora.report import read_summary
+
+    s = read_summary(output)
+    if not s or not (output / "adapter").is_dir():
+        return None
+    steps, total = s.get("steps"), s.get("max_steps")
+    if not isinstance(steps, int) or not isinstance(total, int) or steps < total:
+        return None
+    ckpt = last_checkpoint(output)
+    if ckpt is not None and int(ckpt.name.split("-", 1)[1]) > steps:  # pragma: no cover - a later run's checkpoint
+        return None
+    return s
 
 
 def token_counts(features: Sequence[dict]) -> dict[str, float]:
@@ -286,21 +408,114 @@ def analytic_flops(model_config, sp_cfg, batch_size: int, counts: dict, lora_r: 
     return {"batch_shape": [batch_size, T], "labelled_per_row": L, **f, "speedup": f["dense"] / f["sparse"]}
 
 
+# ------------------------------------------------------------------------------------------- schedule
+
+
+def warmup_steps(warmup: float, total_steps: int) -> int:
+    """Warm-up length in optimizer steps: ``warmup`` < 1 is a fraction of the run (rounded down), else a count."""
+    if warmup < 1:
+        return int(warmup * total_steps)
+    return int(warmup)
+
+
+def lr_factor_with_warmup(base: Callable[[int], float], warmup: int) -> Callable[[int], float]:
+    """The scheduler's factor with a warm-up whose first step trains: step k (0-based) of a warm-up of w steps
+    runs at (k + 1) / (w + 1) of the rate (transformers' warm-up starts at 0, so a run's first step would not
+    train at all); after it, ``base`` (the scheduler's own decay, computed for the same w)."""
+
+    def factor(step: int) -> float:
+        return (step + 1) / (warmup + 1) if step < warmup else base(step)
+
+    return factor
+
+
+def make_scheduler(name: str, optimizer, warmup: float, total_steps: int, kwargs: dict | None = None):
+    """A transformers scheduler ``name`` with `lr_factor_with_warmup`'s warm-up (LambdaLR schedulers)."""
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import get_scheduler
+
+    w = warmup_steps(warmup, total_steps)
+    sched = get_scheduler(name, optimizer=optimizer, num_warmup_steps=w, num_training_steps=total_steps,
+                          scheduler_specific_kwargs=kwargs or {})
+    if w == 0 or not isinstance(sched, LambdaLR):
+        return sched
+    for group, base_lr in zip(optimizer.param_groups, sched.base_lrs):  # undo the first scheduler's lr
+        group["lr"] = base_lr
+    return LambdaLR(optimizer, [lr_factor_with_warmup(f, w) for f in sched.lr_lambdas])
+
+
+def check_scheduler(name: str) -> None:
+    from transformers.trainer_utils import SchedulerType
+
+    choices = [t.value for t in SchedulerType]
+    if name not in choices:
+        raise RunError(f"--lr-scheduler {name!r} is unknown; choose one of {', '.join(choices)}")
+
+
 # ------------------------------------------------------------------------------------------- callbacks
 
 
 class _TokenCounter:
-    """Wraps a collator and counts the real (attention_mask == 1) tokens of every batch it builds."""
+    """Real (attention_mask == 1) tokens of the batches the trainer has trained on (not those it prefetched)."""
 
-    def __init__(self, collator):
-        self.collator = collator
+    def __init__(self):
         self.tokens = 0
+        self.unlabelled_batches = 0
 
-    def __call__(self, features):
-        batch = self.collator(features)
-        mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-        return batch
+    def add(self, inputs) -> None:
+        mask = inputs.get("attention_mask")
+        ids = inputs.get("input_ids")
+        self.tokens += int(mask.sum()) if mask is not None else int(ids.numel()) if ids is not None else 0
+        labels = inputs.get("labels")
+        if labels is not None and not bool((labels[..., 1:] != -100).any()):
+            self.unlabelled_batches += 1
+            if self.unlabelled_batches == 1:
+                logger.warning(
+                    "sparselora: a batch has no labelled token (every label is -100, e.g. prompts longer than "
+                    "--max-length or empty targets): its loss is 0/0 = NaN and it teaches nothing. Check the data's "
+                    "targets and --max-length."
+                )
+
+
+def run_trainer_class(base):
+    """``base`` (a transformers.Trainer class) plus what `finetune` needs of it: the tokens of each trained batch
+    are counted (``token_counter``), and the warm-up's first step trains (`make_scheduler`)."""
+
+    class RunTrainer(base):
+        token_counter: _TokenCounter | None = None
+        warmup: float = 0.0
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            if self.token_counter is not None:
+                self.token_counter.add(inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = make_scheduler(self.args.lr_scheduler_type, optimizer or self.optimizer,
+                                                   self.warmup, num_training_steps, self.args.lr_scheduler_kwargs)
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    RunTrainer.__name__ = RunTrainer.__qualname__ = f"Run{base.__name__}"
+    return RunTrainer
+
+
+def build_trainer(cfg: RunConfig, model, tokenizer, features, args, callbacks):
+    """The Trainer of a run and its collator: the one place that chooses them (plain `transformers.Trainer` with
+    `DataCollator`, or `CUDAGraphTrainer` with ``cuda_graphs``). Returns (trainer, token counter)."""
+    from sparselora.data import DataCollator
+
+    if cfg.cuda_graphs:
+        from sparselora.trainer import CUDAGraphTrainer as base
+    else:
+        from transformers import Trainer as base
+    collator = DataCollator(tokenizer)
+    counter = _TokenCounter()
+    trainer = run_trainer_class(base)(model=model, args=args, train_dataset=_ListDataset(features),
+                                      data_collator=collator, callbacks=list(callbacks))
+    trainer.token_counter, trainer.warmup = counter, cfg.warmup
+    return trainer, counter
 
 
 def _callbacks():
@@ -317,12 +532,10 @@ def _callbacks():
             self._tok0 = 0
             self.rng = None
 
-        def on_train_begin(self, args, state, control, **kw):
-            self._tok0 = self.counter.tokens
-
         def on_step_begin(self, args, state, control, **kw):
             self.rng = _rng_state()
             self._t0 = time.perf_counter()
+            self._tok0 = self.counter.tokens
 
         def on_step_end(self, args, state, control, **kw):
             if self._t0 is None:
@@ -334,12 +547,10 @@ def _callbacks():
                 {
                     "step": state.global_step,
                     "seconds": time.perf_counter() - self._t0,
-                    "tokens": self.counter.tokens - self._tok0,
+                    "tokens": self.counter.tokens - self._tok0,  # counted in training_step: this step's batches
                     "sparse": bool(st is not None and st.active),
                 }
             )
-            # the Trainer fetches a step's batches before on_step_begin: count tokens from step end to step end
-            self._tok0 = self.counter.tokens
             self.rng = None
 
     class SparsityGuard(TrainerCallback):
@@ -361,12 +572,14 @@ def _callbacks():
                 )
 
     class Progress(TrainerCallback):
-        """One progress bar: loss, learning rate, tokens/s, current sparsity, ETA."""
+        """One progress bar: loss, learning rate, tokens/s, current sparsity, ETA. A step that logs is shown
+        when its log arrives (after on_step_end), so the bar at step n shows step n's loss and rate."""
 
         def __init__(self, timer: StepTimer, model, enabled: bool = True, label: str = "train"):
             self.timer, self.model, self.enabled, self.label = timer, model, enabled, label
             self.bar = None
             self.last: dict[str, float] = {}
+            self.shown: list[tuple[int, dict[str, str]]] = []  # (step, postfix) as rendered
 
         def on_train_begin(self, args, state, control, **kw):
             if not self.enabled:
@@ -379,9 +592,13 @@ def _callbacks():
         def on_log(self, args, state, control, logs=None, **kw):
             if logs:
                 self.last.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
-                self.on_step_end(args, state, control)  # show the step's loss now, not one step later
+            self._render(state)
 
         def on_step_end(self, args, state, control, **kw):
+            if not (control.should_log or (args.logging_steps and state.global_step % args.logging_steps == 0)):
+                self._render(state)  # no log follows this step
+
+        def _render(self, state):
             if self.bar is None:
                 return
             from sparselora.patch import get_state
@@ -405,6 +622,8 @@ def _callbacks():
                 post["sparsity"] = f"on, ffn kept {ffn:.0%}" if ffn is not None else "on"
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(state.global_step - self.bar.n)
+            self.bar.refresh()
+            self.shown.append((state.global_step, post))
 
         def on_train_end(self, args, state, control, **kw):
             if self.bar is not None:
@@ -437,6 +656,43 @@ class _ListDataset:
 
 # ------------------------------------------------------------------------------------------- the run
 
+PATH_FIELDS = ("model", "data", "output", "sparsity", "estimator_dir", "cache_dir")
+# settings of this machine, not of the run: a resumed run takes them from the command line, never compares them
+MACHINE_FIELDS = ("output", "threads", "estimator_dir", "cache_dir")
+
+
+def _resolved_path(value: str | None, must_exist: bool = True) -> str | None:
+    """An absolute path for a path-like value that names something on disk (aliases and presets stay names)."""
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    if must_exist and not p.exists():
+        return value
+    return str(p.resolve())
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` with absolute paths (so that --resume works from any folder and compares like with like)."""
+    out = dataclasses.replace(cfg)
+    for name in ("model", "data", "sparsity"):
+        setattr(out, name, _resolved_path(getattr(cfg, name)))
+    for name in ("output", "estimator_dir", "cache_dir"):
+        setattr(out, name, _resolved_path(getattr(cfg, name), must_exist=False))
+    return out
+
+
+def runtime_notes(cfg: RunConfig, cuda: bool) -> list[str]:
+    """What actually runs where a setting means something else on this machine."""
+    notes = []
+    if not cuda and cfg.dtype == "float16":
+        notes.append("--dtype float16 on a CPU: the weights are float16 and train in float16 without loss scaling "
+                     "(slow on most CPUs; small gradients may vanish); --dtype float32 is the CPU default")
+    if not cuda and cfg.dtype == "bfloat16":
+        notes.append("--dtype bfloat16 on a CPU: weights and activations are bfloat16 (no mixed precision on CPU)")
+    if not cuda and cfg.cuda_graphs:
+        notes.append("--cuda-graphs without a GPU: nothing is captured, each step runs eagerly (the same numbers)")
+    return notes
+
 
 def finetune(
     cfg: RunConfig,
@@ -451,44 +707,50 @@ def finetune(
     """Fine-tune as configured and write the run folder; returns the summary dict.
 
     ``resume=True`` continues the run in ``cfg.output`` from its last checkpoint with its saved configuration
-    (same schedule and data order). ``callbacks`` are extra `TrainerCallback`s. A KeyboardInterrupt saves a
+    (same schedule and data order); a finished run is left as it is (its summary is returned). ``overwrite=True``
+    replaces a previous run, but only once the new one has started: until then (and if the new one fails before
+    its first checkpoint) the old one is kept. Nothing is written before every setting has been checked and the
+    model and data have loaded. ``callbacks`` are extra `TrainerCallback`s. A KeyboardInterrupt saves a
     checkpoint and re-raises after printing how to resume.
     """
     say = echo or (lambda s: print(s, file=sys.stderr))
     if not cfg.model or not cfg.data or not cfg.output:
         raise RunError("model, data and output are required")
-    output = Path(cfg.output).expanduser()
-    saved = prepare_output(output, resume, overwrite)
+    cfg = resolve_paths(cfg)
+    output = Path(cfg.output)
+    saved = check_output(output, resume, overwrite)
     if saved is not None:
         cfg = _merge_for_resume(saved, cfg)
+        done = finished_summary(output)
+        if done is not None:
+            say(f"{output} already finished ({done['steps']} of {done['max_steps']} steps): nothing to do. Start "
+                "a longer run in a new folder, or replace this one with --overwrite.")
+            return dict(done, already_finished=True)
+    check_scheduler(cfg.lr_scheduler)
 
     import torch
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from sparselora import SparseLoRACallback, apply_sparselora, remove_sparselora, set_enabled
-    from sparselora.data import DataCollator, load_examples, tokenize_examples
+    from sparselora.data import load_examples, tokenize_examples
     from sparselora.models import load_model
     from sparselora.models.registry import arch_info
 
+    use_cpu = not torch.cuda.is_available()
+    for note in runtime_notes(cfg, cuda=not use_cpu):
+        say(f"note: {note}")
     dtype = resolve_dtype(cfg.dtype)
     examples = load_examples(cfg.data, fmt=cfg.data_format, skip_bad_lines=cfg.skip_bad_lines, limit=cfg.limit)
-    if examples.skipped:
-        say(f"skipped {len(examples.skipped)} bad line(s) of {cfg.data} (first: line {examples.skipped[0][0]}: "
-            f"{examples.skipped[0][1]})")
     model, tokenizer = load_model(cfg.model, dtype=dtype, cache_dir=cfg.cache_dir)
     arch = arch_info(model.config)  # a clear error for unsupported families before any work
-    features, tok_stats = tokenize_examples(examples, tokenizer, max_length=cfg.max_length)
-    counts = token_counts(features)
     sp_cfg = sparsity_config(cfg.sparsity, arch.num_layers)
-
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output / "run_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    sp_cfg.to_yaml(output / "sparsity.yaml")
+    features, tok_stats = tokenize_examples(examples, tokenizer, max_length=cfg.max_length)
+    del examples[:]  # the examples' text is not needed any more (the features and the counts are)
+    counts = token_counts(features)
 
     torch.manual_seed(cfg.seed)
     model.train()
@@ -514,22 +776,13 @@ def finetune(
     if cfg.dense:
         set_enabled(model, False)
 
-    counter = _TokenCounter(DataCollator(tokenizer))
-    StepTimer, SparsityGuard, Progress = _callbacks()
-    timer = StepTimer(counter, model)
-    run_label = label or ("dense" if cfg.dense else "sparse")
-    cbs = [timer, Progress(timer, model, enabled=progress, label=run_label)]
-    if not cfg.dense:
-        cbs = [SparseLoRACallback(), SparsityGuard(model)] + cbs
-    cbs += list(callbacks)
-    use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(output / CHECKPOINTS),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup,
+        warmup_steps=0,  # the warm-up is make_scheduler's (cfg.warmup), whose first step trains
         weight_decay=cfg.weight_decay,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         num_train_epochs=cfg.epochs,
@@ -548,32 +801,53 @@ def finetune(
         dataloader_num_workers=0,
         save_only_model=False,
     )
-    trainer_cls = Trainer
-    if cfg.cuda_graphs:
-        from sparselora.trainer import CUDAGraphTrainer as trainer_cls
-    trainer = trainer_cls(model=model, args=args, train_dataset=_ListDataset(features), data_collator=counter,
-                          callbacks=cbs)
-    for cb in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(cb)
 
-    ckpt = last_checkpoint(output) if resume else None
-    if resume:
-        say(f"resuming {output} from {ckpt.name}" if ckpt else f"no checkpoint in {output}: starting from step 0")
-    start = time.time()
+    # everything is checked and loaded: the run starts, and only now is the output folder changed
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    aside = _set_aside(output) if overwrite else None
+    trainer = None
     try:
-        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    except KeyboardInterrupt:
-        for cb in cbs:
-            if hasattr(cb, "bar") and cb.bar is not None:
-                cb.bar.close()
-        saved_at = _save_interrupt_checkpoint(trainer, timer)
-        where = f"saved a checkpoint at step {saved_at}" if saved_at is not None else "could not save a checkpoint"
-        say(
-            f"\ninterrupted: {where} in {output / CHECKPOINTS}. Continue with:\n"
-            f"  sparselora finetune --output {output} --resume"
-        )
+        atomic_write_text(output / "run_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        sp_cfg.to_yaml(output / "sparsity.yaml")
+        StepTimer, SparsityGuard, Progress = _callbacks()
+        counter_box = _TokenCounter()
+        timer = StepTimer(counter_box, model)
+        run_label = label or ("dense" if cfg.dense else "sparse")
+        cbs = [timer, Progress(timer, model, enabled=progress, label=run_label)]
+        if not cfg.dense:
+            cbs = [SparseLoRACallback(), SparsityGuard(model)] + cbs
+        cbs += list(callbacks)
+        trainer, counter = build_trainer(cfg, model, tokenizer, features, args, cbs)
+        timer.counter = counter
+        for cb in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(cb)
+
+        ckpt = last_checkpoint(output) if resume else None
+        if resume:
+            say(f"resuming {output} from {ckpt.name}" if ckpt else f"no checkpoint in {output}: starting from step 0")
+        start = time.time()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        except KeyboardInterrupt:
+            for cb in cbs:
+                if hasattr(cb, "bar") and cb.bar is not None:
+                    cb.bar.close()
+            saved_at = _save_interrupt_checkpoint(trainer, timer)
+            where = f"saved a checkpoint at step {saved_at}" if saved_at is not None else "could not save a checkpoint"
+            say(
+                f"\ninterrupted: {where} in {output / CHECKPOINTS}. Continue with:\n"
+                f"  sparselora finetune --output {output} --resume"
+            )
+            raise
+        wall = time.time() - start
+    except BaseException:
+        note = _abandon(output, aside, created)
+        if note:
+            say(note)
         raise
-    wall = time.time() - start
+    if aside is not None:  # the new run has steps to show: the old one goes
+        shutil.rmtree(aside, ignore_errors=True)
 
     # outputs: adapter (plain PEFT), optional merged weights, summary, plot
     remove_sparselora(model)
@@ -600,6 +874,7 @@ def finetune(
         "model": {"source": cfg.model, "model_type": arch.model_type, "num_layers": arch.num_layers,
                   "hidden_size": arch.hidden_size, "intermediate_size": arch.intermediate_size},
         "versions": versions(),
+        "threads": torch.get_num_threads(),
         "data": {"path": str(cfg.data), "skipped_lines": len(examples.skipped), **counts,
                  "tokenize": tok_stats.as_dict()},
         "steps": trainer.state.global_step,
@@ -632,12 +907,13 @@ def finetune(
 
 
 def _merge_for_resume(saved: dict[str, Any], given: RunConfig) -> RunConfig:
-    """The saved configuration; a setting given now that differs from it is an error (it would change the run)."""
-    base = RunConfig.from_dict(saved, source="saved run_config.yaml")
+    """The saved configuration; a setting given now that differs from it is an error (it would change the run).
+    Paths are compared resolved; this machine's settings (`MACHINE_FIELDS`) come from ``given`` when set."""
+    base = resolve_paths(RunConfig.from_dict(saved, source="saved run_config.yaml"))
     defaults = RunConfig()
     diffs = []
     for f in dataclasses.fields(RunConfig):
-        if f.name in ("output",):
+        if f.name in MACHINE_FIELDS:
             continue
         new, old, dflt = getattr(given, f.name), getattr(base, f.name), getattr(defaults, f.name)
         if new is not None and new != dflt and new != old:
@@ -647,7 +923,10 @@ def _merge_for_resume(saved: dict[str, Any], given: RunConfig) -> RunConfig:
             "--resume continues the saved run with its own settings; these differ: " + "; ".join(diffs)
             + ". Drop them, or start a new run in another folder."
         )
-    base.output = given.output
+    for name in MACHINE_FIELDS:
+        new = getattr(given, name)
+        if name == "output" or (new is not None and new != getattr(resolve_paths(defaults), name)):
+            setattr(base, name, new)
     return base
 
 

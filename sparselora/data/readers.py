@@ -121,7 +121,7 @@ def parse_record(record: dict, fmt: str, clean_gsm8k: bool = True) -> Example:
 def _iter_records(path: Path) -> Iterable[tuple[int, Any, str | None]]:
     """(line number or index, record or None, error) for each record; JSON files count records from 1."""
     if path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -130,12 +130,12 @@ def _iter_records(path: Path) -> Iterable[tuple[int, Any, str | None]]:
                 except json.JSONDecodeError as exc:
                     yield lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})"
         return
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a UTF-8 BOM is read, not refused
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # a JSONL file named .json: read it line by line instead
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 for lineno, line in enumerate(f, 1):
                     if line.strip():
                         try:
@@ -170,6 +170,10 @@ def load_examples(
     final `#### N` into "The answer is N.". An empty result raises.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".json", ".jsonl"))
+        hint = f" (it holds {', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''})" if inside else ""
+        raise DataFormatError(f"Data path {path} is a folder, not a data file; pass the .jsonl/.json file{hint}")
     if not path.is_file():
         raise DataFormatError(f"Data file {path} does not exist")
     fmt = _FORMAT_ALIASES.get(fmt, fmt)
@@ -195,7 +199,10 @@ def load_examples(
                 err = str(exc).strip("\"'")
         if err is not None:
             if not skip_bad_lines:
-                raise DataFormatError(f"{path}: {unit} {lineno}: {err} (pass skip_bad_lines=True to skip)")
+                raise DataFormatError(
+                    f"{path}: {unit} {lineno}: {err} (--skip-bad-lines, or skip_bad_lines=True in Python, skips "
+                    f"such {unit}s)"
+                )
             examples.skipped.append((lineno, err))
             continue
         ex.meta.update(source=str(path), line=lineno, format=fmt)
@@ -203,7 +210,9 @@ def load_examples(
         if limit is not None and len(examples) >= limit:
             break
     if examples.skipped:
-        logger.warning("%s: skipped %d bad %ss (first: %s)", path, len(examples.skipped), unit, examples.skipped[0])
+        first_line, first_err = examples.skipped[0]
+        logger.warning("skipped %d bad %s(s) of %s (first: %s %d: %s)", len(examples.skipped), unit, path, unit,
+                       first_line, first_err)
     if not examples:
         raise DataFormatError(
             f"{path}: no usable examples" + (f" ({len(examples.skipped)} bad {unit}s skipped)" if examples.skipped else "")
