@@ -188,3 +188,29 @@ def test_cuda_graph_step_on_packed_rows_matches_eager(sparse):
         model.zero_grad(set_to_none=True)
         eager.zero_grad(set_to_none=True)
     assert 1 <= step.captures <= 6
+
+
+def test_cuda_graph_step_draws_new_lora_dropout_each_replay():
+    """LoRA dropout inside captured graphs: each replay draws a new mask (RNG offsets advance), as eager steps do."""
+    from peft import LoraConfig, get_peft_model
+
+    from helpers import tiny_model
+    from sparselora import CUDAGraphStep
+
+    model = get_peft_model(tiny_model("llama", attn_implementation="sdpa"),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["q_proj", "v_proj", "o_proj",
+                                                                                            "up_proj"])).cuda()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={"1-2": 0.5}, attn_sparsity={"1-2": 0.5}, start_step=0),
+                     fast_kernels=True)
+    step = CUDAGraphStep(model, bucket=1)
+    batch = {k: v.cuda() for k, v in make_batch(seed=4).items()}
+    losses = []
+    for _ in range(4):
+        losses.append(step(**batch).item())
+        model.zero_grad(set_to_none=True)
+    assert step.captures == 1 and all(torch.isfinite(torch.tensor(losses)))
+    assert len(set(losses[1:])) == 3, f"replays repeated a dropout mask: {losses}"

@@ -248,12 +248,58 @@ def test_fused_split_lora_linear(dtype, mode, lora):
         assert_close(xa, xb, "fused input grad", dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", [None, "out", "in"])
+def test_fused_lora_dropout(dtype, mode):
+    """LoRA dropout inside the fused op: the same function as PEFT's branch on the same dropout mask (drawn from
+    the same RNG state), forward and every gradient; and the mask really drops (p of the entries, scaled)."""
+    from sparselora.ops.fused import dropout_mask, lora_parts, split_lora_linear
+
+    torch.manual_seed(0)
+    m = get_peft_model(Block().to(dtype), LoraConfig(r=3, lora_alpha=5, target_modules=["proj"], lora_dropout=0.3))
+    with torch.no_grad():
+        m.base_model.model.proj.lora_B["default"].weight.normal_(0, 0.3)
+    m = m.base_model.model
+    proj = m.proj
+    n_ctx = 0 if mode is None else 7
+    idx = torch.tensor([0, 3, 4, 17, 36]) if mode == "in" else torch.tensor([0, 3, 4, 17, 52])
+    x = torch.randn(19, 37, dtype=dtype)
+    ctx = torch.zeros(19, 1, dtype=dtype)
+    ctx[:n_ctx] = 1
+    base, A, B = proj.base_layer, proj.lora_A["default"], proj.lora_B["default"]
+
+    def ref(x):
+        torch.manual_seed(123)
+        keep = dropout_mask(x.to(A.weight.dtype), 0.3)
+        assert 0.5 < keep.float().mean() < 0.9
+        lora = B(A(x * keep / 0.7)) * proj.scaling["default"]
+        if mode == "out":
+            k = torch.zeros(53, dtype=dtype)
+            k[idx] = 1
+            y = F.linear(x, base.weight, base.bias) * (1 - ctx * (1 - k))
+        elif mode == "in":
+            k = torch.zeros(37, dtype=dtype)
+            k[idx] = 1
+            y = F.linear(x * (1 - ctx * (1 - k)), base.weight, base.bias)
+        else:
+            y = F.linear(x, base.weight, base.bias)
+        return y + lora
+
+    def fast(x):
+        torch.manual_seed(123)
+        return split_lora_linear(lora_parts(proj, x), x, n_ctx, mode, idx)
+
+    check(m, x, fast, ref, dtype, f"fused dropout/{mode}")
+
+
 def test_fused_refuses_what_it_cannot_reproduce():
     from sparselora.ops.fused import lora_parts
 
     torch.manual_seed(0)
     m = get_peft_model(Block(), LoraConfig(r=3, target_modules=["proj"], lora_dropout=0.1)).base_model.model
-    assert lora_parts(m.proj, torch.randn(2, 37)) is None  # dropout: PEFT's own forward
+    assert lora_parts(m.proj, torch.randn(2, 37))[-1] == 0.1  # dropout: reproduced in the fused op
+    m.eval()
+    assert lora_parts(m.proj, torch.randn(2, 37))[-1] == 0.0  # no dropout in eval mode
     lin = nn.Linear(3, 4)
     assert lora_parts(lin, torch.randn(2, 3)) is None  # trainable base weight
     frozen = lora_block(torch.float32)

@@ -4,7 +4,9 @@ Rows arrive permuted, context rows first (`TokenSplit`). For a projection ``y = 
 - mode ``"out"`` (q/k/v): context rows get the base only on output channels ``idx`` (zero elsewhere);
 - mode ``"in"`` (o): context rows read only input channels ``idx``;
 - ``n_ctx = 0``: the plain dense LoRA projection.
-The LoRA branch is dense for every row and added into the base output by the GEMM itself (``addmm_``).
+The LoRA branch is dense for every row and added into the base output by the GEMM itself (``addmm_``). LoRA
+dropout (PEFT's ``lora_dropout``, on the branch's input) is drawn as a mask from torch's RNG, so it replays under
+CUDA graphs and gradient checkpointing like ``nn.Dropout``.
 The backward is written out: input gradient through the same sliced weights, LoRA A/B gradients; frozen base
 weights get none. This replaces ~20 small autograd ops per projection with ~6 kernels each way, which is what
 keeps the GPU fed (the step is otherwise host-bound).
@@ -18,7 +20,7 @@ from torch import nn
 
 class _SplitLoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, n_ctx, mode, idx):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, n_ctx, mode, idx, p_drop):
         N = x.shape[0]
         y = x.new_empty(N, weight.shape[0])
         xd, yd = x[n_ctx:], y[n_ctx:]
@@ -38,20 +40,24 @@ class _SplitLoRALinear(torch.autograd.Function):
                 w_ctx = weight.index_select(1, idx)
                 xs = xc.index_select(1, idx)
                 torch.addmm(bias, xs, w_ctx.t(), out=yc) if bias is not None else torch.mm(xs, w_ctx.t(), out=yc)
-        h = None
+        h = keep = None
         if lora_a is not None:
-            h = (x.to(lora_a.dtype) @ lora_a.t()) * scale
+            xl = x.to(lora_a.dtype)
+            if p_drop > 0:
+                keep = dropout_mask(xl, p_drop)
+                xl = xl * keep / (1.0 - p_drop)
+            h = (xl @ lora_a.t()) * scale
             if lora_b.dtype == y.dtype:
                 y.addmm_(h, lora_b.t())
             else:  # wider adapters (PEFT's default fp32 on a bf16 base): add in their dtype, round once, as PEFT
                 y.copy_(torch.addmm(y.to(lora_b.dtype), h, lora_b.t()))
-        ctx.save_for_backward(x, weight, w_ctx, idx, lora_a, lora_b, h)
-        ctx.n_ctx, ctx.mode, ctx.scale = n_ctx, mode, scale
+        ctx.save_for_backward(x, weight, w_ctx, idx, lora_a, lora_b, h, keep)
+        ctx.n_ctx, ctx.mode, ctx.scale, ctx.p_drop = n_ctx, mode, scale, p_drop
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, w_ctx, idx, lora_a, lora_b, h = ctx.saved_tensors
+        x, weight, w_ctx, idx, lora_a, lora_b, h, keep = ctx.saved_tensors
         n_ctx, mode, scale = ctx.n_ctx, ctx.mode, ctx.scale
         gy = gy.contiguous()
         N = gy.shape[0]
@@ -71,26 +77,37 @@ class _SplitLoRALinear(torch.autograd.Function):
             gyl = gy.to(lora_b.dtype)
             gb = gyl.t() @ h
             gh = (gyl @ lora_b) * scale
-            ga = gh.t() @ x.to(lora_a.dtype)
+            xl = x.to(lora_a.dtype)
+            if keep is not None:
+                xl = xl * keep / (1.0 - ctx.p_drop)
+            ga = gh.t() @ xl
             if gx is not None:
-                if lora_a.dtype == gx.dtype:
+                if keep is not None:
+                    gx += ((gh @ lora_a) * keep / (1.0 - ctx.p_drop)).to(gx.dtype)
+                elif lora_a.dtype == gx.dtype:
                     gx.addmm_(gh, lora_a)
                 else:
                     gx += (gh @ lora_a).to(gx.dtype)
-        return gx, None, None, ga, gb, None, None, None, None
+        return gx, None, None, ga, gb, None, None, None, None, None
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The kept entries of a dropout of ``x`` (same shape, x's dtype, 0/1), from torch's global RNG."""
+    return (torch.rand_like(x) >= p).to(x.dtype)
 
 
 def lora_parts(module: nn.Module, x: torch.Tensor):
-    """(weight, bias, A, B, scale) when ``module`` is a frozen Linear or a plain single-adapter PEFT LoRA layer
-    the fused op reproduces exactly for input ``x``; None otherwise (dropout, several adapters, LoRA bias,
-    trainable base, or autocast, whose per-op casting rules the fused op does not replay)."""
+    """(weight, bias, A, B, scale, dropout p) when ``module`` is a frozen Linear or a plain single-adapter PEFT LoRA
+    layer the fused op reproduces for input ``x``; None otherwise (several adapters, LoRA bias, trainable base, or
+    autocast, whose per-op casting rules the fused op does not replay). Dropout is reproduced in distribution, not
+    draw for draw: its mask comes from `dropout_mask`, not from ``nn.Dropout``."""
     if torch.is_autocast_enabled(x.device.type):
         return None
     base = getattr(module, "base_layer", module)
     if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return None
     if not hasattr(module, "lora_A"):
-        return base.weight, base.bias, None, None, 1.0
+        return base.weight, base.bias, None, None, 1.0, 0.0
     if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
         return None
     active = module.active_adapters
@@ -99,17 +116,25 @@ def lora_parts(module: nn.Module, x: torch.Tensor):
     if len(active) != 1:
         return None
     name = active[0]
-    if not isinstance(module.lora_dropout[name], nn.Identity) or module.lora_B[name].bias is not None:
+    drop = module.lora_dropout[name]
+    if isinstance(drop, nn.Identity):
+        p = 0.0
+    elif type(drop) is nn.Dropout:
+        p = float(drop.p) if drop.training else 0.0
+    else:
+        return None
+    if module.lora_B[name].bias is not None or p >= 1.0:
         return None
     if getattr(module, "use_dora", {}).get(name, False) or name in getattr(module, "lora_variant", {}):
         return None
-    return base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])
+    return (base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
+            float(module.scaling[name]), p)
 
 
 def split_lora_linear(parts, x: torch.Tensor, n_ctx: int = 0, mode: str | None = None, idx: torch.Tensor | None = None):
     """The fused projection of 2-D ``x`` (rows permuted context-first when ``n_ctx`` > 0)."""
-    weight, bias, a, b, scale = parts
-    return _SplitLoRALinear.apply(x, weight, bias, a, b, scale, n_ctx, mode, idx)
+    weight, bias, a, b, scale, p = parts
+    return _SplitLoRALinear.apply(x, weight, bias, a, b, scale, n_ctx, mode, idx, p)
 
 
 def lora_linear(parts, x: torch.Tensor) -> torch.Tensor:
