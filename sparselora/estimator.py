@@ -97,6 +97,11 @@ class Estimator:
         factors: dict[str, torch.Tensor] = {}
         path = None
         if cache_dir is not None:
+            if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+                raise EstimatorCacheError(
+                    f"estimator_dir {cache_dir} is a file, not a folder; pass a folder (--estimator-dir) where the "
+                    "SVD factors can be cached"
+                )
             fp = fingerprint(named)
             path = Path(cache_dir) / f"estimator-{fp[:24]}-r{rank}.safetensors"
         # another process building the same file (no torch.distributed): wait for it and load its result
@@ -117,14 +122,26 @@ class Estimator:
     def _load(path: Path, fp: str, rank: int, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:  # safetensors raises its own SafetensorError for a truncated/damaged file
+            raise EstimatorCacheError(
+                f"estimator cache {path} cannot be read: it is truncated or damaged ({exc}). Delete the file; "
+                "it is rebuilt from the weights on the next run"
+            ) from None
         if meta.get("fingerprint") != fp or meta.get("rank") != str(rank):
             raise EstimatorCacheError(
                 f"estimator cache {path} was built from other weights (or another rank) than this model's; "
                 "delete the file or pass a different estimator_dir"
             )
-        factors = load_file(str(path))
+        try:
+            factors = load_file(str(path))
+        except Exception as exc:
+            raise EstimatorCacheError(
+                f"estimator cache {path} cannot be read: it is truncated or damaged ({exc}). Delete the file; "
+                "it is rebuilt from the weights on the next run"
+            ) from None
         for n, w in named.items():
             a, b = factors.get(f"{n}.A"), factors.get(f"{n}.B")
             if a is not None and (a.shape != (w.shape[1], rank) or b.shape != (rank, w.shape[0])):

