@@ -121,7 +121,8 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
     trainer_cls, extra, callbacks = Trainer, {}, []
     if name.startswith("sparselora") or name == "dense_graph_packed":
         if kind == "sparse":
-            cfg = SparseLoRAConfig.from_preset(args.preset, num_layers=base.config.num_hidden_layers)
+            layers = {"num_layers": base.config.num_hidden_layers} if args.preset == "scaled" else {}
+            cfg = SparseLoRAConfig.from_preset(args.preset, **layers)
             cfg.start_step = 0  # sparse from the first step: the steady state is what is timed
         else:
             cfg = SparseLoRAConfig(ffn_sparsity={}, attn_sparsity={})
@@ -174,8 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default=None, help="SparseLoRA preset (default: the paper's for shape and mix)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--tokens-per-step", type=int, default=4096, help="real-token budget of a step (packed row size)")
-    ap.add_argument("--steps", type=int, default=20, help="measured steps")
-    ap.add_argument("--warmup", type=int, default=5, help="steps before measuring (captures happen here and later)")
+    ap.add_argument("--steps", type=int, default=40, help="measured steps")
+    ap.add_argument("--warmup", type=int, default=10, help="steps before measuring (captures happen here and later)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scratch", default="/tmp/sparselora-bench-train")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train-<shape>-<mix>-<gpu>.json)")
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
               "lengths": {"tokenizer": lengths["tokenizer"], "sources": lengths["sources"],
                           "mean_prompt": statistics.mean(lengths["prompt"]),
                           "mean_answer": statistics.mean(lengths["answer"])},
-              "vocab": vocab, "methods": {}}
+              "vocab": vocab, "flops": _flop_bound(args, lengths), "methods": {}}
     for name in methods:
         print(f"-- {name}: {METHODS[name][2]}", flush=True)
         try:
@@ -219,11 +220,33 @@ def main(argv=None) -> int:
     return 0
 
 
+def _flop_bound(args, lengths: dict) -> dict | None:
+    """Analytic FLOPs of a step at the mix's mean prompt/answer lengths (labelled-only head on both sides): the
+    speed-up the sparse config could reach if time followed FLOPs."""
+    from sparselora import SparseLoRAConfig, flops
+    from sparselora.bench.shapes import make_config
+
+    if args.model:
+        return None
+    cfg = make_config(args.shape)
+    layers = {"num_layers": cfg.num_hidden_layers} if args.preset == "scaled" else {}
+    p, a = statistics.mean(lengths["prompt"]), statistics.mean(lengths["answer"])
+    rows = max(1, round(args.tokens_per_step / (p + a)))
+    f = flops(cfg, SparseLoRAConfig.from_preset(args.preset, **layers), (rows, round(p + a)), round(a),
+              labelled_only_head=True)
+    return {"dense": f["dense"], "sparse": f["sparse"], "speedup_bound": f["dense"] / f["sparse"],
+            "context_fraction": p / (p + a), "at": f"{rows} rows of {round(p)} prompt + {round(a)} answer tokens"}
+
+
 def _table(record: dict) -> None:
     ms = record["methods"]
     ok = {k: v for k, v in ms.items() if "error" not in v}
     best_dense = max((v["tokens_per_s"] for v in ok.values() if v["kind"] == "dense"), default=None)
     print(f"\n{record['shape']} / {record['mix']} / {record['preset']} on {record['gpu']}")
+    if record.get("flops"):
+        f = record["flops"]
+        print(f"analytic FLOP bound {f['speedup_bound']:.2f}x at context fraction {f['context_fraction']:.2f} "
+              f"({f['at']})")
     print(f"{'method':<22}{'tok/s':>9}{'ms/step':>9}{'mean ms':>9}{'tok/step':>9}{'peak GiB':>9}{'graphs':>7}"
           f"{'vs best dense':>14}{'loss first/last':>18}")
     for k, v in ms.items():

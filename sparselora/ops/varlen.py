@@ -3,8 +3,8 @@
 Packing several examples into one fixed-size row removes padding and gives every batch the same shape (what CUDA
 graphs need), but transformers' ``sdpa`` / ``flex_attention`` with packed ``position_ids`` let segments attend to
 each other. This function reads the segment boundaries (``cu_seq_lens_q``, as `sparselora.data.PackedCollator`
-emits them) and runs torch's variable-length flash attention on CUDA (bf16/fp16), or a block-diagonal causal
-SDPA everywhere else (the reference the tests compare against). No mask is built and no host sync happens, so
+emits them) and runs torch's variable-length flash attention on CUDA (bf16/fp16, head dim a multiple of 8), or a
+block-diagonal causal SDPA everywhere else (the reference the tests compare against). No mask is built and no host sync happens, so
 the step stays capturable.
 
     use_packed_attention(model)      # registers "sparselora_packed" and switches the model to it
@@ -59,7 +59,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
     b, hq, s, d = query.shape
     q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
     varlen_attn, has_gqa = _varlen()
-    if q.is_cuda and varlen_attn is not None and q.dtype in (torch.bfloat16, torch.float16):
+    if q.is_cuda and varlen_attn is not None and q.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0:
         max_len = int(kwargs.get("max_length_q") or b * s)
         extra = {"enable_gqa": True} if has_gqa and k.shape[1] != hq else {}
         cu = cu.to(torch.int32)
