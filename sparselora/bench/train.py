@@ -74,8 +74,8 @@ def _sync():
 class _Recorder:
     """Per-step wall time (synchronized at step boundaries), real tokens per batch, losses."""
 
-    def __init__(self, collator):
-        self.collator, self.tokens, self.times = collator, [], []
+    def __init__(self, collator, prof=None):
+        self.collator, self.tokens, self.times, self.prof = collator, [], [], prof
 
     def __call__(self, features):
         batch = self.collator(features)
@@ -95,6 +95,8 @@ class _Recorder:
             def on_step_end(self, args, state, control, **kw):
                 _sync()
                 rec.times.append(time.perf_counter() - rec.t0)
+                if rec.prof is not None:
+                    rec.prof.step()
 
         return Timer()
 
@@ -130,7 +132,13 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
         callbacks.append(SparseLoRACallback())
     if name in ("sparselora_fast", "dense_graph_packed"):
         trainer_cls = CUDAGraphTrainer
-    rec = _Recorder(collator)
+    prof = None
+    if args.profile == name:  # kernel table of two measured steps (after the captures of the warm-up)
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                       schedule=schedule(wait=args.warmup + args.steps // 2, warmup=1, active=2))
+    rec = _Recorder(collator, prof)
     targs = TrainingArguments(
         output_dir=str(Path(args.scratch) / name), max_steps=args.warmup + args.steps,
         per_device_train_batch_size=1 if packed else args.rows, learning_rate=3e-4, lr_scheduler_type="cosine",
@@ -143,7 +151,14 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
     _sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    if prof is not None:
+        with prof:
+            trainer.train()
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70)
+        Path(args.profile_out).write_text(table)
+        print(f"   profile of 2 steps: {args.profile_out}")
+    else:
+        trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     times, toks = rec.times, rec.tokens[: len(rec.times)]
@@ -178,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40, help="measured steps")
     ap.add_argument("--warmup", type=int, default=10, help="steps before measuring (captures happen here and later)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", default=None, help="a method to profile (kernel table of two measured steps)")
+    ap.add_argument("--profile-out", default="profile.txt")
     ap.add_argument("--scratch", default="/tmp/sparselora-bench-train")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train-<shape>-<mix>-<gpu>.json)")
     args = ap.parse_args(argv)
