@@ -133,7 +133,7 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
     if name in ("sparselora_fast", "dense_graph_packed"):
         trainer_cls = CUDAGraphTrainer
     prof = None
-    if args.profile == name:  # kernel table of two measured steps (after the captures of the warm-up)
+    if name in (args.profile or "").split(","):  # kernel table of two measured steps (after the captures of the warm-up)
         from torch.profiler import ProfilerActivity, profile, schedule
 
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
@@ -155,8 +155,10 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
         with prof:
             trainer.train()
         table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70)
-        Path(args.profile_out).write_text(table)
-        print(f"   profile of 2 steps: {args.profile_out}")
+        dest = Path(args.profile_out) / f"profile-{name}.txt"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(table)
+        print(f"   profile of 2 steps: {dest}")
     else:
         trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
@@ -193,8 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40, help="measured steps")
     ap.add_argument("--warmup", type=int, default=10, help="steps before measuring (captures happen here and later)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--profile", default=None, help="a method to profile (kernel table of two measured steps)")
-    ap.add_argument("--profile-out", default="profile.txt")
+    ap.add_argument("--profile", default=None, help="methods to profile, comma list (kernel table of two steps)")
+    ap.add_argument("--profile-out", default=".", help="folder for profile-<method>.txt")
     ap.add_argument("--scratch", default="/tmp/sparselora-bench-train")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train-<shape>-<mix>-<gpu>.json)")
     args = ap.parse_args(argv)
