@@ -597,6 +597,15 @@ def print_table(sens: Sensitivity, cfg: SparseLoRAConfig | None = None, title: s
     console.print(t)
 
 
+def fit_title(title: str, width_inches: float, fontsize: float = 9) -> str:
+    """``title`` wrapped onto lines that fit a figure ``width_inches`` wide (a long one-line suptitle is clipped
+    at both edges). An average character is taken as 0.6 of the font size wide, with a margin."""
+    import textwrap
+
+    per_line = max(20, int(width_inches * 72 / (0.6 * fontsize) * 0.9))
+    return "\n".join(textwrap.wrap(title, per_line)) or title
+
+
 def write_heatmap(sens: Sensitivity, path: str | Path, cfg: SparseLoRAConfig | None = None, title: str = "") -> bool:
     """PNG heatmap (layers x levels, FFN and attention panels, chosen levels boxed); False without matplotlib."""
     try:
@@ -636,7 +645,7 @@ def write_heatmap(sens: Sensitivity, path: str | Path, cfg: SparseLoRAConfig | N
     axes[0].set_yticks(range(n))
     fig.colorbar(im, ax=axes, label="loss - dense loss (symlog)", shrink=0.8)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(fit_title(title, fig.get_size_inches()[0], fontsize=9), fontsize=9)
     atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
     return True

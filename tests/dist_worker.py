@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -213,8 +214,30 @@ def main():
         scenario_loop(out)
     if "trainer" in scenarios:  # alone, the Trainer sets the process group up itself (through accelerate)
         scenario_trainer(out)
+    shutdown()
+
+
+def shutdown() -> None:
+    """Leave without a crash at exit. The FSDP2 scenarios create device-mesh process groups that DTensors and
+    meshes keep alive after destroy_process_group(); their gloo connections were then closed by interpreter
+    teardown in no fixed order, and a rank whose peer had already exited could abort in gloo's teardown
+    ("Connection closed by peer" -> std::terminate) after all its work was done: once in 6 runs. So: every rank
+    first passes the barrier (all collectives done), then waits on the launcher's store until every rank has
+    (no rank closes a connection another still reads), destroys the groups, and exits without interpreter
+    teardown (its results are written and flushed before)."""
+    import gc
+
     dist.barrier()
+    store = dist.distributed_c10d._get_default_store()
+    store.add("dist_worker_done", 1)
+    deadline = time.monotonic() + 60
+    while store.add("dist_worker_done", 0) < dist.get_world_size() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gc.collect()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ def launch(argv: list[str], out: Path, env_extra: dict | None = None) -> None:
             proc.wait()
             pytest.fail(f"{argv[0]} timed out after {LAUNCH_TIMEOUT}s:\n{log.read_text()[-4000:]}")
     if rc != 0:
-        pytest.fail(f"{' '.join(map(str, argv))} exited {rc}:\n{log.read_text()[-6000:]}")
+        how = f"was killed by signal {-rc}" if rc < 0 else f"exited {rc}"
+        pytest.fail(f"{' '.join(map(str, argv))} {how}:\n{log.read_text()[-6000:]}")
 
 
 def bin_of(name: str) -> str:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -421,3 +422,94 @@ def test_data_errors_speak_the_flags(env, tmp_path, capsys):
     bad.write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
     with pytest.raises(Exception, match="--skip-bad-lines"):
         load_examples(bad)
+
+
+def test_heatmap_title_fits_the_figure(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sparselora import sensitivity as S
+
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    n, levels = 4, [0.5, 0.9]
+    sens = S.Sensitivity(levels=levels, num_layers=n, dense_loss=1.0,
+                         loss={k: [[1.0 + 0.1 * i + 0.01 * j for j in range(2)] for i in range(n)] for k in S.KINDS})
+    title = ("smollm2-135m: loss increase per layer (dense loss 1.2345; 32 samples; selector svd r=8) "
+             "and some more words to make it long enough")
+    assert S.write_heatmap(sens, tmp_path / "h.png", title=title)
+    fig = figs[-1]
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox)
+
+
+# ------------------------------------------------------------------------------ 23: provenance
+
+
+def test_every_committed_result_names_commit_and_command():
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    if not results.is_dir():
+        pytest.skip("no benchmarks/results in this checkout")
+    table = (results / "PROVENANCE.md").read_text()
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] not in ("file", "---"):
+            rows[cells[0]] = cells
+    import fnmatch
+
+    for f in sorted(results.iterdir()):
+        if f.name == "PROVENANCE.md":
+            continue
+        row = next((r for pat, r in rows.items() if fnmatch.fnmatch(f.name, pat)), None)
+        assert row is not None, f"{f.name} is not in benchmarks/results/PROVENANCE.md"
+        assert row[1] and row[2], f.name
+        if f.suffix == ".json":
+            d = json.loads(f.read_text())
+            for key, cell in (("commit", row[1]), ("command", row[2])):
+                assert key in d or not cell.startswith("in the file"), (f.name, key)
+
+
+# ------------------------------------------------------------------------------ 18: memory
+
+
+FRAGMENT = r"""
+import ctypes, sys
+{setup}
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) // 1024
+big = libc.malloc(16 << 20); libc.memset(big, 1, 16 << 20); libc.free(big)  # like a step's largest tensor
+base = rss()
+blocks, small = [], []
+for i in range(48):  # a step's activations, with small tensors that outlive them in between
+    b = libc.malloc(8 << 20); libc.memset(b, 1, 8 << 20); blocks.append(b)
+    small.append(libc.malloc(100 << 10))
+for b in blocks:
+    libc.free(b)
+print(rss() - base)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_freed_activation_memory_goes_back_to_the_system():
+    import subprocess
+
+    def held(setup: str) -> int:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        out = subprocess.run([sys.executable, "-c", FRAGMENT.format(setup=setup)], capture_output=True, text=True,
+                             env=env, check=True)
+        return int(out.stdout.split()[-1])
+
+    fixed = held("from sparselora.train import return_freed_memory; assert return_freed_memory()")
+    assert fixed < 50, fixed  # MB still resident after freeing 384 MB
+    if held("") < 200:  # pragma: no cover - a malloc that returns holes by itself: nothing to show
+        pytest.skip("this libc returns freed blocks anyway")

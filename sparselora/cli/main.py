@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = bool(os.environ.get("SPARSELORA_DEBUG"))
+    from sparselora.train import return_freed_memory
+
+    return_freed_memory()  # every command: freed tensors go back to the system (see there)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -89,6 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model dtype (default bfloat16, as training runs; float32 is much slower on CPU)",
     )
     src.add_argument("--estimator-dir", help="cache folder of SVD estimator factors (default: a temporary one)")
+    src.add_argument("--threads", type=int, help="torch CPU threads (default: half the usable cores, at most 4 — "
+                     "the rule of every sparselora command)")
     src.add_argument(
         "--from-json", metavar="FILE",
         help="skip measuring: re-use a sensitivity.json of an earlier run (e.g. for another --budget)",
@@ -164,7 +166,13 @@ def _run(args) -> int:
     from sparselora.io import atomic_write_json, atomic_write_text
     from sparselora.models.registry import ArchInfo, UnsupportedModelError, arch_info
 
+    from sparselora.train import set_threads
+
     t_start = time.perf_counter()
+    if getattr(args, "threads", None) is not None and args.threads < 0:
+        _err(f"--threads must be >= 1, got {args.threads}")
+        return EXIT_ERROR
+    set_threads(getattr(args, "threads", None))
     if not 0.0 < args.budget <= 1.0:
         _err(f"--budget {args.budget} must be in (0, 1]: the FLOPs of a sparse step as a fraction of dense")
         return EXIT_ERROR
