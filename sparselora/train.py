@@ -964,7 +964,9 @@ def _merge_for_resume(saved: dict[str, Any], given: RunConfig) -> RunConfig:
         )
     for name in MACHINE_FIELDS:
         new = getattr(given, name)
-        if name == "output" or (new is not None and new != getattr(resolve_paths(defaults), name)):
+        # output and threads always come from now (the thread rule is this machine's); the caches keep the saved
+        # folders unless others are given
+        if name in ("output", "threads") or (new is not None and new != getattr(resolve_paths(defaults), name)):
             setattr(base, name, new)
     return base
 
