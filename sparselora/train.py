@@ -341,11 +341,6 @@ def check_output(output: Path, resume: bool, overwrite: bool) -> dict[str, Any] 
     return None
 
 
-def prepare_output(output: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Kept for callers of earlier versions: `check_output` (nothing is deleted any more)."""
-    return check_output(output, resume, overwrite)
-
-
 def _set_aside(output: Path) -> Path | None:
     """Move the previous run's files into a hidden folder inside ``output`` (restored if the new run fails)."""
     present = [n for n in RUN_FILES if (output / n).exists()]
@@ -525,9 +520,10 @@ def run_trainer_class(base):
     return RunTrainer
 
 
-def build_trainer(cfg: RunConfig, model, tokenizer, features, args, callbacks):
+def build_trainer(cfg: RunConfig, model, tokenizer, features, args, callbacks, counter: _TokenCounter):
     """The Trainer of a run and its collator: the one place that chooses them (plain `transformers.Trainer` with
-    `DataCollator`, or `CUDAGraphTrainer` with ``cuda_graphs``). Returns (trainer, token counter)."""
+    `DataCollator`, or `CUDAGraphTrainer` with ``cuda_graphs``). ``counter`` counts the tokens of each trained
+    batch (`StepTimer` reads it)."""
     from sparselora.data import DataCollator
 
     if cfg.cuda_graphs:
@@ -535,11 +531,10 @@ def build_trainer(cfg: RunConfig, model, tokenizer, features, args, callbacks):
     else:
         from transformers import Trainer as base
     collator = DataCollator(tokenizer)
-    counter = _TokenCounter()
     trainer = run_trainer_class(base)(model=model, args=args, train_dataset=_ListDataset(features),
                                       data_collator=collator, callbacks=list(callbacks))
     trainer.token_counter, trainer.warmup = counter, cfg.warmup
-    return trainer, counter
+    return trainer
 
 
 def _callbacks():
@@ -836,15 +831,14 @@ def finetune(
         atomic_write_text(output / "run_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         sp_cfg.to_yaml(output / "sparsity.yaml")
         StepTimer, SparsityGuard, Progress = _callbacks()
-        counter_box = _TokenCounter()
-        timer = StepTimer(counter_box, model)
+        counter = _TokenCounter()
+        timer = StepTimer(counter, model)
         run_label = label or ("dense" if cfg.dense else "sparse")
         cbs = [timer, Progress(timer, model, enabled=progress, label=run_label)]
         if not cfg.dense:
             cbs = [SparseLoRACallback(), SparsityGuard(model)] + cbs
         cbs += list(callbacks)
-        trainer, counter = build_trainer(cfg, model, tokenizer, features, args, cbs)
-        timer.counter = counter
+        trainer = build_trainer(cfg, model, tokenizer, features, args, cbs, counter)
         for cb in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(cb)
 
