@@ -332,6 +332,10 @@ def test_adapter_of_another_base_is_one_line(env, finished, tmp_path, capsys):
     assert rc == 2 and "trained on another base model" in err and env["model"] in err
     lines = [ln for ln in err.splitlines() if "sparselora eval" in ln or "size mismatch" in ln]
     assert len(lines) == 1 and "size mismatch" not in err, err
+    rc = main(["sensitivity", "--model", str(tmp_path / "other"), "--adapter", str(finished / "adapter"), "--data",
+               env["data"], "--budget", "0.5", "--samples", "2", "--dtype", "float32"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "trained on another base model" in err and "size mismatch" not in err, err
 
 
 # ------------------------------------------------------------------------------ flops: 10, 13

@@ -248,6 +248,11 @@ def _run(args) -> int:
             try:
                 model = PeftModel.from_pretrained(model, args.adapter, is_trainable=False).to(device)
             except Exception as exc:  # peft raises many kinds
+                if "size mismatch" in str(exc):  # one line, not one per tensor
+                    from sparselora.cli.eval import base_of_adapter
+
+                    exc = (f"it was trained on another base model ({base_of_adapter(Path(args.adapter)) or 'unknown'}), "
+                           f"not {args.model}: its weight shapes do not fit; pass that base with --model")
                 _err(f"cannot load adapter {args.adapter}: {exc}")
                 return EXIT_ERROR
         model.eval()
