@@ -63,9 +63,7 @@ def choose_path(
             reasons.append("packing pays on a GPU; on CPU padded batches are as fast")
     if fast_kernels is None:
         fast_kernels = gpu
-    blockers = []
-    if not gpu:
-        blockers.append("no CUDA device")
+    blockers = []  # a forced cuda_graphs without a GPU runs the graph trainer's eager path (the same numbers)
     if lora_dropout > 0:
         blockers.append(f"LoRA dropout {lora_dropout} (graphs need 0)")
     if gradient_checkpointing:
@@ -77,7 +75,7 @@ def choose_path(
     if cuda_graphs and blockers:
         raise ValueError(f"CUDA graphs cannot run here: {', '.join(blockers)}; turn cuda_graphs off or change that")
     if cuda_graphs is None:
-        cuda_graphs = not blockers
+        cuda_graphs = gpu and not blockers
         if blockers and gpu:
             reasons.append("eager because of " + ", ".join(blockers))
     if cuda_graphs and not packing:

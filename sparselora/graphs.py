@@ -90,7 +90,8 @@ class CUDAGraphStep:
         ids, labels, mask = batch["input_ids"], batch["labels"], batch.get("attention_mask")
         if tuple(labels.shape) != tuple(ids.shape):
             raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids have {tuple(ids.shape)}")
-        bucket = self.bucket or auto_bucket(ids.numel())
+        # buckets only bound the number of captures: the eager path (capture=False) keeps exact counts by default
+        bucket = self.bucket or (auto_bucket(ids.numel()) if self.capture else 1)
         # one host sync: whether the mask can be dropped, and the labelled-only head's row count
         head_rows, all_real = torch.stack(
             [(labels[:, 1:] != -100).sum(), mask.all() if mask is not None else labels.new_ones(())]

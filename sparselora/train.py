@@ -84,8 +84,11 @@ class RunConfig:
     estimator_dir: str | None = "~/.cache/sparselora/estimators"
     cache_dir: str | None = None  # converted-model cache (default: $SPARSELORA_CACHE or ~/.cache/sparselora/models)
     threads: int | None = None  # torch CPU threads (None or 0: `default_threads()`, the rule of every command)
-    fast_kernels: bool = False  # fused RMSNorm/SiLU*up and a labelled-only LM head (dense and sparse runs alike)
-    cuda_graphs: bool = False  # forward + backward replayed from CUDA graphs (sparselora.CUDAGraphTrainer)
+    # The training path (sparselora.fastpath.choose_path); None: the fastest correct one for the machine (on a GPU:
+    # packed rows, fused kernels and CUDA graphs where they apply), printed with its reasons at the start.
+    fast_kernels: bool | None = None  # fused RMSNorm/SiLU*up and a labelled-only LM head (dense and sparse alike)
+    cuda_graphs: bool | None = None  # forward + backward replayed from CUDA graphs (sparselora.CUDAGraphTrainer)
+    packing: bool | None = None  # rows packed to a fixed token budget, attention isolated per example
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
@@ -123,9 +126,9 @@ class RunConfig:
             raise RunError(f"lora_dropout (--lora-dropout) must be in [0, 1), got {self.lora_dropout}")
         if self.learning_rate <= 0:
             raise RunError(f"learning_rate (--lr) must be > 0, got {self.learning_rate}")
-        if self.cuda_graphs and (self.gradient_checkpointing or self.lora_dropout > 0 or self.dtype == "float16"):
-            raise RunError("cuda_graphs needs lora_dropout 0, no gradient checkpointing and bfloat16/float32; "
-                           "turn cuda_graphs off or change those")
+        if self.cuda_graphs and (self.gradient_checkpointing or self.dtype == "float16"):
+            raise RunError("cuda_graphs needs no gradient checkpointing and bfloat16/float32; turn cuda_graphs off "
+                           "(--no-cuda-graphs) or change those")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -520,18 +523,23 @@ def run_trainer_class(base):
     return RunTrainer
 
 
-def build_trainer(cfg: RunConfig, model, tokenizer, features, args, callbacks, counter: _TokenCounter):
-    """The Trainer of a run and its collator: the one place that chooses them (plain `transformers.Trainer` with
-    `DataCollator`, or `CUDAGraphTrainer` with ``cuda_graphs``). ``counter`` counts the tokens of each trained
-    batch (`StepTimer` reads it)."""
+def build_trainer(cfg: RunConfig, path, model, tokenizer, features, args, callbacks, counter: _TokenCounter):
+    """The Trainer of a run and its collator: the one place that chooses them, after the run's `TrainingPath`
+    (plain `transformers.Trainer` or `CUDAGraphTrainer`; padded batches of `DataCollator` or packed rows of
+    `PackedCollator`). ``counter`` counts the tokens of each trained batch (`StepTimer` reads it)."""
     from sparselora.data import DataCollator
+    from sparselora.fastpath import packed_data
 
-    if cfg.cuda_graphs:
+    if path.cuda_graphs:
         from sparselora.trainer import CUDAGraphTrainer as base
     else:
         from transformers import Trainer as base
-    collator = DataCollator(tokenizer)
-    trainer = run_trainer_class(base)(model=model, args=args, train_dataset=_ListDataset(features),
+    if path.packed:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        data, collator = packed_data(features, path, pad)
+    else:
+        data, collator = features, DataCollator(tokenizer)
+    trainer = run_trainer_class(base)(model=model, args=args, train_dataset=_ListDataset(data),
                                       data_collator=collator, callbacks=list(callbacks))
     trainer.token_counter, trainer.warmup = counter, cfg.warmup
     return trainer
@@ -771,6 +779,16 @@ def finetune(
     features, tok_stats = tokenize_examples(examples, tokenizer, max_length=cfg.max_length)
     del examples[:]  # the examples' text is not needed any more (the features and the counts are)
     counts = token_counts(features)
+    from sparselora.fastpath import choose_path
+
+    try:
+        path = choose_path("cpu" if use_cpu else "cuda", [len(f["input_ids"]) for f in features], cfg.batch_size,
+                           lora_dropout=cfg.lora_dropout, gradient_checkpointing=cfg.gradient_checkpointing,
+                           world_size=int(os.environ.get("WORLD_SIZE", "1")), dtype=str(dtype).split(".")[-1],
+                           packing=cfg.packing, cuda_graphs=cfg.cuda_graphs, fast_kernels=cfg.fast_kernels)
+    except ValueError as exc:
+        raise RunError(str(exc)) from exc
+    say(path.describe())
 
     torch.manual_seed(cfg.seed)
     model.train()
@@ -790,15 +808,19 @@ def finetune(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        apply_sparselora(model, sp_cfg, estimator_dir=estimator_dir, fast_kernels=cfg.fast_kernels)
+        apply_sparselora(model, sp_cfg, estimator_dir=estimator_dir, fast_kernels=path.fast_kernels)
     finally:
         torch.set_num_threads(threads)
     if cfg.dense:
         set_enabled(model, False)
+    if path.packed:
+        from sparselora import use_packed_attention
+
+        use_packed_attention(model)
 
     args = TrainingArguments(
         output_dir=str(output / CHECKPOINTS),
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=1 if path.packed else cfg.batch_size,  # a packed row holds ~batch_size examples
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
@@ -838,7 +860,7 @@ def finetune(
         if not cfg.dense:
             cbs = [SparseLoRACallback(), SparsityGuard(model)] + cbs
         cbs += list(callbacks)
-        trainer = build_trainer(cfg, model, tokenizer, features, args, cbs, counter)
+        trainer = build_trainer(cfg, path, model, tokenizer, features, args, cbs, counter)
         for cb in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(cb)
 
@@ -889,6 +911,7 @@ def finetune(
         "mode": "dense" if cfg.dense else "sparse",
         "output": str(output),
         "config": cfg.to_dict(),
+        "training_path": {**dataclasses.asdict(path), "description": path.describe()},
         "sparsity_config": sp_cfg.to_dict(),
         "model": {"source": cfg.model, "model_type": arch.model_type, "num_layers": arch.num_layers,
                   "hidden_size": arch.hidden_size, "intermediate_size": arch.intermediate_size},
@@ -909,7 +932,7 @@ def finetune(
         "step_times": steps,
         "flops": analytic_flops(model.config if not hasattr(model, "get_base_model") else
                                 model.get_base_model().config, sp_cfg, cfg.batch_size * cfg.grad_accum, counts,
-                                cfg.lora_r, cfg.lora_targets, cfg.fast_kernels),
+                                cfg.lora_r, cfg.lora_targets, path.fast_kernels),
         "final_loss": losses[-1]["loss"] if losses else None,
         "train_loss": result.training_loss,
         "losses": losses,

@@ -238,7 +238,7 @@ def test_keyboard_interrupt_saves_checkpoint_and_resume_matches(env, uninterrupt
         ("missing_flags", "missing --data"),
         ("nothing_to_resume", "nothing to resume"),
         ("unsupported_family", "does not support model_type"),
-        ("graphs_with_dropout", "cuda_graphs needs lora_dropout 0"),
+        ("graphs_with_checkpointing", "cuda_graphs needs no gradient checkpointing"),
     ],
 )
 def test_bad_input_gives_one_clear_message(case, message, env, tmp_path, capsys):
@@ -259,8 +259,8 @@ def test_bad_input_gives_one_clear_message(case, message, env, tmp_path, capsys)
         extra = ["--config", str(tmp_path / "run.yaml")]
     elif case == "bad_sparsity":
         extra = ["--sparsity", "super-sparse"]
-    elif case == "graphs_with_dropout":
-        extra = ["--cuda-graphs"]  # the default LoRA dropout is 0.05
+    elif case == "graphs_with_checkpointing":
+        extra = ["--cuda-graphs", "--gradient-checkpointing"]
     elif case == "unsupported_family":
         from transformers import GPT2Config
 
@@ -290,7 +290,7 @@ def test_finetune_with_cuda_graphs_flag_matches_plain_run(env, tmp_path):
                          "--fast-kernels", *extra)
         assert main(argv) == 0
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["config"]["cuda_graphs"] is bool(extra)
+        assert summary["training_path"]["cuda_graphs"] is bool(extra)
         losses[name] = [x["loss"] for x in summary["losses"]]
     assert losses["plain"] and losses["graphs"] == pytest.approx(losses["plain"], rel=1e-4)
 

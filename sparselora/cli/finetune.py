@@ -16,7 +16,7 @@ _FLAGS = {
     "limit": "limit", "estimator_dir": "estimator_dir", "threads": "threads",
 }
 _SWITCHES = {"dense": "dense", "gradient_checkpointing": "gradient_checkpointing", "fast_kernels": "fast_kernels",
-             "cuda_graphs": "cuda_graphs",
+             "cuda_graphs": "cuda_graphs", "packing": "packing",
              "skip_bad_lines": "skip_bad_lines", "merge": "merge"}
 
 
@@ -74,13 +74,16 @@ def add_run_arguments(p: argparse.ArgumentParser, required: bool = True) -> None
                    help="auto: bfloat16 on a GPU, float32 on CPU" + _d("dtype"))
     t.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute activations in the backward: far less memory, ~30%% more compute (default: off)")
-    t.add_argument("--fast-kernels", action="store_true", default=None,
+    path = " (default: decided for the machine: on a GPU on where it applies, printed at the start)"
+    t.add_argument("--fast-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="fused RMSNorm/SiLU*up and an LM head on labelled tokens only (dense and sparse alike; "
-                        "also less memory) (default: off)")
-    t.add_argument("--cuda-graphs", action="store_true", default=None,
-                   help="replay forward + backward from CUDA graphs (one per batch signature; pays off with "
-                        "repeated shapes; needs --lora-dropout 0; without a GPU each step runs eagerly) "
-                        "(default: off)")
+                        "also less memory)" + path)
+    t.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay forward + backward from CUDA graphs (a few per run with packing; not with "
+                        "gradient checkpointing or float16; without a GPU each step runs eagerly)" + path)
+    t.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="pack examples into rows of a fixed token budget (about --batch-size examples each), "
+                        "attention isolated per example: no padding, one batch shape" + path)
     t.add_argument("--save-steps", type=int, help="checkpoint every N steps" + _d("save_steps"))
     t.add_argument("--threads", type=int,
                    help="torch CPU threads (default: half the usable cores, at most 4 — the rule of every "
