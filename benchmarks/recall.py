@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, git_commit, versions, write_json_atomic  # noqa: E402
 
 LEVELS = (0.5, 0.7, 0.9)
-SAMPLES = (32, 64, 256)  # besides the library's SAMPLE_ROWS
+SAMPLES = (32, 64, 128, 512)  # besides the library's SAMPLE_ROWS
 LOSS_SELECTORS = ("sampled", "svd", "labelled", "oracle", "random")
 
 

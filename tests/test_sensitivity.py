@@ -98,7 +98,7 @@ def test_fast_path_equals_library_sparse_path(trained):
     assert sens.dense_loss == pytest.approx(mean_loss(model, batches), rel=1e-5)
     for kind, layer, j in itertools.product(S.KINDS, [0, 2], [0, 1]):
         key = "ffn_sparsity" if kind == "ffn" else "attn_sparsity"
-        apply_sparselora(model, SparseLoRAConfig(**{key: {layer: sens.levels[j]}}, start_step=0))
+        apply_sparselora(model, SparseLoRAConfig(**{key: {layer: sens.levels[j]}}, start_step=0, selector="svd"))  # measure_sensitivity scores with svd
         try:
             ref = mean_loss(model, batches)
         finally:
@@ -119,7 +119,7 @@ def test_peft_model_with_adapter():
     assert sens.dense_loss == pytest.approx(mean_loss(model, batches), rel=1e-5)
     for kind in S.KINDS:
         key = "ffn_sparsity" if kind == "ffn" else "attn_sparsity"
-        apply_sparselora(model, SparseLoRAConfig(**{key: {1: 0.75}}, start_step=0))
+        apply_sparselora(model, SparseLoRAConfig(**{key: {1: 0.75}}, start_step=0, selector="svd"))
         try:
             assert sens.loss[kind][1][0] == pytest.approx(mean_loss(model, batches), rel=1e-5)
         finally:
@@ -182,7 +182,7 @@ def test_choice_meets_budget_and_is_optimal():
             ac = {i: levels[j] for i, j in enumerate(combo[3:]) if j >= 0}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cfg = SparseLoRAConfig(ffn_sparsity=fc, attn_sparsity=ac)
+                cfg = SparseLoRAConfig(ffn_sparsity=fc, attn_sparsity=ac, selector="svd")  # as sens.selector
             if flops(arch, cfg, shape, lab)["ratio"] <= budget:
                 loss = sum(ffn[i][j] for i, j in enumerate(combo[:3]) if j >= 0)
                 loss += sum(attn[i][j] for i, j in enumerate(combo[3:]) if j >= 0)

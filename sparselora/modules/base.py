@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from torch import nn
 
-_MISSING = object()
-
 
 class ForwardSwap:
     def __init__(self, module: nn.Module, new_forward):
         self.module = module
-        self.saved = module.__dict__.get("forward", _MISSING)  # an instance-level forward set by someone else
+        # an instance-level forward set by someone else; a flag, not a sentinel object, so that a deep copy of a
+        # patched model (copy.deepcopy makes a new sentinel) still restores the class forward
+        self.had_own = "forward" in module.__dict__
+        self.saved = module.__dict__.get("forward")
         self.original = module.forward
         module.forward = new_forward
 
     def restore(self) -> None:
-        if self.saved is _MISSING:
+        if not self.had_own:
             del self.module.forward
         else:
             self.module.forward = self.saved
