@@ -106,3 +106,15 @@ def test_flops_refuses_layers_the_model_lacks():
                         num_key_value_heads=2, vocab_size=100)
     with pytest.raises(ValueError, match="has 30 layers"):
         flops(small, SparseLoRAConfig.from_preset("llama3-8b-math10k"), (8, 512), 128)
+
+
+def test_selector_fields_roundtrip_and_registry():
+    from sparselora.selection import DEFAULT_SELECTOR, SAMPLE_ROWS, SELECTORS
+
+    cfg = SparseLoRAConfig(ffn_sparsity={1: 0.5})
+    assert cfg.selector == DEFAULT_SELECTOR == "sampled" and cfg.sample_rows == SAMPLE_ROWS
+    for name in SELECTORS:  # every registered selector is a valid config value and survives YAML
+        c = SparseLoRAConfig(ffn_sparsity={1: 0.5}, selector=name, sample_rows=64)
+        assert SparseLoRAConfig.from_yaml(c.to_yaml()) == c
+    with pytest.raises(ValueError, match="sampled"):
+        SparseLoRAConfig(ffn_sparsity={1: 0.5}, selector="nope")
