@@ -96,7 +96,8 @@ class CUDAGraphStep:
         head_rows, all_real = torch.stack(
             [(labels[:, 1:] != -100).sum(), mask.all() if mask is not None else labels.new_ones(())]
         ).tolist()
-        head_rows = min(-(-head_rows // bucket) * bucket, labels[:, 1:].numel())  # extra rows: no label
+        # extra head rows carry no label; a coarser bucket there (they cost only the head) halves the signatures
+        head_rows = min(-(-head_rows // (4 * bucket)) * 4 * bucket, labels[:, 1:].numel())
         packed = "cu_seq_lens_q" in batch
         if mask is not None and all_real and not packed:
             mask = None  # no padding: the causal kernel needs no mask (and reads none)
