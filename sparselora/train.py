@@ -89,6 +89,9 @@ class RunConfig:
     fast_kernels: bool | None = None  # fused RMSNorm/SiLU*up and a labelled-only LM head (dense and sparse alike)
     cuda_graphs: bool | None = None  # forward + backward replayed from CUDA graphs (sparselora.CUDAGraphTrainer)
     packing: bool | None = None  # rows packed to a fixed token budget, attention isolated per example
+    # before training, the frozen model's loss with the whole config on the first batches may rise at most this
+    # much (relative) over dense; the config is scaled down until it does (sparselora.calibrate). None: no probe.
+    loss_bound: float | None = 0.05
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
@@ -124,6 +127,10 @@ class RunConfig:
             raise RunError(f"dtype {self.dtype!r} unknown; choose auto, float32, bfloat16 or float16")
         if not 0 <= self.lora_dropout < 1:
             raise RunError(f"lora_dropout (--lora-dropout) must be in [0, 1), got {self.lora_dropout}")
+        if self.loss_bound is not None and (isinstance(self.loss_bound, bool) or not isinstance(
+                self.loss_bound, (int, float)) or self.loss_bound < 0):
+            raise RunError(f"loss_bound (--loss-bound) must be >= 0 (a relative loss increase, e.g. 0.05) or off, "
+                           f"got {self.loss_bound!r}")
         if self.learning_rate <= 0:
             raise RunError(f"learning_rate (--lr) must be > 0, got {self.learning_rate}")
         if self.cuda_graphs and (self.gradient_checkpointing or self.dtype == "float16"):
@@ -721,6 +728,27 @@ def runtime_notes(cfg: RunConfig, cuda: bool) -> list[str]:
     return notes
 
 
+PROBE_BATCHES = 2  # batches of the run's first examples the sparsity probe measures
+
+
+def _calibrate(model, tokenizer, features, cfg: RunConfig, use_cpu: bool):
+    """The sparsity probe (sparselora.calibrate) on the run's first batches, padded, on the training device."""
+    from sparselora.calibrate import calibrate
+    from sparselora.data import DataCollator
+
+    if not use_cpu:
+        model.to("cuda")
+    device = next(model.parameters()).device
+    collate, n = DataCollator(tokenizer), cfg.batch_size
+    batches = [{k: v.to(device) for k, v in collate(features[i * n:(i + 1) * n]).items()}
+               for i in range(max(1, min(PROBE_BATCHES, len(features) // n)))]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its lines say it, including the warning
+        return calibrate(model, batches, bound=cfg.loss_bound)
+
+
 def finetune(
     cfg: RunConfig,
     *,
@@ -813,6 +841,12 @@ def finetune(
         torch.set_num_threads(threads)
     if cfg.dense:
         set_enabled(model, False)
+    calibration = None
+    if not cfg.dense and cfg.loss_bound is not None and sp_cfg.is_sparse:
+        calibration = _calibrate(model, tokenizer, features, cfg, use_cpu)
+        sp_cfg = calibration.config
+        for line in calibration.lines():
+            say(line)
     if path.packed:
         from sparselora import use_packed_attention
 
@@ -912,6 +946,9 @@ def finetune(
         "output": str(output),
         "config": cfg.to_dict(),
         "training_path": {**dataclasses.asdict(path), "description": path.describe()},
+        "calibration": None if calibration is None else {"dense_loss": calibration.dense_loss,
+                                                         "bound": calibration.bound, "rounds": calibration.rounds,
+                                                         "within_bound": calibration.within_bound},
         "sparsity_config": sp_cfg.to_dict(),
         "model": {"source": cfg.model, "model_type": arch.model_type, "num_layers": arch.num_layers,
                   "hidden_size": arch.hidden_size, "intermediate_size": arch.intermediate_size},

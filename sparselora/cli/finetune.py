@@ -13,8 +13,18 @@ _FLAGS = {
     "lr": "learning_rate", "lr_scheduler": "lr_scheduler", "warmup": "warmup", "batch_size": "batch_size",
     "grad_accum": "grad_accum", "max_steps": "max_steps", "epochs": "epochs", "max_length": "max_length",
     "seed": "seed", "dtype": "dtype", "save_steps": "save_steps", "data_format": "data_format",
-    "limit": "limit", "estimator_dir": "estimator_dir", "threads": "threads",
+    "limit": "limit", "estimator_dir": "estimator_dir", "threads": "threads", "loss_bound": "loss_bound",
 }
+_OFF = object()  # --loss-bound off: the flag given, its value None
+
+
+def _bound(text: str):
+    if text.strip().lower() in ("off", "none"):
+        return _OFF
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--loss-bound takes a number (e.g. 0.05) or 'off', not {text!r}") from None
 _SWITCHES = {"dense": "dense", "gradient_checkpointing": "gradient_checkpointing", "fast_kernels": "fast_kernels",
              "cuda_graphs": "cuda_graphs", "packing": "packing",
              "skip_bad_lines": "skip_bad_lines", "merge": "merge"}
@@ -84,6 +94,10 @@ def add_run_arguments(p: argparse.ArgumentParser, required: bool = True) -> None
     t.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                    help="pack examples into rows of a fixed token budget (about --batch-size examples each), "
                         "attention isolated per example: no padding, one batch shape" + path)
+    t.add_argument("--loss-bound", type=_bound, metavar="X|off",
+                   help="before training, scale the sparsity down until the frozen model's loss on the first "
+                        "batches rises at most X (relative) over dense; 'off' trains the config as given"
+                   + _d("loss_bound"))
     t.add_argument("--save-steps", type=int, help="checkpoint every N steps" + _d("save_steps"))
     t.add_argument("--threads", type=int,
                    help="torch CPU threads (default: half the usable cores, at most 4 — the rule of every "
@@ -105,7 +119,7 @@ def run_config_from_args(args):
     for flag, key in {**_FLAGS, **_SWITCHES}.items():
         v = getattr(args, flag, None)
         if v is not None:
-            values[key] = v
+            values[key] = None if v is _OFF else v
     return RunConfig.from_dict(values, source=args.config or "flags")
 
 

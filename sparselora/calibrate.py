@@ -1,0 +1,100 @@
+"""Defaults that do not hurt: before training, the whole config's loss on a few real batches, and a back-off.
+
+A preset's sparsity levels are a guess for a model and a data set; per-layer sensitivities add up badly (layers
+interact). So `calibrate` measures what matters, the frozen model's loss with the whole config against dense on
+the run's own first batches, and scales every layer's sparsity down (uniformly, by ``factor`` per round) until the
+relative increase is within ``bound``. It says what it measured and warns when the bound cannot be met.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from sparselora.config import SparseLoRAConfig
+from sparselora.patch import get_state
+
+
+@dataclass
+class Calibration:
+    config: SparseLoRAConfig  # the config that runs (backed off, or the given one)
+    dense_loss: float
+    bound: float
+    rounds: list[dict] = field(default_factory=list)  # {"scale", "sparse_loss", "increase"} per config tried
+
+    @property
+    def within_bound(self) -> bool:
+        return bool(self.rounds) and self.rounds[-1]["increase"] <= self.bound
+
+    def lines(self) -> list[str]:
+        out = [f"sparsity probe (frozen model, the run's first batches): dense loss {self.dense_loss:.4f}, "
+               f"bound +{self.bound:.0%}"]
+        for r in self.rounds:
+            out.append(f"  sparsity x{r['scale']:.2f}: sparse loss {r['sparse_loss']:.4f} "
+                       f"({r['increase']:+.1%})")
+        last = self.rounds[-1]
+        if self.within_bound:
+            out.append(f"  -> training with sparsity x{last['scale']:.2f} of the config")
+        else:
+            out.append(f"  -> WARNING: even x{last['scale']:.2f} raises the loss {last['increase']:+.1%}, above the "
+                       f"bound; training with it (lower the sparsity, or raise the bound)")
+        return out
+
+
+def scaled_config(cfg: SparseLoRAConfig, scale: float) -> SparseLoRAConfig:
+    """``cfg`` with every layer's sparsity times ``scale``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a scale of 0 is a dense config, which warns
+        return dataclasses.replace(cfg, ffn_sparsity={i: s * scale for i, s in cfg.ffn_sparsity.items()},
+                                   attn_sparsity={i: s * scale for i, s in cfg.attn_sparsity.items()})
+
+
+def set_levels(model, cfg: SparseLoRAConfig) -> None:
+    """Give the patched model's sparse layers the levels of ``cfg`` (same layers as the applied config)."""
+    state = get_state(model)
+    for i, wrappers in state.layers.items():
+        for w in wrappers:
+            w.sparsity = (cfg.ffn_sparsity if hasattr(w, "mlp") else cfg.attn_sparsity).get(i, 0.0)
+    state.config = cfg
+
+
+@torch.no_grad()
+def frozen_loss(model, batches, sparse: bool) -> float:
+    """Mean loss over ``batches`` with the sparse path on (from step 0) or off; eval mode (no dropout)."""
+    state = get_state(model)
+    was_training, enabled, on = model.training, state.enabled, state.scheduled_on
+    model.eval()
+    state.enabled, state.scheduled_on = sparse, True
+    try:
+        losses = [float(model(**b).loss) for b in batches]
+    finally:
+        state.enabled, state.scheduled_on = enabled, on
+        model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def calibrate(model, batches, bound: float = 0.05, factor: float = 0.7, max_rounds: int = 6) -> Calibration:
+    """Back the applied config off until the frozen loss on ``batches`` rises by at most ``bound`` (relative);
+    leaves the model with the chosen levels and returns what was measured."""
+    if not batches:
+        raise ValueError("calibrate needs at least one batch")
+    if bound < 0 or not 0 < factor < 1 or max_rounds < 1:
+        raise ValueError(f"need bound >= 0, 0 < factor < 1, max_rounds >= 1; got {bound}, {factor}, {max_rounds}")
+    base = get_state(model).config
+    cal = Calibration(base, frozen_loss(model, batches, sparse=False), bound)
+    scale = 1.0
+    for _ in range(max_rounds):
+        cfg = scaled_config(base, scale)
+        set_levels(model, cfg)
+        loss = frozen_loss(model, batches, sparse=True)
+        cal.rounds.append({"scale": scale, "sparse_loss": loss, "increase": loss / cal.dense_loss - 1.0})
+        cal.config = cfg
+        if cal.within_bound:
+            break
+        scale *= factor
+    if not cal.within_bound:
+        warnings.warn(cal.lines()[-1].strip(), stacklevel=2)
+    return cal

@@ -1,0 +1,93 @@
+"""The sparsity probe: the whole config's frozen loss against dense, backed off until within the bound."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparselora import SparseLoRAConfig, apply_sparselora, kept_channels
+from sparselora.calibrate import calibrate, frozen_loss
+from sparselora.patch import get_state
+
+from helpers import make_batch, tiny_peft
+
+
+def _model(ffn=0.97, attn=0.9):
+    model = tiny_peft("llama")
+    apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={"0-3": ffn}, attn_sparsity={"0-3": attn},
+                                             selector="oracle", start_step=0.5))
+    return model
+
+
+def _batches():
+    return [make_batch(seed=s) for s in (1, 2)]
+
+
+def test_frozen_loss_is_dense_or_sparse_and_restores_the_model():
+    model = _model()
+    state = get_state(model)
+    model.train()
+    dense, sparse = frozen_loss(model, _batches(), sparse=False), frozen_loss(model, _batches(), sparse=True)
+    with torch.no_grad():
+        state.enabled = False
+        ref = sum(float(model(**b).loss) for b in _batches()) / 2
+        state.enabled = True
+    assert dense == pytest.approx(ref, rel=1e-6) and sparse != dense
+    assert model.training and state.enabled and not state.scheduled_on  # as before: dense warm-up still ahead
+
+
+def test_backs_off_until_within_the_bound():
+    model = _model()
+    dense = frozen_loss(model, _batches(), sparse=False)
+    first = frozen_loss(model, _batches(), sparse=True)
+    bound = (first / dense - 1) / 4  # unreachable at the given levels
+    cal = calibrate(model, _batches(), bound=bound, factor=0.5, max_rounds=8)
+    assert len(cal.rounds) > 1 and cal.within_bound
+    assert cal.rounds[0]["scale"] == 1.0 and cal.rounds[-1]["increase"] <= bound
+    scale = cal.rounds[-1]["scale"]
+    assert cal.config.ffn_sparsity[1] == pytest.approx(0.97 * scale)
+    # the model runs the chosen levels: kept FFN channels of a sparse forward match the scaled sparsity
+    state = get_state(model)
+    state.scheduled_on = True
+    model(**make_batch(seed=3))
+    n = model.base_model.model.config.intermediate_size
+    assert kept_channels(model)[1]["ffn"].numel() == max(1, round((1 - 0.97 * scale) * n))
+    assert state.config is cal.config
+    assert any("sparsity x" in line for line in cal.lines())
+
+
+def test_within_bound_at_once_keeps_the_config_and_unreachable_bound_warns():
+    model = _model(ffn=0.3, attn=0.2)
+    cal = calibrate(model, _batches(), bound=10.0)
+    assert len(cal.rounds) == 1 and cal.config.ffn_sparsity[0] == pytest.approx(0.3)
+    model = _model()
+    with pytest.warns(UserWarning, match="above the bound"):
+        cal = calibrate(model, _batches(), bound=0.0, factor=0.9, max_rounds=2)
+    assert not cal.within_bound and len(cal.rounds) == 2
+    with pytest.raises(ValueError, match="bound"):
+        calibrate(model, _batches(), bound=-1)
+
+
+def test_finetune_probes_and_records_it(tmp_path, capsys):
+    from test_cli import base_args, make_data, make_model_dir
+
+    from sparselora.cli.main import main
+
+    model, data = make_model_dir(tmp_path / "m"), make_data(tmp_path / "d.jsonl")
+    env = {"model": str(model), "data": str(data), "est": str(tmp_path / "est")}
+    (tmp_path / "sp.yaml").write_text("ffn_sparsity: {'0-3': 0.99}\nattn_sparsity: {'0-3': 0.9}\nselector: oracle\n")
+    out = tmp_path / "run"
+    assert main(base_args(env, out, "--max-steps", "2", "--lora-r", "4", "--sparsity", str(tmp_path / "sp.yaml"),
+                          "--loss-bound", "0.001")) == 0
+    err = capsys.readouterr().err
+    assert "sparsity probe" in err and "dense loss" in err
+    summary = json.loads((out / "summary.json").read_text())
+    cal = summary["calibration"]
+    assert cal["rounds"] and cal["bound"] == 0.001
+    ffn = summary["sparsity_config"]["ffn_sparsity"]
+    assert list(ffn.values())[0] == pytest.approx(0.99 * cal["rounds"][-1]["scale"]), ffn
+    off = tmp_path / "off"
+    assert main(base_args(env, off, "--max-steps", "1", "--lora-r", "4", "--loss-bound", "off")) == 0
+    assert json.loads((off / "summary.json").read_text())["calibration"] is None
