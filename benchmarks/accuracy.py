@@ -42,12 +42,14 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, git_commit, gpu_slug, versions, write_json_atomic  # noqa: E402
+from common import REPO, git_commit, gpu_slug, versions  # noqa: E402
+from sparselora.io import atomic_write_json  # noqa: E402
+from sparselora.models.registry import ATTN_PROJS, PROJS, module_name  # noqa: E402
+from sparselora.tokens import IGNORE_INDEX  # noqa: E402
 
-QKVO = ("q", "k", "v", "o")
-ALL7 = ("q", "k", "v", "o", "gate", "up", "down")
-MODULE = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-          "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+QKVO = ATTN_PROJS
+ALL7 = PROJS
+MODULE = {p: module_name(p) for p in ALL7}
 BASE_METHODS = {"base": None, "dense": None, "sparselora": "svd", "oracle": "oracle", "labelled": "labelled",
                 "random": "random"}
 
@@ -191,7 +193,7 @@ def training_data(args, pool, tokenizer, seed: int):
 def token_stats(feats, batches, pad_side="right") -> dict:
     """Real token counts: per sequence (unpadded) and per executed batch (padded to its longest row)."""
     lens = [len(f["input_ids"]) for f in feats]
-    lab = [sum(1 for x in f["labels"] if x != -100) for f in feats]
+    lab = [sum(1 for x in f["labels"] if x != IGNORE_INDEX) for f in feats]
     padded = [max(lens[i] for i in b) for b in batches]
     return {
         "avg_len": statistics.fmean(lens), "avg_labelled": statistics.fmean(lab),
@@ -212,7 +214,7 @@ def batch_flops(model_config, cfg, feats, batches, targets, rank, labelled_only_
     for b in batches:
         rows = [feats[i] for i in b]
         T = max(len(f["input_ids"]) for f in rows)
-        ctx = sum(sum(1 for x in f["labels"] if x == -100) for f in rows)
+        ctx = sum(sum(1 for x in f["labels"] if x == IGNORE_INDEX) for f in rows)
         dense_tokens = round(T - ctx / len(rows))  # labelled + padding per row
         r = flops(model_config, cfg, (len(rows), T), dense_tokens, lora_rank=rank, lora_targets=tuple(targets),
                   labelled_only_head=labelled_only_head)
@@ -742,8 +744,7 @@ def main(argv=None):
 
 
 def write_json(path, doc):
-    write_json_atomic(path, doc)
-    os.chmod(path, 0o644)  # mkstemp makes it private; it is a result meant to be read and committed
+    atomic_write_json(path, doc)
 
 
 def print_summary(doc):

@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import sparselora
 from sparselora import SparseLoRAConfig, apply_sparselora, flops
 from sparselora.io import atomic_write_json
+from sparselora.tokens import IGNORE_INDEX
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--hidden", type=int, default=1024)
@@ -49,7 +50,7 @@ cfg = SparseLoRAConfig(ffn_sparsity={layers: args.ffn}, attn_sparsity={layers: a
 apply_sparselora(model, cfg)
 
 ids = torch.randint(1, 32000, (B, T))
-labels = torch.full_like(ids, -100)
+labels = torch.full_like(ids, IGNORE_INDEX)
 labels[:, -args.labelled :] = ids[:, -args.labelled :]
 batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 

@@ -45,8 +45,8 @@ from common import (  # noqa: E402
     median,
     QKVO,
     versions,
-    write_json_atomic,
 )
+from sparselora.io import atomic_write_json  # noqa: E402
 
 
 
@@ -181,7 +181,7 @@ def worker(a) -> None:
             res[mode] = {"step_ms": ms, "tokens_per_s": tokens / (ms / 1e3), "peak_gib_rank0": peak[mode] / 2**30,
                          "first_loss": losses.get(mode)}
         res["sparse_speedup"] = res["dense"]["step_ms"] / res["sparse"]["step_ms"]
-        write_json_atomic(a.part, res)
+        atomic_write_json(a.part, res)
         shutil.rmtree(est_dir, ignore_errors=True)
     dist.barrier()
     dist.destroy_process_group()
@@ -234,7 +234,7 @@ def driver(a, argv) -> None:
         "versions": versions(), "commit": git_commit(), "results": results,
     }
     out = a.out or Path(__file__).resolve().parent / "results" / f"ddp-{a.shape}-{a.batch_preset}-{gpu_slug(device)}.json"
-    write_json_atomic(out, record)
+    atomic_write_json(out, record)
     print(f"\n{'N':>3} {'dense ms':>9} {'sparse ms':>9} {'speedup':>8} {'dense tok/s':>12} {'sparse tok/s':>12} "
           f"{'dense eff':>9} {'sparse eff':>10}")
     for r in results:

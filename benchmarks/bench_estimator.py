@@ -12,7 +12,8 @@ import statistics
 
 import torch
 
-from common import BATCH_PRESETS, DEFAULT_SPARSITY_PRESET, SHAPES, git_commit, versions, write_json_atomic
+from common import BATCH_PRESETS, DEFAULT_SPARSITY_PRESET, SHAPES, git_commit, versions
+from sparselora.io import atomic_write_json
 from sparselora import SparseLoRAConfig
 from sparselora.estimator import low_rank_factors, stack_factors
 from sparselora.models.registry import ArchInfo
@@ -86,7 +87,7 @@ def main(argv=None):
            "context_rows": B * (T - L), "per_layer_ms": rows, "total_ms": total, "step_ms": a.step_ms,
            "share": total / a.step_ms if a.step_ms else None, "versions": versions(), "commit": git_commit()}
     out = a.out or f"benchmarks/results/estimator-{a.shape}-{a.batch_preset}.json"
-    write_json_atomic(out, doc)
+    atomic_write_json(out, doc)
     print(f"wrote {out}")
 
 

@@ -23,7 +23,7 @@ Methods:
   labelled    sparselora ranking channels by the labelled tokens' own dense activations (no estimator matmuls)
   *_graph     dense_fast / sparselora / labelled with forward + backward replayed from a CUDA graph
               (sparselora.CUDAGraphStep); their fwd column is forward + backward, bwd is 0
-A method that cannot run here (library missing a feature, liger on CPU, out of memory) is reported as skipped
+A method that cannot run here (liger on CPU, CUDA graphs without CUDA, out of memory) is reported as skipped
 with the reason; the others still run.
 """
 
@@ -34,7 +34,6 @@ import contextlib
 import copy
 import dataclasses
 import gc
-import inspect
 import math
 import os
 import shutil
@@ -65,8 +64,10 @@ from common import (  # noqa: E402
     median,
     QKVO,
     versions,
-    write_json_atomic,
 )
+import sparselora  # noqa: E402
+from sparselora.models.registry import ATTN_PROJS, PROJS  # noqa: E402
+from sparselora.io import atomic_write_json  # noqa: E402
 
 ALL_METHODS = ["peft", "peft_liger", "dense_fast", "sparselora", "oracle", "labelled",
                "dense_fast_graph", "sparselora_graph", "labelled_graph"]
@@ -90,35 +91,18 @@ class Method:
 
 # -- shared pieces --------------------------------------------------------------------------------------------
 class Bench:
-    """What every method builder needs: the shared base, the LoRA config, the (optional) library."""
+    """What every method builder needs: the shared base, the LoRA config."""
 
     def __init__(self, args, base, device):
         self.args, self.base, self.device = args, base, device
         self.arch = base.config.model_type
-        self._lib, self._lib_error = None, None
         self._ref_lora: dict[str, torch.Tensor] | None = None
         self.estimator_dir = args.estimator_dir or tempfile.mkdtemp(prefix="sparselora-est-")
 
-    # the library is optional: import once, remember why it failed
-    def lib(self):
-        if self._lib is None and self._lib_error is None:
-            try:
-                import sparselora
-
-                self._lib = sparselora
-            except Exception as e:  # noqa: BLE001
-                self._lib_error = f"import sparselora failed: {type(e).__name__}: {e}"
-        if self._lib is None:
-            raise Skip(self._lib_error)
-        return self._lib
-
     def sparsity_config(self, **changes):
-        sl = self.lib()
-        if not hasattr(sl, "SparseLoRAConfig"):
-            raise Skip("sparselora has no SparseLoRAConfig yet")
         name = self.args.preset
         kw = {"num_layers": self.base.config.num_hidden_layers} if name == "scaled" else {}
-        cfg = sl.SparseLoRAConfig.from_preset(name, **kw)
+        cfg = sparselora.SparseLoRAConfig.from_preset(name, **kw)
         return dataclasses.replace(cfg, **changes) if changes else cfg
 
     def lora_model(self):
@@ -226,44 +210,19 @@ def restored_globals(module):
 
 
 # -- FLOPs ----------------------------------------------------------------------------------------------------
-def dense_flops_estimate(cfg, batch, seq, lora_r, targets) -> float:
-    """Fallback analytic FLOPs of one dense LoRA step (used only when sparselora.flops is unavailable).
-
-    Frozen matmuls: forward 2*params + input-gradient 2*params per token (no weight gradient).
-    LoRA: forward 2, input-gradient 2, weight-gradient 2 per adapter parameter per token.
-    Attention core (QK^T, PV), causal: forward 2*seq*hidden per token per layer, backward twice that.
-    LM head over every position (forward + input gradient).
-    """
-    h, i, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
-    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-    frozen = sum(a * b for a, b in shapes.values())
-    lora = sum(lora_r * (a + b) for n, (a, b) in shapes.items() if n in targets)
-    attn = 3 * 2 * seq * q
-    tokens = batch * seq
-    return float(tokens * (L * (4 * frozen + 6 * lora + attn) + 4 * h * V))
-
-
 def library_flops(bench, sparsity_cfg, use_sparse: bool, labelled_only_head: bool = False):
-    """FLOPs per step from `sparselora.flops.flops(model_config, sparsity_config, batch_shape, labelled_tokens)`
-    (a dict with 'dense' and 'sparse'), else the dense fallback estimate."""
+    """FLOPs per step from `sparselora.flops(model_config, sparsity_config, batch_shape, labelled_tokens)`
+    (a dict with 'dense' and 'sparse'); None, with the reason, where it cannot be computed."""
     a = bench.args
     try:
-        from sparselora.flops import flops as sl_flops
-
         if sparsity_cfg is None:
             sparsity_cfg = bench.sparsity_config()
-        targets = ("q", "k", "v", "o", "gate", "up", "down") if a.lora_targets == "all" else ("q", "k", "v", "o")
-        out = sl_flops(bench.base.config, sparsity_cfg, (a.batch_size, a.seq), a.labelled,
-                       lora_rank=a.lora_r, lora_targets=targets, labelled_only_head=labelled_only_head)
+        targets = PROJS if a.lora_targets == "all" else ATTN_PROJS
+        out = sparselora.flops(bench.base.config, sparsity_cfg, (a.batch_size, a.seq), a.labelled,
+                               lora_rank=a.lora_r, lora_targets=targets, labelled_only_head=labelled_only_head)
         return float(out["sparse" if use_sparse else "dense"]), "sparselora.flops"
     except Exception as e:  # noqa: BLE001
-        if use_sparse:
-            return None, f"unavailable ({type(e).__name__}: {e})"
-        targets = ALL_PROJ if a.lora_targets == "all" else QKVO
-        return dense_flops_estimate(bench.base.config, a.batch_size, a.seq, a.lora_r, targets), "bench fallback"
+        return None, f"unavailable ({type(e).__name__}: {e})"
 
 
 # -- methods --------------------------------------------------------------------------------------------------
@@ -301,22 +260,15 @@ def build_peft_liger(bench: Bench) -> Method:
 
 
 def _build_sparselora(bench: Bench, name: str, enabled: bool, graph: bool = False, **changes) -> Method:
-    sl = bench.lib()
-    missing = [f for f in ("SparseLoRAConfig", "apply_sparselora", "set_enabled") if not hasattr(sl, f)]
-    if missing:
-        raise Skip(f"sparselora lacks {', '.join(missing)}")
     cfg = bench.sparsity_config(start_step=0, **changes)  # sparse from the first timed step
     model = bench.lora_model()
     if bench.args.sl_adapters == "bf16":
         cast_lora(model, torch.bfloat16)
-    kw = {}
-    params = inspect.signature(sl.apply_sparselora).parameters
-    if "estimator_dir" in params:
-        kw["estimator_dir"] = bench.estimator_dir  # dense_fast and sparselora share one SVD build
-    if "fast_kernels" in params and not bench.args.no_fast_kernels:
+    kw = {"estimator_dir": bench.estimator_dir}  # dense_fast and sparselora share one SVD build
+    if not bench.args.no_fast_kernels:
         kw["fast_kernels"] = True  # fused norm/activation (liger on CUDA), labelled-only head + loss
-    model = sl.apply_sparselora(model, cfg, **kw) or model
-    sl.set_enabled(model, enabled)
+    model = sparselora.apply_sparselora(model, cfg, **kw)
+    sparselora.set_enabled(model, enabled)
     flops, src = library_flops(bench, cfg, use_sparse=enabled, labelled_only_head=kw.get("fast_kernels", False))
     if graph:
         if bench.device.type != "cuda":
@@ -331,10 +283,7 @@ def _build_sparselora(bench: Bench, name: str, enabled: bool, graph: bool = Fals
 
 
 def _cfg_dict(cfg):
-    try:
-        return cfg.to_dict()
-    except Exception:  # noqa: BLE001
-        return repr(cfg)
+    return cfg.to_dict()
 
 
 def build_dense_fast(bench):
@@ -401,23 +350,10 @@ class SelectionTimer:
 
 
 def estimator_ms(bench: Bench, method: Method) -> float | None:
-    """HOOK: milliseconds the sparsity estimator (channel selection) took in the step that just ran.
-
-    Preferred, if the library grows it: ``sparselora.estimator_ms(model, reset=True) -> float | None``, the
-    estimator time accumulated since the last reset. Otherwise the bench-side `SelectionTimer`.
-    """
+    """Milliseconds the sparsity estimator (channel selection) took in the step that just ran, from the
+    bench-side `SelectionTimer`."""
     timer = getattr(method, "selection_timer", None)
-    if timer is None:
-        return None
-    fn = getattr(bench._lib, "estimator_ms", None)
-    if fn is not None:
-        timer.clock.marks = []
-        try:
-            v = fn(method.model, reset=True)
-            return None if v is None else float(v)
-        except Exception:  # noqa: BLE001
-            pass
-    return timer.pop_ms()
+    return None if timer is None else timer.pop_ms()
 
 
 # -- the run --------------------------------------------------------------------------------------------------
@@ -651,7 +587,7 @@ def main(argv=None):
     print_table(res)
     out = Path(a.out) if a.out else REPO / "benchmarks" / "results" / (
         f"step-{shape_name}-{a.batch_preset}-{gpu_slug(device)}.json")
-    write_json_atomic(out, res)
+    atomic_write_json(out, res)
     print(f"\nwrote {out}  ({time.perf_counter() - t0:.1f}s total)")
     return res
 

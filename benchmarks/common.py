@@ -1,15 +1,12 @@
-"""Helpers for the benchmark scripts: model shapes, batches, timers, environment facts, JSON output.
+"""Helpers for the benchmark scripts: model shapes, batches, timers, environment facts.
 
 Shapes and environment facts come from `sparselora.bench.shapes` (the packaged Trainer benchmark uses them too).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,10 +18,14 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
 
 # -- model shapes (random bf16 weights) and environment facts: one home, shared with the packaged benchmark
 from sparselora.bench.shapes import SHAPES, build_base_model, git_commit, gpu_slug, make_config, versions  # noqa: E402,F401
+# JSON results are written by sparselora.io; the old name stays for the scripts that import it from here
+from sparselora.io import atomic_write_json as write_json_atomic  # noqa: E402,F401
+from sparselora.models.registry import ATTN_PROJS, PROJS, module_name  # noqa: E402
+from sparselora.tokens import IGNORE_INDEX  # noqa: E402
 
 # (batch, seq, labelled tokens at the end of each row): the shape of the paper's fine-tuning workloads.
-QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]  # LoRA targets of the paper's setting
-ALL_PROJ = QKVO + ["gate_proj", "up_proj", "down_proj"]
+QKVO = [module_name(p) for p in ATTN_PROJS]  # LoRA targets of the paper's setting
+ALL_PROJ = [module_name(p) for p in PROJS]
 
 BATCH_PRESETS: dict[str, tuple[int, int, int]] = {
     "math": (8, 512, 128),   # Math10K: long prompt, chain-of-thought answer
@@ -49,7 +50,7 @@ def make_batch(vocab: int, batch: int, seq: int, labelled: int, device: torch.de
         raise ValueError(f"labelled tokens ({labelled}) must lie in [0, seq={seq}]")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (batch, seq), generator=g)
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     if labelled:
         labels[:, seq - labelled:] = ids[:, seq - labelled:]
     return {"input_ids": ids.to(device), "labels": labels.to(device)}
@@ -82,18 +83,3 @@ class Clock:
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
-
-
-def write_json_atomic(path: str | Path, obj) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

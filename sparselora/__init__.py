@@ -6,6 +6,7 @@
 
 from sparselora.callback import SparseLoRACallback
 from sparselora.config import SparseLoRAConfig
+from sparselora.errors import SparseLoRAError
 from sparselora.estimator import EstimatorCacheError
 from sparselora.flops import flops
 from sparselora.graphs import CUDAGraphStep
@@ -38,6 +39,7 @@ __all__ = [
     "EstimatorCacheError",
     "SparseLoRACallback",
     "SparseLoRAConfig",
+    "SparseLoRAError",
     "UnsupportedModelError",
     "apply_sparselora",
     "dense",

@@ -21,20 +21,24 @@ LoRA gradients are reduced by DDP/FSDP as usual. Two things need care:
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from sparselora.errors import SparseLoRAError
+from sparselora.models.registry import (
+    BLOCK,
+    FFN_PROJS,
+    decoder_layers,
+    module_name,
+    projection,
+    sliced_projections,
+)
 
 
-class ShardedWeightError(RuntimeError):
+class ShardedWeightError(SparseLoRAError, RuntimeError):
     """A projection SparseLoRA slices is sharded or flattened where the sparse path reads it."""
 
 
@@ -103,50 +107,6 @@ def _broadcast(obj):
     return box[0]
 
 
-# -- a lock on the cache file for independent processes --------------------------------------------------------
-@contextlib.contextmanager
-def file_lock(path: str | Path):
-    """Exclusive advisory lock on ``<path>.lock`` (POSIX ``flock``); a no-op where fcntl is missing.
-
-    The lock file is removed when the lock is released. A waiter that opened the file before it was removed
-    finds, once it holds the lock, that the path no longer names the file it locked, and starts over on a fresh
-    one; so two processes never hold "the" lock at once and no ``.lock`` file stays behind.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows: atomic rename still keeps the file whole, at worst the work is repeated
-        yield
-        return
-    lock = Path(str(path) + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                logger.info("sparselora: waiting for another process building %s", path)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-        except BaseException:
-            os.close(fd)
-            raise
-        if same:
-            break
-        os.close(fd)  # the holder removed this file while we waited: lock the path's current file instead
-    try:
-        yield
-    finally:
-        try:
-            os.unlink(lock)  # while still holding the lock (see above)
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # closing the descriptor releases the lock
-
-
 # -- sharded weights ---------------------------------------------------------------------------------------------
 def _is_dtensor(t) -> bool:
     # no import: if torch.distributed.tensor was never imported, nothing can be a DTensor
@@ -180,19 +140,12 @@ def _projection_linears(proj: nn.Module):
 
 def sparse_projections(hf_model: nn.Module, config) -> dict[str, nn.Module]:
     """{qualified name: projection} of every projection the sparse path of ``config`` slices."""
-    from sparselora.models.registry import decoder_layers
-
     layers = decoder_layers(hf_model)
-    out = {}
-    for i, s in config.ffn_sparsity.items():
-        if s > 0:
-            for n in ("gate_proj", "up_proj", "down_proj"):
-                out[f"layers.{i}.mlp.{n}"] = getattr(layers[i].mlp, n)
-    for i, s in config.attn_sparsity.items():
-        if s > 0:
-            for p in "qkvo":
-                out[f"layers.{i}.self_attn.{p}_proj"] = getattr(layers[i].self_attn, f"{p}_proj")
-    return out
+    return {_qualified(i, p): projection(layers[i], p) for i, ps in sliced_projections(config).items() for p in ps}
+
+
+def _qualified(layer: int, p: str) -> str:
+    return f"layers.{layer}.{BLOCK[p]}.{module_name(p)}"
 
 
 def check_full_weights(modules: dict[str, nn.Module], when: str) -> None:
@@ -229,10 +182,10 @@ def install_guards(state) -> None:
         for w in wrappers:
             if isinstance(w, SparseMLP):
                 module = w.mlp
-                projs = {f"layers.{i}.mlp.{n}": getattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")}
+                projs = {_qualified(i, p): getattr(module, module_name(p)) for p in FFN_PROJS}
             elif isinstance(w, SparseAttention):
                 module = w.attn
-                projs = {f"layers.{i}.self_attn.{p}_proj": m for p, m in w.projs.items()}
+                projs = {_qualified(i, p): m for p, m in w.projs.items()}
             else:
                 continue
 

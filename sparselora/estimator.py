@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sparselora.distributed import file_lock
-from sparselora.io import atomic_write
+from sparselora.errors import SparseLoRAError
+from sparselora.io import atomic_write, file_lock
 
 ESTIMATOR_VERSION = "1"
 
 
-class EstimatorCacheError(ValueError):
+class EstimatorCacheError(SparseLoRAError, ValueError):
     pass
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from sparselora.models.registry import causal_lm
 from sparselora.patch import get_state
-from sparselora.tokens import TokenSplit, split_tokens
+from sparselora.tokens import IGNORE_INDEX, TokenSplit, split_tokens
 
 TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
 INT_KEYS = ("max_length_q", "max_length_k")  # packed batches' segment bound: part of the signature
@@ -94,7 +94,7 @@ class CUDAGraphStep:
         bucket = self.bucket or (auto_bucket(ids.numel()) if self.capture else 1)
         # one host sync: whether the mask can be dropped, and the labelled-only head's row count
         head_rows, all_real = torch.stack(
-            [(labels[:, 1:] != -100).sum(), mask.all() if mask is not None else labels.new_ones(())]
+            [(labels[:, 1:] != IGNORE_INDEX).sum(), mask.all() if mask is not None else labels.new_ones(())]
         ).tolist()
         # extra head rows carry no label; a coarser bucket there (they cost only the head) halves the signatures
         head_rows = min(-(-head_rows // (4 * bucket)) * 4 * bucket, labels[:, 1:].numel())

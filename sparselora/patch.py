@@ -16,16 +16,13 @@ from torch import nn
 from sparselora import distributed
 from sparselora.config import SparseLoRAConfig
 from sparselora.estimator import Estimator
-from sparselora.models.registry import arch_info, causal_lm, decoder_layers
+from sparselora.models.registry import ATTN_PROJS, PROJS, arch_info, causal_lm, decoder_layers, projection, sliced_projections
 from sparselora.modules import SparseAttention, SparseMLP
 from sparselora.modules.linear import FusedLoRALinear
 from sparselora.ops.sparse_linear import base_weight_bias
 from sparselora.selection import SELECTORS
 from sparselora.state import STATE_ATTR, SparseLoRAState
 from sparselora.tokens import split_tokens
-
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def get_state(model: nn.Module, required: bool = True) -> SparseLoRAState | None:
@@ -41,11 +38,11 @@ def _estimator_weights(hf, config: SparseLoRAConfig) -> dict[tuple[int, str], to
     for i, s in config.ffn_sparsity.items():
         if s > 0:
             for p in ("gate", "up"):
-                weights[(i, p)] = base_weight_bias(getattr(layers[i].mlp, f"{p}_proj"))[0]
+                weights[(i, p)] = base_weight_bias(projection(layers[i], p))[0]
     for i, s in config.attn_sparsity.items():
         if s > 0:
             for p in ("q", "k", "v"):
-                weights[(i, p)] = base_weight_bias(getattr(layers[i].self_attn, f"{p}_proj"))[0]
+                weights[(i, p)] = base_weight_bias(projection(layers[i], p))[0]
     return weights
 
 
@@ -84,6 +81,7 @@ def apply_sparselora(
 
     state = SparseLoRAState(config, arch, estimator)
     layers = decoder_layers(hf)
+    sliced = sliced_projections(config)
     try:
         for i in range(arch.num_layers):
             wrappers = []
@@ -93,11 +91,11 @@ def apply_sparselora(
                 wrappers.append(SparseAttention(layers[i].self_attn, i, config.attn_sparsity[i], state))
             if wrappers:
                 state.layers[i] = wrappers
-            sliced = PROJECTIONS[:4] if config.attn_sparsity.get(i, 0) > 0 else ()
-            for name in PROJECTIONS:
-                if name not in sliced:
-                    parent = layers[i].self_attn if name in PROJECTIONS[:4] else layers[i].mlp
-                    state.fused.append(FusedLoRALinear(getattr(parent, name)))
+            # SparseAttention runs its four projections itself; every other projection (the FFN's too: SparseMLP
+            # routes its dense rows through them) is a FusedLoRALinear
+            for p in PROJS:
+                if not (p in ATTN_PROJS and p in sliced.get(i, ())):
+                    state.fused.append(FusedLoRALinear(projection(layers[i], p)))
         if fast_kernels:
             from sparselora.modules import fast
 

@@ -31,16 +31,17 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sparselora.config import SparseLoRAConfig
+from sparselora.errors import SparseLoRAError
 from sparselora.flops import as_arch, flops
-from sparselora.models.registry import arch_info, causal_lm, decoder_layers
+from sparselora.models.registry import ATTN_PROJS, arch_info, causal_lm, decoder_layers
 from sparselora.patch import apply_sparselora, get_state, remove_sparselora
+from sparselora.tokens import IGNORE_INDEX
 
 KINDS = ("ffn", "attn")
 KIND_NAMES = {"ffn": "FFN", "attn": "attention"}
-IGNORE_INDEX = -100
 
 
-class InfeasibleBudgetError(ValueError):
+class InfeasibleBudgetError(SparseLoRAError, ValueError):
     """The FLOP budget is below what the highest sparsity level in every layer can reach."""
 
 
@@ -385,7 +386,7 @@ def block_savings(
     estimator_rank: int = 8,
     rope_pairs: bool = True,
     lora_rank: int = 32,
-    lora_targets: Sequence[str] = ("q", "k", "v", "o"),
+    lora_targets: Sequence[str] = ATTN_PROJS,
 ) -> tuple[float, dict[str, list[list[float]]]]:
     """Dense FLOPs, and FLOPs saved by each (kind, layer, level) alone, as `flops` counts them."""
     arch = as_arch(model_config)
@@ -413,7 +414,7 @@ def check_budget(
     estimator_rank: int = 8,
     rope_pairs: bool = True,
     lora_rank: int = 32,
-    lora_targets: Sequence[str] = ("q", "k", "v", "o"),
+    lora_targets: Sequence[str] = ATTN_PROJS,
     kinds: Sequence[str] = KINDS,
 ) -> float:
     """The lowest reachable FLOP ratio (every block at the highest level); raises `InfeasibleBudgetError`
@@ -459,7 +460,7 @@ def choose_config(
     *,
     rope_pairs: bool = True,
     lora_rank: int = 32,
-    lora_targets: Sequence[str] = ("q", "k", "v", "o"),
+    lora_targets: Sequence[str] = ATTN_PROJS,
     start_step: float = 0.05,
     resolution: int = 4000,
     kinds: Sequence[str] = KINDS,

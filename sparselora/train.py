@@ -36,16 +36,19 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from sparselora.errors import SparseLoRAError
 from sparselora.io import atomic_write_json, atomic_write_text
+from sparselora.models.registry import ATTN_PROJS, PROJS, module_name
+from sparselora.tokens import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
 RUN_FILES = ("run_config.yaml", "sparsity.yaml", "summary.json", "loss.png", "checkpoints", "adapter", "merged")
-TARGET_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+TARGET_NAMES = PROJS
 CHECKPOINTS = "checkpoints"
 
 
-class RunError(ValueError):
+class RunError(SparseLoRAError, ValueError):
     """A run cannot start or continue as asked; the message says what to do."""
 
 
@@ -61,7 +64,7 @@ class RunConfig:
     lora_r: int = 32
     lora_alpha: float = 64
     lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+    lora_targets: list[str] = field(default_factory=lambda: list(ATTN_PROJS))  # the paper's setting
     learning_rate: float = 3e-4
     lr_scheduler: str = "cosine"
     warmup: float = 0.04  # a fraction of the steps if < 1, else a step count
@@ -415,7 +418,7 @@ def finished_summary(output: Path) -> dict[str, Any] | None:
 def token_counts(features: Sequence[dict]) -> dict[str, float]:
     """Average sequence length, labelled and context tokens per example."""
     lens = [len(f["input_ids"]) for f in features]
-    lab = [sum(1 for v in f["labels"] if v != -100) for f in features]
+    lab = [sum(1 for v in f["labels"] if v != IGNORE_INDEX) for f in features]
     n = len(features)
     return {
         "examples": n,
@@ -496,7 +499,7 @@ class _TokenCounter:
         ids = inputs.get("input_ids")
         self.tokens += int(mask.sum()) if mask is not None else int(ids.numel()) if ids is not None else 0
         labels = inputs.get("labels")
-        if labels is not None and not bool((labels[..., 1:] != -100).any()):
+        if labels is not None and not bool((labels[..., 1:] != IGNORE_INDEX).any()):
             self.unlabelled_batches += 1
             if self.unlabelled_batches == 1:
                 logger.warning(
@@ -825,7 +828,7 @@ def finetune(
         model.config.use_cache = False
     lora = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=[f"{t}_proj" for t in cfg.lora_targets], task_type="CAUSAL_LM",
+        target_modules=[module_name(t) for t in cfg.lora_targets], task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
     if cfg.gradient_checkpointing:

@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 
 from sparselora.bench.shapes import REPO, SHAPES, build_base_model, git_commit, gpu_slug, versions
+from sparselora.models.registry import ATTN_PROJS, module_name
+from sparselora.tokens import IGNORE_INDEX
 
-QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+QKVO = [module_name(p) for p in ATTN_PROJS]  # LoRA targets of the paper's setting
 PRESET = {  # the SparseLoRA preset a mix is benchmarked with unless --preset says otherwise
     ("llama3-8b", "math"): "llama3-8b-math10k", ("llama3-8b", "commonsense"): "llama3-8b-csr170k",
     ("llama3-8b", "code"): "llama3.1-8b-codefeedback", ("llama2-7b", "math"): "llama2-7b-math10k",
@@ -62,7 +64,7 @@ def make_examples(lengths: dict, n: int, vocab: int, seed: int) -> list[dict]:
     out = []
     for p, a in (pairs * (n // len(pairs) + 1))[:n]:
         ids = torch.randint(1, vocab, (p + a,), generator=g).tolist()
-        out.append({"input_ids": ids, "attention_mask": [1] * (p + a), "labels": [-100] * p + ids[p:]})
+        out.append({"input_ids": ids, "attention_mask": [1] * (p + a), "labels": [IGNORE_INDEX] * p + ids[p:]})
     return out
 
 

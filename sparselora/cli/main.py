@@ -13,29 +13,18 @@ import logging
 import os
 import sys
 
+from sparselora.errors import SparseLoRAError
+
 COMMANDS = ("finetune", "eval", "sensitivity", "flops", "bench", "demo")
-OPTIONAL = ("sensitivity",)  # written separately; skipped while its module does not exist yet
 
 
-class CLIError(Exception):
+class CLIError(SparseLoRAError):
     """An error whose message is all the user needs (no traceback)."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean 'bad input', imported lazily so `--help` stays fast."""
-    from sparselora.data import DataFormatError
-    from sparselora.estimator import EstimatorCacheError
-    from sparselora.models import ModelLoadError, UnsupportedModelError
-
-    errors = [CLIError, DataFormatError, ModelLoadError, UnsupportedModelError, EstimatorCacheError,
-              FileNotFoundError, ValueError]
-    try:
-        from sparselora.train import RunError
-
-        errors.insert(0, RunError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+# Exception types that mean 'bad input': the library's own (DataFormatError, ModelLoadError, RunError, ...) are
+# ValueErrors; a SparseLoRAError that is a RuntimeError (a setup that cannot work) is reported as unexpected.
+USER_ERRORS: tuple[type[BaseException], ...] = (CLIError, FileNotFoundError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,12 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sparselora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"sparselora.cli.{name}")
-        except ImportError as exc:
-            if name in OPTIONAL and getattr(exc, "name", None) == f"sparselora.cli.{name}":
-                continue
-            raise
+        module = importlib.import_module(f"sparselora.cli.{name}")
         module.register(sub)
         if name == "bench":
             parser._bench_func = module.run
@@ -82,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nsparselora: interrupted", file=sys.stderr)
         return 130
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         if debug:
             raise
         print(f"sparselora {args.command}: error: {exc}", file=sys.stderr)
@@ -96,10 +80,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-
-
-def console_main() -> None:  # pragma: no cover
-    sys.exit(main())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from sparselora.config import SELECTORS
+from sparselora.models.registry import ATTN_PROJS, PROJS
 
 EXIT_OK, EXIT_ERROR, EXIT_INFEASIBLE = 0, 1, 3
 
@@ -121,7 +122,7 @@ def _adapter_lora(adapter: str) -> tuple[int | None, list[str] | None]:
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    short = sorted({t.rsplit(".", 1)[-1].removesuffix("_proj") for t in targets} & {"q", "k", "v", "o", "gate", "up", "down"})
+    short = sorted({t.rsplit(".", 1)[-1].removesuffix("_proj") for t in targets} & set(PROJS))
     return cfg.get("r"), short or None
 
 
@@ -194,7 +195,7 @@ def _run(args) -> int:
             _err(f"cannot read --from-json {args.from_json}: {exc}")
             return EXIT_ERROR
         lora_rank = lora_rank or rec.get("flops", {}).get("lora_rank", 32)
-        lora_targets = lora_targets or rec.get("flops", {}).get("lora_targets", ["q", "k", "v", "o"])
+        lora_targets = lora_targets or rec.get("flops", {}).get("lora_targets", list(ATTN_PROJS))
         source = dict(rec.get("source", {}))
         source["from_json"] = str(args.from_json)
         model_name = source.get("model", "model")
@@ -220,7 +221,7 @@ def _run(args) -> int:
             lora_rank = lora_rank or a_rank
             lora_targets = lora_targets or a_targets
         lora_rank = lora_rank or 32
-        lora_targets = lora_targets or ["q", "k", "v", "o"]
+        lora_targets = lora_targets or list(ATTN_PROJS)
 
         from sparselora.data import DataCollator, load_examples, tokenize_examples
         from sparselora.models.loading import load_model

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..errors import SparseLoRAError
+
 __all__ = ["Example", "Examples", "DataFormatError", "FORMATS", "load_examples", "parse_record"]
 
 logger = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _GSM8K_FINAL = re.compile(r"\n?\s*####\s*(.+?)\s*$", re.S)
 
 
-class DataFormatError(ValueError):
+class DataFormatError(SparseLoRAError, ValueError):
     """A data file or record cannot be read; the message names the file and line."""
 
 

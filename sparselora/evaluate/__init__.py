@@ -15,12 +15,11 @@ from .extract import (
     parse_number,
     wilson_interval,
 )
-from .runner import TASKS, atomic_write_text, evaluate, extract_prediction, generate
+from .runner import TASKS, evaluate, extract_prediction, generate
 
 __all__ = [
     "COMMONSENSE_LABELS",
     "TASKS",
-    "atomic_write_text",
     "evaluate",
     "extract_choice",
     "extract_label",

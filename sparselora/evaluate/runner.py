@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from ..data.readers import Example
+from ..io import atomic_write_text
 from ..data.tokenize import has_chat_template, prompt_ids
 from .extract import (
     COMMONSENSE_LABELS,
@@ -29,27 +29,10 @@ from .extract import (
     wilson_interval,
 )
 
-__all__ = ["TASKS", "generate", "extract_prediction", "evaluate", "atomic_write_text", "gold_fits", "check_gold"]
+__all__ = ["TASKS", "generate", "extract_prediction", "evaluate", "gold_fits", "check_gold"]
 
 logger = logging.getLogger(__name__)
 TASKS = ("math", "aqua", "commonsense")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file in the same folder and `os.replace`, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from sparselora.errors import SparseLoRAError
+
 __all__ = ["ModelLoadError", "ALIASES", "load_model", "resolve_model", "default_cache_dir", "alias_config"]
 
 logger = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ _MARKER = "sparselora_source.json"  # written last into a converted folder: its 
 _CHUNK = 1 << 22
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(SparseLoRAError, ValueError):
     """A model could not be located, verified or converted; the message says what to do."""
 
 

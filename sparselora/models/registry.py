@@ -11,10 +11,43 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from sparselora.errors import SparseLoRAError
+
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
+# -- the block layout: one home for the projection names ----------------------------------------------------------
+# Short names, as the config, the CLI (--lora-targets q,k,v,o), kept_channels and flops use them; the module of
+# projection p is ``layer.<BLOCK[p]>.<p>_proj``.
+ATTN_PROJS = ("q", "k", "v", "o")
+FFN_PROJS = ("gate", "up", "down")
+PROJS = ATTN_PROJS + FFN_PROJS
+BLOCK = {**{p: "self_attn" for p in ATTN_PROJS}, **{p: "mlp" for p in FFN_PROJS}}
 
-class UnsupportedModelError(ValueError):
+
+def module_name(p: str) -> str:
+    """``"q"`` -> ``"q_proj"``: the attribute name of projection ``p`` in its block."""
+    return f"{p}_proj"
+
+
+def projection(layer: nn.Module, p: str) -> nn.Module:
+    """Projection ``p`` (a short name) of one decoder layer."""
+    return getattr(getattr(layer, BLOCK[p]), module_name(p))
+
+
+def sliced_projections(config) -> dict[int, tuple[str, ...]]:
+    """{layer: the projections (short names, in PROJS order) whose frozen weights the sparse path of ``config``
+    slices}: the attention's four where its sparsity is > 0, the FFN's three where the FFN's is; layers with
+    neither are absent."""
+    out: dict[int, tuple[str, ...]] = {}
+    for i in sorted({*config.attn_sparsity, *config.ffn_sparsity}):
+        names = (ATTN_PROJS if config.attn_sparsity.get(i, 0) > 0 else ()) + (
+            FFN_PROJS if config.ffn_sparsity.get(i, 0) > 0 else ())
+        if names:
+            out[i] = names
+    return out
+
+
+class UnsupportedModelError(SparseLoRAError, ValueError):
     pass
 
 

@@ -10,18 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparselora.models.registry import ATTN_PROJS, module_name
 from sparselora.modules.base import ForwardSwap
 from sparselora.ops import proj_in_sparse, proj_out_sparse
 from sparselora.ops.fused import lora_linear, lora_parts, split_lora_linear
 from sparselora.ops.sparse_linear import base_weight_bias, check_lora_module
 from sparselora.selection import SELECTORS, labelled_rows, select_attention
 
-PROJS = ("q", "k", "v", "o")
-
-
 class SparseAttention:
     def __init__(self, attn: nn.Module, layer: int, sparsity: float, state):
-        self.projs = {p: getattr(attn, f"{p}_proj") for p in PROJS}
+        self.projs = {p: getattr(attn, module_name(p)) for p in ATTN_PROJS}
         for m in self.projs.values():
             check_lora_module(m)
         self.attn, self.layer, self.sparsity, self.state = attn, layer, sparsity, state

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparselora.models.registry import FFN_PROJS, module_name
 from sparselora.modules.base import ForwardSwap
 from sparselora.ops import ffn_context
 from sparselora.ops.fused_kernels import silu_mul
@@ -14,8 +15,8 @@ from sparselora.selection import SELECTORS, select_ffn, select_ffn_from_activati
 
 class SparseMLP:
     def __init__(self, mlp: nn.Module, layer: int, sparsity: float, state):
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            check_lora_module(getattr(mlp, name))
+        for p in FFN_PROJS:
+            check_lora_module(getattr(mlp, module_name(p)))
         self.mlp, self.layer, self.sparsity, self.state = mlp, layer, sparsity, state
         self.kept: torch.Tensor | None = None  # channels kept in the last sparse forward
         self.swap = ForwardSwap(mlp, self.forward)

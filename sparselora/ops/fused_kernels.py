@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sparselora.tokens import IGNORE_INDEX
+
 
 def _liger(name: str):
     try:
@@ -51,12 +53,12 @@ def labelled_cross_entropy(
     while a graph is being captured."""
     shifted = labels[:, 1:]
     if num_rows is None:
-        rows = (shifted != -100).nonzero(as_tuple=True)
+        rows = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
         h = hidden[:, :-1][rows]
         target = shifted[rows]
     else:
         flat = shifted.reshape(-1)
-        idx = torch.argsort((flat == -100).to(torch.int8), stable=True)[:num_rows]
+        idx = torch.argsort((flat == IGNORE_INDEX).to(torch.int8), stable=True)[:num_rows]
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[idx]
         target = flat[idx]
     reduction = "sum" if num_items is not None else "mean"
@@ -64,7 +66,7 @@ def labelled_cross_entropy(
     if h.shape[0] == 0:
         return hidden.sum() * 0.0
     if fn is not None:
-        loss = fn.apply(h, weight, target, None, None, -100, 0.0, 0.0, reduction)
+        loss = fn.apply(h, weight, target, None, None, IGNORE_INDEX, 0.0, 0.0, reduction)
         loss = loss[0] if isinstance(loss, tuple) else loss
     else:
         loss = F.cross_entropy((h @ weight.t()).float(), target, reduction=reduction)
