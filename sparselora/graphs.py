@@ -27,7 +27,7 @@ from torch import nn
 
 from sparselora.models.registry import causal_lm
 from sparselora.patch import get_state
-from sparselora.tokens import IGNORE_INDEX, TokenSplit, split_tokens
+from sparselora.tokens import IGNORE_INDEX, TokenSplit, check_labels, split_tokens
 
 TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
 INT_KEYS = ("max_length_q", "max_length_k")  # packed batches' segment bound: part of the signature
@@ -88,8 +88,7 @@ class CUDAGraphStep:
                 f"CUDAGraphStep takes {', '.join(BATCH_KEYS)} (input_ids and labels required); got {sorted(batch)}"
             )
         ids, labels, mask = batch["input_ids"], batch["labels"], batch.get("attention_mask")
-        if tuple(labels.shape) != tuple(ids.shape):
-            raise ValueError(f"labels have shape {tuple(labels.shape)} but input_ids have {tuple(ids.shape)}")
+        check_labels(labels, tuple(ids.shape))
         # buckets only bound the number of captures: the eager path (capture=False) keeps exact counts by default
         bucket = self.bucket or (auto_bucket(ids.numel()) if self.capture else 1)
         # one host sync: whether the mask can be dropped, and the labelled-only head's row count
@@ -118,13 +117,9 @@ class CUDAGraphStep:
 
     # ------------------------------------------------------------------------------------------------ running
     def _forward_backward(self, entry: _Graph, head_rows: int) -> torch.Tensor:
-        st = self.state
-        st.pinned_split, st.head_rows = (entry.split if entry.split is not None else False), head_rows
-        try:
+        with self.state.pinned(entry.split, head_rows):
             loss = self.model(**entry.inputs, **entry.ints, use_cache=False).loss
             loss.backward()
-        finally:
-            st.pinned_split, st.head_rows = None, None
         return loss.detach()
 
     def _new_entry(self, inputs, ints, split) -> _Graph:
@@ -203,5 +198,5 @@ class CUDAGraphStep:
             if g is not None and grad_scale != 1.0:
                 g.mul_(grad_scale)
             p.grad = g if prev is None else (prev.add_(g) if g is not None else prev)
-        self.state.split = entry.split
+        self.state.end_replay(entry.split)
         return loss

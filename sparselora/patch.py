@@ -22,7 +22,6 @@ from sparselora.modules.linear import FusedLoRALinear
 from sparselora.ops.sparse_linear import base_weight_bias
 from sparselora.selection import SELECTORS
 from sparselora.state import STATE_ATTR, SparseLoRAState
-from sparselora.tokens import split_tokens
 
 
 def get_state(model: nn.Module, required: bool = True) -> SparseLoRAState | None:
@@ -100,7 +99,7 @@ def apply_sparselora(
             from sparselora.modules import fast
 
             sparse_ffn = {i for i, s in config.ffn_sparsity.items() if s > 0}
-            state.fused.extend(fast.install(hf, layers, sparse_ffn))
+            state.fused.extend(fast.install(hf, layers, sparse_ffn, state))
     except Exception:
         for w in [w for ws in state.layers.values() for w in ws] + state.fused:
             w.remove()
@@ -111,23 +110,13 @@ def apply_sparselora(
     def split_batch(module, args, kwargs):
         bound = signature.bind_partial(module, *args, **kwargs).arguments
         labels = bound.get("labels")
-        state.split = None
-        if labels is None:
-            return None
-        ref = bound.get("input_ids")
-        if ref is None:
-            ref = bound.get("inputs_embeds")
-        shape = tuple(ref.shape[:2])
-        if tuple(labels.shape) != shape:
-            raise ValueError(
-                f"labels have shape {tuple(labels.shape)} but input_ids have {shape}; pass one label per input "
-                "token (-100 for prompt and padding tokens)"
-            )
-        if state.pinned_split is not None:
-            state.split = (state.pinned_split or None) if state.active else None
-        elif state.active:
-            state.split = split_tokens(labels, bound.get("attention_mask"), shape, config.dense_output_tokens,
-                                       state.bucket)
+        shape = None
+        if labels is not None:
+            ref = bound.get("input_ids")
+            if ref is None:
+                ref = bound.get("inputs_embeds")
+            shape = tuple(ref.shape[:2])
+        state.begin_batch(labels, bound.get("attention_mask"), shape)
         return None
 
     state.handles.append(hf.register_forward_pre_hook(split_batch, with_kwargs=True))

@@ -1,14 +1,45 @@
 """Per-model SparseLoRA state shared by the layer wrappers: the switch, the schedule and the current batch's
-context/output split. It lives on the model instance, never on a class."""
+context/output split. It lives on the model instance, never on a class.
+
+The per-batch lifecycle, and who does what:
+
+1. **begin** — the causal LM's forward pre-hook (`patch.apply_sparselora`) calls `begin_batch(labels,
+   attention_mask, shape)` at every forward. It validates the labels' shape (`tokens.check_labels`, the one
+   check), then sets `split`: None without labels or while the path is off (`active` False), else the batch's
+   `TokenSplit` (`tokens.split_tokens`, one host sync), or, inside `pinned`, the pinned split as is.
+2. **use** — each `SparseMLP` / `SparseAttention` of a sparse layer reads `split` (if `active`) during the
+   forward and picks its channels from the context rows; `None` means the layer runs dense.
+3. **keep** — `split` stays until the next forward's `begin_batch`, so gradient checkpointing recomputes the
+   layers with the same split in backward, and `kept_channels` / `sparsity_stats` describe the last batch.
+4. **pin** (CUDA graphs only) — `CUDAGraphStep` runs forward + backward inside ``with state.pinned(split,
+   head_rows):``: the split was computed (and bucketed) before capture, so the captured forward does no host
+   sync; `head_rows` is the labelled-only head's row count (`modules.fast.LabelledOnlyHead`). Both are
+   cleared when the block exits. After a replay (no Python forward ran) the step calls `end_replay(split)` so
+   that step 3 holds for graphs too.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
 
 from sparselora.config import SparseLoRAConfig
 from sparselora.estimator import Estimator
 from sparselora.models.registry import ArchInfo
-from sparselora.tokens import TokenSplit
+from sparselora.tokens import TokenSplit, check_labels, split_tokens
 
 STATE_ATTR = "_sparselora_state"
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """What `CUDAGraphStep` fixes for one captured/replayed forward: the split (None: dense) and head rows."""
+
+    split: TokenSplit | None
+    head_rows: int | None
 
 
 class SparseLoRAState:
@@ -18,15 +49,8 @@ class SparseLoRAState:
         self.estimator = estimator
         self.enabled = True
         self.scheduled_on = config.start_step == 0
-        # Set by the model's forward pre-hook and kept until the next forward, so that gradient checkpointing
-        # recomputes layers with the same split during backward.
-        self.split: TokenSplit | None = None
-        # Set by CUDAGraphStep around a captured/replayed forward: the split to use as is (False: none) instead of
-        # computing one (which syncs with the host), and the labelled-only head's row count.
-        self.pinned_split: TokenSplit | bool | None = None
-        self.head_rows: int | None = None
-        # Round the sparse row count down to a multiple of this (see `split_tokens`); CUDAGraphStep buckets its own.
-        self.bucket = 1
+        self.split: TokenSplit | None = None  # the current batch's split (see the lifecycle above)
+        self._pinned: Pinned | None = None
         self.layers: dict[int, list] = {}  # layer index -> its wrappers (SparseMLP / SparseAttention)
         self.fused: list = []  # FusedLoRALinear wrappers of the projections not sliced
         self.handles: list = []
@@ -34,3 +58,39 @@ class SparseLoRAState:
     @property
     def active(self) -> bool:
         return self.enabled and self.scheduled_on
+
+    # -- the lifecycle ---------------------------------------------------------------------------------------
+    def begin_batch(
+        self, labels: torch.Tensor | None, attention_mask: torch.Tensor | None, shape: tuple[int, int]
+    ) -> TokenSplit | None:
+        """Start a forward of a batch of ``shape`` (batch, seq): validate the labels, set and return `split`."""
+        self.split = None
+        if labels is None:
+            return None
+        check_labels(labels, shape)
+        if self._pinned is not None:
+            self.split = self._pinned.split if self.active else None
+        elif self.active:
+            self.split = split_tokens(labels, attention_mask, shape, self.config.dense_output_tokens)
+        return self.split
+
+    @contextlib.contextmanager
+    def pinned(self, split: TokenSplit | None, head_rows: int | None) -> Iterator[None]:
+        """Forwards inside use ``split`` as is (None: dense) instead of computing one, and the labelled-only
+        head computes ``head_rows`` rows."""
+        if self._pinned is not None:
+            raise RuntimeError("sparselora: state.pinned(...) is already active (a graph step inside another)")
+        self._pinned = Pinned(split, head_rows)
+        try:
+            yield
+        finally:
+            self._pinned = None
+
+    @property
+    def head_rows(self) -> int | None:
+        """The labelled-only head's row count while pinned; None (the exact count) otherwise."""
+        return None if self._pinned is None else self._pinned.head_rows
+
+    def end_replay(self, split: TokenSplit | None) -> None:
+        """After a CUDA-graph replay, which runs no Python forward: the split the replayed forward used."""
+        self.split = split

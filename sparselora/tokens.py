@@ -64,6 +64,15 @@ def context_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None, dens
     return real & (labels == IGNORE_INDEX) if dense_output_tokens else real
 
 
+def check_labels(labels: torch.Tensor, input_shape: tuple[int, ...]) -> None:
+    """The one check of the labels' shape: one label per input token."""
+    if tuple(labels.shape) != tuple(input_shape):
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)} but input_ids have {tuple(input_shape)}; pass one label per "
+            "input token (-100 for prompt and padding tokens)"
+        )
+
+
 def split_tokens(
     labels: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -75,13 +84,10 @@ def split_tokens(
 
     ``bucket`` > 1 rounds the sparse row count down to a multiple of it: the last few context tokens run dense
     (exact, just not sparse), so the layer shapes of a run take a handful of values and a few CUDA graphs serve
-    every batch. A batch with fewer context tokens than one bucket runs dense.
+    every batch. A batch with fewer context tokens than one bucket runs dense. ``labels`` must have
+    ``input_shape`` (`check_labels`, done once where a batch enters: `SparseLoRAState.begin_batch`,
+    `CUDAGraphStep`).
     """
-    if tuple(labels.shape) != tuple(input_shape):
-        raise ValueError(
-            f"labels have shape {tuple(labels.shape)} but the inputs have (batch, seq) = {tuple(input_shape)}; "
-            "pass one label per input token (-100 for prompt and padding tokens)"
-        )
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(

@@ -7,6 +7,8 @@ RoPE, the attention kernel, Qwen3's q/k norms and the LoRA branches are untouche
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -17,6 +19,16 @@ from sparselora.ops.fused import lora_linear, lora_parts, split_lora_linear
 from sparselora.ops.sparse_linear import base_weight_bias, check_lora_module
 from sparselora.selection import SELECTORS, labelled_rows, select_attention
 
+class _Inputs(NamedTuple):
+    """The attention input of the current call, shared by q, k and v: as given, context rows, dense rows, and
+    all rows permuted context-first."""
+
+    x: torch.Tensor
+    ctx: torch.Tensor
+    dense: torch.Tensor
+    permuted: torch.Tensor
+
+
 class SparseAttention:
     def __init__(self, attn: nn.Module, layer: int, sparsity: float, state):
         self.projs = {p: getattr(attn, module_name(p)) for p in ATTN_PROJS}
@@ -24,12 +36,13 @@ class SparseAttention:
             check_lora_module(m)
         self.attn, self.layer, self.sparsity, self.state = attn, layer, sparsity, state
         self.kept: dict[str, torch.Tensor] | None = None
-        self._inputs = None  # (x, x_ctx, x_dense, x_permuted) of the current call, shared by q, k and v
+        self._inputs: _Inputs | None = None  # of the current call; dropped by o_proj
         self.swaps = {p: ForwardSwap(m, self._make_forward(p)) for p, m in self.projs.items()}
         self.handle = attn.register_forward_pre_hook(self._select, with_kwargs=True)
 
     def _select(self, module, args, kwargs):
         self._inputs = None
+        self.kept = None  # set again below when this call runs sparse: never a stale channel set
         split = self.state.split if self.state.active else None
         if split is None:
             return None
@@ -49,12 +62,12 @@ class SparseAttention:
             cfg.selector, self.sparsity, xs, self.state.arch, cfg.rope_pairs, orig["q"], orig["k"], orig["v"], factors,
             biases, cfg.sample_rows,
         )
-        self._inputs = (x, xc, xd, xp)
+        self._inputs = _Inputs(x, xc, xd, xp)
         return None
 
     def _fused(self, p: str, parts, x: torch.Tensor, split) -> torch.Tensor:
         """The fused op on rows permuted context-first; q/k/v share one permutation of their input."""
-        xp = self._inputs[3] if x is self._inputs[0] else split.permute(x)
+        xp = self._inputs.permuted if x is self._inputs.x else split.permute(x)
         y = split_lora_linear(parts, xp, split.num_context, "in" if p == "o" else "out", self.kept[p])
         return split.unpermute(y)
 
@@ -70,7 +83,7 @@ class SparseAttention:
                 if p == "o":
                     self._inputs = None
                 return y
-            xc, xd = inputs[1:3] if x is inputs[0] else split.gather(x)
+            xc, xd = (inputs.ctx, inputs.dense) if x is inputs.x else split.gather(x)
             if p == "o":
                 yc = proj_in_sparse(self.projs[p], xc, self.kept["o"])
                 self._inputs = None  # the call is over; drop the references

@@ -11,7 +11,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sparselora.modules.base import ForwardSwap
 from sparselora.ops.fused_kernels import labelled_cross_entropy, rms_norm, silu_mul
-from sparselora.state import STATE_ATTR
 
 
 class FastRMSNorm:
@@ -45,8 +44,8 @@ class FastMLP:
 class LabelledOnlyHead:
     """The causal LM's forward, with the head and loss computed on labelled positions only."""
 
-    def __init__(self, hf: nn.Module):
-        self.hf = hf
+    def __init__(self, hf: nn.Module, state):
+        self.hf, self.state = hf, state
         self.signature = inspect.signature(hf.forward)
         self.swap = ForwardSwap(hf, self.forward)
 
@@ -59,7 +58,7 @@ class LabelledOnlyHead:
         num_items = extra.pop("num_items_in_batch", None)
         bound.pop("logits_to_keep", None)
         out = self.hf.model(**bound, **extra)
-        rows = getattr(getattr(self.hf, STATE_ATTR, None), "head_rows", None)  # set by CUDAGraphStep
+        rows = self.state.head_rows  # pinned by CUDAGraphStep; None: the exact count
         loss = labelled_cross_entropy(out.last_hidden_state, self.hf.lm_head.weight, labels, num_items, rows)
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)
@@ -68,11 +67,12 @@ class LabelledOnlyHead:
         self.swap.restore()
 
 
-def install(hf: nn.Module, layers, sparse_ffn: set[int]) -> list:
-    """Wrappers for every RMSNorm, every dense FFN and the head; returned for `remove`."""
+def install(hf: nn.Module, layers, sparse_ffn: set[int], state) -> list:
+    """Wrappers for every RMSNorm, every dense FFN and the head (which reads ``state.head_rows``); returned for
+    `remove`."""
     wrappers: list = [FastRMSNorm(m) for m in hf.modules() if type(m).__name__.endswith("RMSNorm") and
                       getattr(m, "weight", None) is not None and m.weight.dim() == 1]
     wrappers += [FastMLP(layer.mlp) for i, layer in enumerate(layers) if i not in sparse_ffn]
     if getattr(hf, "lm_head", None) is not None and getattr(hf.lm_head, "bias", None) is None:
-        wrappers.append(LabelledOnlyHead(hf))
+        wrappers.append(LabelledOnlyHead(hf, state))
     return wrappers
