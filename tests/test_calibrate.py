@@ -91,3 +91,16 @@ def test_finetune_probes_and_records_it(tmp_path, capsys):
     off = tmp_path / "off"
     assert main(base_args(env, off, "--max-steps", "1", "--lora-r", "4", "--loss-bound", "off")) == 0
     assert json.loads((off / "summary.json").read_text())["calibration"] is None
+
+
+def test_kept_channels_are_empty_after_a_dense_forward():
+    """kept_channels / sparsity_stats describe the last forward: empty after a dense one (issue 12 item 22)."""
+    from sparselora import sparsity_stats
+
+    model = tiny_peft("llama")
+    apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={"1-2": 0.5}, attn_sparsity={"1-2": 0.5}, start_step=0))
+    model(**make_batch())
+    assert set(kept_channels(model)) == {1, 2} and "sparselora/ffn_kept" in sparsity_stats(model)
+    batch = make_batch()
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # no labels: dense
+    assert kept_channels(model) == {} and "sparselora/ffn_kept" not in sparsity_stats(model)

@@ -23,6 +23,7 @@ class SparseMLP:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         split = self.state.split if self.state.active else None
+        self.kept = None  # set again below when this forward runs sparse: never a stale channel set
         if split is None:
             return self.swap.original(x)
         mlp, cfg = self.mlp, self.state.config
