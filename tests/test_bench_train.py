@@ -32,3 +32,16 @@ def test_bench_trainer_smoke(tmp_path, capsys):
         assert m["tokens_per_s"] > 0 and m["steps_measured"] == 2
     assert rec["methods"]["sparselora_fast"]["kind"] == "sparse" and rec["methods"]["peft"]["kind"] == "dense"
     assert "vs best dense" in capsys.readouterr().out
+
+
+def test_bench_exit_code_when_the_benchmark_returns_its_record(tmp_path, monkeypatch):
+    """`sparselora bench` used to exit 1 ("int() argument ... not 'dict'") after a successful run (issue 12 item 11)."""
+    import sparselora.cli.bench as bench
+
+    script = tmp_path / "benchmarks" / "bench_step.py"
+    script.parent.mkdir()
+    script.write_text("def main(argv):\n    return {'methods': {}, 'argv': argv}\n")
+    monkeypatch.setattr(bench, "find_bench", lambda: script)
+    assert main(["bench", "--shape", "tiny"]) == 0
+    script.write_text("def main(argv):\n    return 3\n")
+    assert main(["bench"]) == 3
