@@ -8,7 +8,7 @@ from sparselora.callback import SparseLoRACallback
 from sparselora.config import SparseLoRAConfig
 from sparselora.errors import SparseLoRAError
 from sparselora.estimator import EstimatorCacheError
-from sparselora.flops import flops
+from sparselora.flop_count import flops
 from sparselora.graphs import CUDAGraphStep
 from sparselora.models.registry import UnsupportedModelError
 from sparselora.ops.varlen import use_packed_attention

@@ -8,7 +8,7 @@ is measured is exactly what training would compute.
 
 `choose_config` then treats the loss increases as additive over layers and picks, for every FFN and every
 attention block, a level (or dense) by a multiple-choice knapsack: the least predicted loss increase whose
-analytic FLOPs (`sparselora.flops.flops`) are at most ``budget`` x dense. FLOP savings are additive over
+analytic FLOPs (`sparselora.flops`) are at most ``budget`` x dense. FLOP savings are additive over
 layers in that model, and the chosen config is checked with `flops` itself.
 
 Cost: one dense pass over the slice, then ``layers x 2 x levels`` sparse passes. Layers before the measured
@@ -32,7 +32,7 @@ import torch
 
 from sparselora.config import SparseLoRAConfig
 from sparselora.errors import SparseLoRAError
-from sparselora.flops import as_arch, flops
+from sparselora.flop_count import as_arch, flops
 from sparselora.models.registry import ATTN_PROJS, arch_info, causal_lm, decoder_layers
 from sparselora.patch import apply_sparselora, get_state, remove_sparselora
 from sparselora.tokens import IGNORE_INDEX

@@ -431,7 +431,7 @@ def token_counts(features: Sequence[dict]) -> dict[str, float]:
 
 def analytic_flops(model_config, sp_cfg, batch_size: int, counts: dict, lora_r: int, targets,
                    labelled_only_head: bool = False) -> dict[str, Any]:
-    from sparselora.flops import flops
+    from sparselora.flop_count import flops
 
     T = max(1, round(counts["mean_tokens"]))
     L = min(T, round(counts["mean_labelled"]))

@@ -58,3 +58,11 @@ def test_no_import_cycles():
             visit(m, [m])
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
+
+
+def test_the_flops_function_shadows_no_module():
+    import importlib
+
+    assert callable(sparselora.flops)
+    assert importlib.import_module("sparselora.flop_count").flops is sparselora.flops
+    assert not (ROOT / "flops.py").exists()  # `import sparselora.flops as m` would give the function, not it

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sparselora import SparseLoRAConfig, apply_sparselora, kept_channels
-from sparselora.flops import flops
+from sparselora.flop_count import flops
 from sparselora.models.registry import arch_info
 from sparselora.selection import LABELLED_ROWS_CAP, keep_count, labelled_rows, select_attention
 from sparselora.tokens import split_tokens

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from sparselora import SparseLoRAConfig, apply_sparselora, kept_channels
 from sparselora.config import SELECTORS
-from sparselora.flops import flops
+from sparselora.flop_count import flops
 from sparselora.models.registry import arch_info
 from sparselora.selection import SELECTORS as REGISTRY, sample_rows
 

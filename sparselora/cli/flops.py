@@ -61,7 +61,7 @@ def parse_batch(text: str) -> tuple[int, int]:
 
 
 def run(args) -> int:
-    from sparselora.flops import flops
+    from sparselora.flop_count import flops
     from sparselora.models.registry import arch_info
     from sparselora.report import _fmt_flops
     from sparselora.train import sparsity_config
