@@ -850,6 +850,14 @@ def finetune(
         sp_cfg = calibration.config
         for line in calibration.lines():
             say(line)
+    if not cfg.dense:
+        from sparselora.fastpath import flop_cut_warning
+
+        base_config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+        cut = analytic_flops(base_config, sp_cfg, cfg.batch_size * cfg.grad_accum, counts, cfg.lora_r,
+                             cfg.lora_targets, path.fast_kernels)["speedup"]
+        warning = flop_cut_warning(cut)
+        say(f"warning: {warning}" if warning else f"analytic FLOP cut of the sparsity config: {cut:.2f}x")
     if path.packed:
         from sparselora import use_packed_attention
 

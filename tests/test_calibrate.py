@@ -82,7 +82,7 @@ def test_finetune_probes_and_records_it(tmp_path, capsys):
     assert main(base_args(env, out, "--max-steps", "2", "--lora-r", "4", "--sparsity", str(tmp_path / "sp.yaml"),
                           "--loss-bound", "0.001")) == 0
     err = capsys.readouterr().err
-    assert "sparsity probe" in err and "dense loss" in err
+    assert "sparsity probe" in err and "dense loss" in err and "FLOP" in err
     summary = json.loads((out / "summary.json").read_text())
     cal = summary["calibration"]
     assert cal["rounds"] and cal["bound"] == 0.001
@@ -104,3 +104,10 @@ def test_kept_channels_are_empty_after_a_dense_forward():
     batch = make_batch()
     model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # no labels: dense
     assert kept_channels(model) == {} and "sparselora/ffn_kept" not in sparsity_stats(model)
+
+
+def test_a_config_that_cannot_pay_is_flagged():
+    from sparselora.fastpath import MIN_PAYING_FLOP_CUT, flop_cut_warning
+
+    assert flop_cut_warning(MIN_PAYING_FLOP_CUT + 0.5) is None
+    assert "no faster than dense" in flop_cut_warning(1.1)
