@@ -70,9 +70,13 @@ def plot_losses(run_dir: str | Path, runs: list[tuple[Path, dict[str, Any]]] | N
         step_s = s.get("median_sparse_step_seconds") if mode == "sparse" else s.get("median_step_seconds")
         if step_s:
             label += f", {step_s:.2f} s/step"
-        ax.plot(xs, ys, marker="o" if len(xs) < 40 else None, ms=3, label=label, **style)
+        line, = ax.plot(xs, ys, marker="o" if len(xs) < 40 else None, ms=3, label=label, **style)
+        held = (s.get("heldout") or {}).get("dense_loss")
+        if held is not None:  # the fair comparison: each adapter evaluated dense on the same held-out examples
+            ax.axhline(held, color=line.get_color(), ls=":", lw=1.2,
+                       label=f"{d.name if d.name != mode else mode}: held-out loss, evaluated dense {held:.3f}")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (dotted: held-out, dense)")
     first = runs[0][1]
     ax.set_title(title or f"{Path(str(first.get('config', {}).get('model', ''))).name}: "
                           f"{Path(str(first.get('data', {}).get('path', ''))).name}", fontsize=10)
@@ -105,6 +109,8 @@ def compare(dense: dict[str, Any], sparse: dict[str, Any]) -> dict[str, Any]:
         "sparse_flops_per_step": sparse["flops"]["sparse"],
         "dense_final_loss": dense.get("final_loss"),
         "sparse_final_loss": sparse.get("final_loss"),
+        "dense_heldout_loss": (dense.get("heldout") or {}).get("dense_loss"),
+        "sparse_heldout_loss": (sparse.get("heldout") or {}).get("dense_loss"),
     }
 
 
@@ -117,7 +123,10 @@ def format_comparison(c: dict[str, Any]) -> str:
         f"{'wall time / step':24}{num(c['dense_step_seconds'], '{:.3f} s'):>14}"
         f"{num(c['sparse_step_seconds'], '{:.3f} s'):>14}",
         f"{'FLOPs / step':24}{_fmt_flops(c['dense_flops_per_step']):>14}{_fmt_flops(c['sparse_flops_per_step']):>14}",
-        f"{'final loss':24}{num(c['dense_final_loss'], '{:.4f}'):>14}{num(c['sparse_final_loss'], '{:.4f}'):>14}",
+        f"{'final training loss':24}{num(c['dense_final_loss'], '{:.4f}'):>14}"
+        f"{num(c['sparse_final_loss'], '{:.4f}'):>14}",
+        f"{'held-out loss (dense)':24}{num(c.get('dense_heldout_loss'), '{:.4f}'):>14}"
+        f"{num(c.get('sparse_heldout_loss'), '{:.4f}'):>14}",
         f"speed-up: {num(c['measured_speedup'], '{:.2f}x')} measured (median step), "
         f"{c['analytic_speedup']:.2f}x analytic (FLOPs)",
     ])

@@ -83,6 +83,7 @@ class RunConfig:
     data_format: str = "auto"
     skip_bad_lines: bool = False
     limit: int | None = None  # use only the first N examples
+    heldout: int = 0  # the last N examples are not trained on; their dense-evaluated loss is reported at the end
     merge: bool = False
     estimator_dir: str | None = "~/.cache/sparselora/estimators"
     cache_dir: str | None = None  # converted-model cache (default: $SPARSELORA_CACHE or ~/.cache/sparselora/models)
@@ -134,6 +135,8 @@ class RunConfig:
                 self.loss_bound, (int, float)) or self.loss_bound < 0):
             raise RunError(f"loss_bound (--loss-bound) must be >= 0 (a relative loss increase, e.g. 0.05) or off, "
                            f"got {self.loss_bound!r}")
+        if isinstance(self.heldout, bool) or not isinstance(self.heldout, int) or self.heldout < 0:
+            raise RunError(f"heldout (--heldout) must be a number of examples >= 0, got {self.heldout!r}")
         if self.learning_rate <= 0:
             raise RunError(f"learning_rate (--lr) must be > 0, got {self.learning_rate}")
         if self.cuda_graphs and (self.gradient_checkpointing or self.dtype == "float16"):
@@ -752,6 +755,21 @@ def _calibrate(model, tokenizer, features, cfg: RunConfig, use_cpu: bool):
         return calibrate(model, batches, bound=cfg.loss_bound)
 
 
+def _heldout_loss(model, tokenizer, features, batch_size: int) -> float:
+    """The trained adapter's loss on held-out examples, evaluated dense (padded batches, SDPA): the fair comparison
+    of a sparse and a dense run, since a sparse run's training loss includes the sparse forward's approximation."""
+    from sparselora.calibrate import frozen_loss
+    from sparselora.data import DataCollator
+    from sparselora.models.registry import causal_lm
+
+    causal_lm(model).set_attn_implementation("sdpa")  # packed attention needs packed batches
+    device = next(model.parameters()).device
+    collate = DataCollator(tokenizer)
+    batches = [{k: v.to(device) for k, v in collate(features[i:i + batch_size]).items()}
+               for i in range(0, len(features), batch_size)]
+    return frozen_loss(model, batches, sparse=False)
+
+
 def finetune(
     cfg: RunConfig,
     *,
@@ -809,6 +827,11 @@ def finetune(
     sp_cfg = sparsity_config(cfg.sparsity, arch.num_layers)
     features, tok_stats = tokenize_examples(examples, tokenizer, max_length=cfg.max_length)
     del examples[:]  # the examples' text is not needed any more (the features and the counts are)
+    heldout = []
+    if cfg.heldout:
+        if cfg.heldout >= len(features):
+            raise RunError(f"--heldout {cfg.heldout} leaves nothing to train on ({len(features)} examples)")
+        features, heldout = features[:-cfg.heldout], features[-cfg.heldout:]
     counts = token_counts(features)
     from sparselora.fastpath import choose_path
 
@@ -936,6 +959,7 @@ def finetune(
         shutil.rmtree(aside, ignore_errors=True)
 
     # outputs: adapter (plain PEFT), optional merged weights, summary, plot
+    heldout_loss = _heldout_loss(model, tokenizer, heldout, cfg.batch_size) if heldout else None
     remove_sparselora(model)
     atomic_dir(output / "adapter", lambda p: model.save_pretrained(str(p)))
     if cfg.merge:
@@ -982,6 +1006,7 @@ def finetune(
                                 model.get_base_model().config, sp_cfg, cfg.batch_size * cfg.grad_accum, counts,
                                 cfg.lora_r, cfg.lora_targets, path.fast_kernels),
         "final_loss": losses[-1]["loss"] if losses else None,
+        "heldout": None if not heldout else {"examples": len(heldout), "dense_loss": heldout_loss},
         "train_loss": result.training_loss,
         "losses": losses,
         "adapter": str(output / "adapter"),

@@ -80,17 +80,19 @@ def test_finetune_probes_and_records_it(tmp_path, capsys):
     (tmp_path / "sp.yaml").write_text("ffn_sparsity: {'0-3': 0.99}\nattn_sparsity: {'0-3': 0.9}\nselector: oracle\n")
     out = tmp_path / "run"
     assert main(base_args(env, out, "--max-steps", "2", "--lora-r", "4", "--sparsity", str(tmp_path / "sp.yaml"),
-                          "--loss-bound", "0.001")) == 0
+                          "--loss-bound", "0.001", "--heldout", "4")) == 0
     err = capsys.readouterr().err
     assert "sparsity probe" in err and "dense loss" in err and "FLOP" in err
     summary = json.loads((out / "summary.json").read_text())
     cal = summary["calibration"]
     assert cal["rounds"] and cal["bound"] == 0.001
+    assert summary["heldout"]["examples"] == 4 and summary["heldout"]["dense_loss"] > 0
     ffn = summary["sparsity_config"]["ffn_sparsity"]
     assert list(ffn.values())[0] == pytest.approx(0.99 * cal["rounds"][-1]["scale"]), ffn
     off = tmp_path / "off"
     assert main(base_args(env, off, "--max-steps", "1", "--lora-r", "4", "--loss-bound", "off")) == 0
-    assert json.loads((off / "summary.json").read_text())["calibration"] is None
+    summary = json.loads((off / "summary.json").read_text())
+    assert summary["calibration"] is None and summary["heldout"] is None
 
 
 def test_kept_channels_are_empty_after_a_dense_forward():

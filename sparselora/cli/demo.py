@@ -25,6 +25,7 @@ MODEL = "smollm2-135m"
 # selection: 1.58). The demo starts from the last: FFN only (GQA attention projections are small), upper two
 # thirds, with the default (sampled) selector; finetune's sparsity probe then scales it down until the frozen loss
 # on the first batches is within 5% of dense (measured: x1.00 +25%, x0.70 +3%).
+DEMO_HELDOUT = 16  # HumanEval problems kept out of training: both adapters' loss on them, evaluated dense
 DEMO_SPARSITY = {"smollm2-135m": {"ffn_sparsity": {"10-28": 0.9}, "attn_sparsity": {}, "start_step": 0.05}}
 
 
@@ -120,6 +121,7 @@ def run(args) -> int:
         model=args.model, data=str(data), sparsity=args.sparsity, max_steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, lora_dropout=0.0, save_steps=10**6, seed=0, dtype="float32",
         threads=args.threads, warmup=0.1, learning_rate=3e-4, fast_kernels=not args.no_fast_kernels,
+        heldout=DEMO_HELDOUT if (args.limit or 164) > 2 * DEMO_HELDOUT else 0,
     )
     summaries = {}
     for mode in ("dense", "sparse"):

@@ -14,6 +14,7 @@ _FLAGS = {
     "grad_accum": "grad_accum", "max_steps": "max_steps", "epochs": "epochs", "max_length": "max_length",
     "seed": "seed", "dtype": "dtype", "save_steps": "save_steps", "data_format": "data_format",
     "limit": "limit", "estimator_dir": "estimator_dir", "threads": "threads", "loss_bound": "loss_bound",
+    "heldout": "heldout",
 }
 _OFF = object()  # --loss-bound off: the flag given, its value None
 
@@ -94,6 +95,9 @@ def add_run_arguments(p: argparse.ArgumentParser, required: bool = True) -> None
     t.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                    help="pack examples into rows of a fixed token budget (about --batch-size examples each), "
                         "attention isolated per example: no padding, one batch shape" + path)
+    t.add_argument("--heldout", type=int, metavar="N",
+                   help="keep the last N examples out of training and report the adapter's loss on them, evaluated "
+                        "dense (summary.json, loss.png)" + _d("heldout"))
     t.add_argument("--loss-bound", type=_bound, metavar="X|off",
                    help="before training, scale the sparsity down until the frozen model's loss on the first "
                         "batches rises at most X (relative) over dense; 'off' trains the config as given"
