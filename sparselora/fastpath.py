@@ -43,7 +43,6 @@ def choose_path(
     lengths: Sequence[int],
     batch_size: int,
     *,
-    lora_dropout: float = 0.0,
     gradient_checkpointing: bool = False,
     world_size: int = 1,
     dtype: str = "bfloat16",
@@ -64,8 +63,6 @@ def choose_path(
     if fast_kernels is None:
         fast_kernels = gpu
     blockers = []  # a forced cuda_graphs without a GPU runs the graph trainer's eager path (the same numbers)
-    if lora_dropout > 0:
-        blockers.append(f"LoRA dropout {lora_dropout} (graphs need 0)")
     if gradient_checkpointing:
         blockers.append("gradient checkpointing")
     if world_size > 1:

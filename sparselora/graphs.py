@@ -54,9 +54,9 @@ class CUDAGraphStep:
     """Callable ``step(input_ids=..., labels=..., attention_mask=...) -> loss`` that runs forward + backward of
     ``model`` (a SparseLoRA-patched PEFT model) from a CUDA graph, capturing one per new batch signature.
 
-    Gradient accumulation works (gradients are added to a ``p.grad`` that is already set). Dropout must be 0
-    and the model must not change between steps other than by in-place parameter updates (the graph holds the
-    tensors it read at capture). ``capture=False`` runs the same path eagerly (what CPU tests check).
+    Gradient accumulation works (gradients are added to a ``p.grad`` that is already set). LoRA dropout replays
+    (its masks come from torch's RNG, whose offsets a graph advances per replay). The model must not change
+    between steps other than by in-place parameter updates (the graph holds the tensors it read at capture). ``capture=False`` runs the same path eagerly (what CPU tests check).
     """
 
     def __init__(self, model: nn.Module, max_graphs: int = 16, warmup: int = 2, capture: bool = True,
@@ -153,7 +153,7 @@ class CUDAGraphStep:
             except Exception as exc:
                 raise RuntimeError(
                     f"CUDA graph capture of the training step failed ({type(exc).__name__}: {exc}). Something in "
-                    "the step synchronizes with the host; common causes: dropout > 0, a padded batch whose mask "
+                    "the step synchronizes with the host; common causes: a padded batch whose mask "
                     "code syncs in this transformers version (pack rows or bucket lengths), a loss that calls "
                     ".item(). Run the step without CUDAGraphStep."
                 ) from exc

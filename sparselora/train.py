@@ -837,7 +837,7 @@ def finetune(
 
     try:
         path = choose_path("cpu" if use_cpu else "cuda", [len(f["input_ids"]) for f in features], cfg.batch_size,
-                           lora_dropout=cfg.lora_dropout, gradient_checkpointing=cfg.gradient_checkpointing,
+                           gradient_checkpointing=cfg.gradient_checkpointing,
                            world_size=int(os.environ.get("WORLD_SIZE", "1")), dtype=str(dtype).split(".")[-1],
                            packing=cfg.packing, cuda_graphs=cfg.cuda_graphs, fast_kernels=cfg.fast_kernels)
     except ValueError as exc:

@@ -194,3 +194,25 @@ def test_graph_path_on_packed_buckets_matches_plain_step(selector):
         for m in (model, ref):
             m.zero_grad(set_to_none=True)
     assert get_state(model).split.num_context % 8 == 0
+
+
+def test_finetune_packed_path_on_cpu(tmp_path, capsys):
+    """`sparselora finetune --packing --cuda-graphs` (the GPU default, forced; graphs run their eager path on CPU):
+    the run trains on packed rows, says so, and records the path."""
+    import json
+
+    from test_cli import base_args, make_data, make_model_dir
+
+    from sparselora.cli.main import main
+
+    env = {"model": str(make_model_dir(tmp_path / "m")), "data": str(make_data(tmp_path / "d.jsonl")),
+           "est": str(tmp_path / "est")}
+    out = tmp_path / "run"
+    assert main(base_args(env, out, "--max-steps", "2", "--lora-r", "4", "--packing", "--cuda-graphs",
+                          "--fast-kernels", "--loss-bound", "off")) == 0
+    assert "training path: packed rows of" in capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    path = s["training_path"]
+    assert path["packed"] and path["cuda_graphs"] and path["max_tokens"] >= path["max_segment_len"]
+    assert s["steps"] == 2 and all(step["tokens"] > 0 for step in s["step_times"])
+    assert s["losses"] and all(l["loss"] == l["loss"] for l in s["losses"])  # finite
