@@ -138,10 +138,10 @@ def run(args) -> int:
     from sparselora.train import finetune
 
     cfg = run_config_from_args(args)
-    if args.resume and cfg.output:  # `--output DIR --resume` alone is enough: the rest is saved there
-        cfg = _fill_from_saved(cfg)
-    if not (cfg.model and cfg.data and cfg.output):
-        missing = [f"--{k}" for k in ("model", "data", "output") if not getattr(cfg, k)]
+    # `--output DIR --resume` alone is enough: the rest is saved there (finetune reads it)
+    needed = ("output",) if args.resume else ("model", "data", "output")
+    if not all(getattr(cfg, k) for k in needed):
+        missing = [f"--{k}" for k in needed if not getattr(cfg, k)]
         raise CLIError(f"missing {', '.join(missing)} (or set them in --config)")
     summary = finetune(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if summary.get("already_finished"):
@@ -157,25 +157,3 @@ def run(args) -> int:
     )
     return 0
 
-
-def _fill_from_saved(cfg):
-    """With --resume, model/data may be left out: they come from the saved run_config.yaml."""
-    from pathlib import Path
-
-    import yaml
-
-    from sparselora.train import RunError
-
-    saved_path = Path(cfg.output).expanduser() / "run_config.yaml"
-    if not saved_path.is_file():
-        raise RunError(f"nothing to resume in {cfg.output}: it has no run_config.yaml (start without --resume)")
-    try:
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RunError(f"{saved_path} is not valid YAML ({exc}); start a new run with --overwrite") from None
-    if not isinstance(saved, dict):
-        raise RunError(f"{saved_path} is not a run configuration; start a new run with --overwrite")
-    for key in ("model", "data"):
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, saved.get(key))
-    return cfg
