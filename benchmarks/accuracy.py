@@ -634,7 +634,7 @@ def main(argv=None):
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"accuracy-{slug}-{args.task}.json"
     from transformers import AutoConfig, AutoTokenizer
 
-    from sparselora.models.loading import resolve_model
+    from sparselora.loading import resolve_model
     from sparselora.models.registry import arch_info
 
     folder = resolve_model(args.model)
@@ -668,7 +668,7 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not args.cudnn_sdpa:
         torch.backends.cuda.enable_cudnn_sdp(False)
-    from sparselora.models.loading import load_model
+    from sparselora.loading import load_model
 
     t0 = time.perf_counter()
     base, _ = load_model(folder, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, device=device)

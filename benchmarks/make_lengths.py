@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 from sparselora.cli.demo import write_demo_data  # noqa: E402
 from sparselora.data import load_examples, tokenize_examples  # noqa: E402
 from sparselora.io import atomic_write_text  # noqa: E402
-from sparselora.models.loading import resolve_model  # noqa: E402
+from sparselora.loading import resolve_model  # noqa: E402
 from sparselora.tokens import IGNORE_INDEX  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"

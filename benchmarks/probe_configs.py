@@ -21,7 +21,7 @@ import accuracy as A  # noqa: E402
 from sparselora import SparseLoRAConfig  # noqa: E402
 from sparselora.data import DataCollator  # noqa: E402
 from sparselora.flop_count import flops  # noqa: E402
-from sparselora.models.loading import load_model  # noqa: E402
+from sparselora.loading import load_model  # noqa: E402
 from sparselora.sensitivity import batch_stats, config_loss  # noqa: E402
 
 

@@ -72,7 +72,7 @@ def main(argv=None):
     from sparselora import SparseLoRAConfig, apply_sparselora, remove_sparselora
     from sparselora.data import DataCollator, load_examples, tokenize_examples
     from sparselora.estimator import Estimator
-    from sparselora.models.loading import load_model
+    from sparselora.loading import load_model
     from sparselora.models.registry import arch_info, decoder_layers
     from sparselora.ops.sparse_linear import base_weight_bias
     from sparselora.selection import DEFAULT_SELECTOR, SAMPLE_ROWS, labelled_rows, select_attention, select_ffn

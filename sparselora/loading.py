@@ -94,7 +94,7 @@ ALIASES: dict[str, _Alias] = {
 }
 
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the aliases' config.json, as the converter writes it
+CONFIG_DIR = Path(__file__).resolve().parent / "models" / "configs"  # aliases' config.json, as the converter writes it
 
 
 def alias_config(alias: str):
