@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from sparselora.config import SELECTORS
 from sparselora.models.registry import ATTN_PROJS, PROJS
@@ -152,192 +155,252 @@ def _progress(start: float, total_blocks: int):
     return report
 
 
+def _user_error(msg: str):
+    from sparselora.cli.main import CLIError
+
+    return CLIError(msg)
+
+
+class _Infeasible(Exception):
+    """The budget cannot be reached (exit code EXIT_INFEASIBLE)."""
+
+
+@contextlib.contextmanager
+def _reported(*types: type[BaseException], prefix: str = ""):
+    """Exceptions of ``types`` raised inside become one-line user errors (``prefix`` + their message); the
+    budget's infeasibility becomes `_Infeasible`."""
+    from sparselora.sensitivity import InfeasibleBudgetError
+
+    try:
+        yield
+    except InfeasibleBudgetError as exc:
+        raise _Infeasible(str(exc)) from None
+    except types as exc:
+        raise _user_error(f"{prefix}{exc}") from None
+
+
 def run(args) -> int:
+    """The command: user errors (CLIError, one line) exit EXIT_ERROR, an unreachable budget EXIT_INFEASIBLE,
+    Ctrl-C 130; anything else propagates to `sparselora.cli.main` (one line there too)."""
+    from sparselora.cli.main import CLIError
+
     try:
         return _run(args)
+    except _Infeasible as exc:
+        _err(str(exc))
+        return EXIT_INFEASIBLE
+    except CLIError as exc:
+        _err(str(exc))
+        return EXIT_ERROR
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
 
 
-def _run(args) -> int:
+@dataclasses.dataclass
+class _Inputs:
+    """What the measurement (or an earlier one, --from-json) gives the choice and the outputs."""
+
+    arch: Any
+    calib: dict
+    source: dict
+    model_name: str
+    out_dir: Path
+    tok_stats: dict
+    lora_rank: int
+    lora_targets: list
+    levels: list
+    sens: Any = None  # with --from-json: the earlier measurements
+    model: Any = None  # measured now: the model and its calibration batches
+    batches: list | None = None
+
+
+def _check_args(args):
+    from sparselora import sensitivity as S
+    from sparselora.train import set_threads
+
+    if getattr(args, "threads", None) is not None and args.threads < 0:
+        raise _user_error(f"--threads must be >= 1, got {args.threads}")
+    set_threads(getattr(args, "threads", None))
+    if not 0.0 < args.budget <= 1.0:
+        raise _user_error(f"--budget {args.budget} must be in (0, 1]: the FLOPs of a sparse step as a fraction of dense")
+    with _reported(ValueError):
+        return S.check_levels(args.levels)
+
+
+def _from_json(args, lora_rank, lora_targets) -> _Inputs:
+    """Earlier measurements, re-used for another budget: no model run."""
+    from sparselora import sensitivity as S
+    from sparselora.models.registry import ArchInfo
+
+    with _reported(OSError, KeyError, ValueError, TypeError, prefix=f"cannot read --from-json {args.from_json}: "):
+        rec = json.loads(Path(args.from_json).read_text())
+        sens = S.Sensitivity.from_dict(rec["sensitivity"])
+        arch = ArchInfo(**rec["arch"])
+        calib = rec["calibration"]
+    source = dict(rec.get("source", {}))
+    source["from_json"] = str(args.from_json)
+    args.rank = sens.estimator_rank
+    return _Inputs(
+        arch=arch, calib=calib, source=source, model_name=source.get("model", "model"),
+        out_dir=Path(args.output or Path(args.from_json).parent), tok_stats=rec.get("tokenize", {}),
+        lora_rank=lora_rank or rec.get("flops", {}).get("lora_rank", 32),
+        lora_targets=lora_targets or rec.get("flops", {}).get("lora_targets", list(ATTN_PROJS)),
+        levels=sens.levels,  # the measured levels decide; --levels is ignored with --from-json
+        sens=sens,
+    )
+
+
+def _load(args, levels, lora_rank, lora_targets) -> _Inputs:
+    """The model (+ adapter), frozen, and the calibration batches of --samples examples of --data."""
     import torch
 
     from sparselora import sensitivity as S
-    from sparselora.io import atomic_write_json, atomic_write_text
-    from sparselora.models.registry import ArchInfo, UnsupportedModelError, arch_info
+    from sparselora.data import DataCollator, load_examples, tokenize_examples
+    from sparselora.loading import load_model
+    from sparselora.models.registry import arch_info
 
-    from sparselora.train import set_threads
+    if not args.model or not args.data:
+        raise _user_error("--model and --data are required (or --from-json FILE to re-use earlier measurements)")
+    for name in ("samples", "batch_size", "max_length", "rank"):
+        if getattr(args, name) < 1:
+            raise _user_error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.adapter:
+        with _reported(OSError, ValueError):
+            a_rank, a_targets = _adapter_lora(args.adapter)
+        lora_rank = lora_rank or a_rank
+        lora_targets = lora_targets or a_targets
+    lora_rank = lora_rank or 32
+    lora_targets = lora_targets or list(ATTN_PROJS)
+
+    with _reported(OSError, ValueError):
+        examples = load_examples(args.data, fmt=args.format)
+    rng = random.Random(args.seed)
+    idx = sorted(rng.sample(range(len(examples)), min(args.samples, len(examples))))
+    picked = [examples[i] for i in idx]
+    device = _device(args.device)
+    dtype = getattr(torch, args.dtype)
+    print(f"loading {args.model} ({args.dtype}, {device}) ...", file=sys.stderr, flush=True)
+    with _reported(OSError, ValueError):  # ModelLoadError / UnsupportedModelError are ValueErrors
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+        arch = arch_info(model.config)
+    if args.adapter:
+        model = _with_adapter(model, args, device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with _reported(ValueError):
+        features, stats = tokenize_examples(picked, tokenizer, max_length=args.max_length)
+    if len(features) < len(picked):
+        print(f"note: {stats.summary()}", file=sys.stderr)
+    batches = S.make_batches(features, DataCollator(tokenizer), args.batch_size)
+    calib = S.batch_stats(batches)
+    calib["batch_size"] = args.batch_size
+    source = {
+        "model": str(args.model),
+        "adapter": args.adapter,
+        "data": str(args.data),
+        "samples": len(features),
+        "seed": args.seed,
+        "max_length": args.max_length,
+        "dtype": args.dtype,
+        "device": str(device),
+        "example_indices": idx,
+    }
+    model_name = Path(str(args.model)).name or str(args.model)
+    return _Inputs(arch=arch, calib=calib, source=source, model_name=model_name,
+                   out_dir=Path(args.output or f"sensitivity-{model_name}"), tok_stats=stats.as_dict(),
+                   lora_rank=lora_rank, lora_targets=lora_targets, levels=levels, model=model, batches=batches)
+
+
+def _with_adapter(model, args, device):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, args.adapter, is_trainable=False).to(device)
+    except Exception as exc:  # peft raises many kinds
+        if "size mismatch" in str(exc):  # one line, not one per tensor
+            from sparselora.cli.eval import base_of_adapter
+
+            exc = (f"it was trained on another base model ({base_of_adapter(Path(args.adapter)) or 'unknown'}), "
+                   f"not {args.model}: its weight shapes do not fit; pass that base with --model")
+        raise _user_error(f"cannot load adapter {args.adapter}: {exc}") from None
+
+
+def _measure(args, run: _Inputs, min_ratio: float):
+    from sparselora import sensitivity as S
+    from sparselora.models.registry import UnsupportedModelError
+
+    calib, arch, levels = run.calib, run.arch, run.levels
+    n_blocks = arch.num_layers * 2
+    print(
+        f"calibration: {calib['sequences']} sequences, avg {calib['avg_length']:.0f} tokens "
+        f"({calib['avg_labelled']:.0f} labelled) in {len(run.batches)} batches; measuring {arch.num_layers} layers "
+        f"x 2 x {len(levels)} levels = {n_blocks * len(levels)} passes (lowest reachable FLOP ratio "
+        f"{min_ratio:.3f})",
+        file=sys.stderr,
+        flush=True,
+    )
+    with _reported(ValueError, UnsupportedModelError):
+        return S.measure_sensitivity(
+            run.model,
+            run.batches,
+            levels,
+            selector=args.selector,
+            estimator_rank=args.rank,
+            estimator_dir=args.estimator_dir,
+            progress=_progress(time.perf_counter(), n_blocks),
+            seed=args.seed,
+        )
+
+
+def _run(args) -> int:
+    """Check the arguments, measure (or read earlier measurements), choose for the budget, write the outputs."""
+    from sparselora import sensitivity as S
 
     t_start = time.perf_counter()
-    if getattr(args, "threads", None) is not None and args.threads < 0:
-        _err(f"--threads must be >= 1, got {args.threads}")
-        return EXIT_ERROR
-    set_threads(getattr(args, "threads", None))
-    if not 0.0 < args.budget <= 1.0:
-        _err(f"--budget {args.budget} must be in (0, 1]: the FLOPs of a sparse step as a fraction of dense")
-        return EXIT_ERROR
-    try:
-        levels = S.check_levels(args.levels)
-    except ValueError as exc:
-        _err(str(exc))
-        return EXIT_ERROR
+    levels = _check_args(args)
     lora_rank, lora_targets = args.lora_rank, args.lora_targets.split(",") if args.lora_targets else None
-
     if args.from_json:
-        # ---- re-choose from earlier measurements
-        try:
-            rec = json.loads(Path(args.from_json).read_text())
-            sens = S.Sensitivity.from_dict(rec["sensitivity"])
-            arch = ArchInfo(**rec["arch"])
-            calib = rec["calibration"]
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            _err(f"cannot read --from-json {args.from_json}: {exc}")
-            return EXIT_ERROR
-        lora_rank = lora_rank or rec.get("flops", {}).get("lora_rank", 32)
-        lora_targets = lora_targets or rec.get("flops", {}).get("lora_targets", list(ATTN_PROJS))
-        source = dict(rec.get("source", {}))
-        source["from_json"] = str(args.from_json)
-        model_name = source.get("model", "model")
-        out_dir = Path(args.output or Path(args.from_json).parent)
-        tok_stats = rec.get("tokenize", {})
-        verify = None
-        levels = sens.levels  # the measured levels decide; --levels is ignored with --from-json
-        args.rank = sens.estimator_rank
+        run = _from_json(args, lora_rank, lora_targets)
     else:
-        if not args.model or not args.data:
-            _err("--model and --data are required (or --from-json FILE to re-use earlier measurements)")
-            return EXIT_ERROR
-        for name in ("samples", "batch_size", "max_length", "rank"):
-            if getattr(args, name) < 1:
-                _err(f"--{name.replace('_', '-')} must be >= 1")
-                return EXIT_ERROR
-        if args.adapter:
-            try:
-                a_rank, a_targets = _adapter_lora(args.adapter)
-            except (OSError, ValueError) as exc:
-                _err(str(exc))
-                return EXIT_ERROR
-            lora_rank = lora_rank or a_rank
-            lora_targets = lora_targets or a_targets
-        lora_rank = lora_rank or 32
-        lora_targets = lora_targets or list(ATTN_PROJS)
-
-        from sparselora.data import DataCollator, load_examples, tokenize_examples
-        from sparselora.loading import load_model
-
-        try:
-            examples = load_examples(args.data, fmt=args.format)
-        except (OSError, ValueError) as exc:
-            _err(str(exc))
-            return EXIT_ERROR
-        rng = random.Random(args.seed)
-        idx = sorted(rng.sample(range(len(examples)), min(args.samples, len(examples))))
-        picked = [examples[i] for i in idx]
-        device = _device(args.device)
-        dtype = getattr(torch, args.dtype)
-        print(f"loading {args.model} ({args.dtype}, {device}) ...", file=sys.stderr, flush=True)
-        try:
-            model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-            arch = arch_info(model.config)
-        except (OSError, ValueError) as exc:  # ModelLoadError / UnsupportedModelError are ValueErrors
-            _err(str(exc))
-            return EXIT_ERROR
-        if args.adapter:
-            from peft import PeftModel
-
-            try:
-                model = PeftModel.from_pretrained(model, args.adapter, is_trainable=False).to(device)
-            except Exception as exc:  # peft raises many kinds
-                if "size mismatch" in str(exc):  # one line, not one per tensor
-                    from sparselora.cli.eval import base_of_adapter
-
-                    exc = (f"it was trained on another base model ({base_of_adapter(Path(args.adapter)) or 'unknown'}), "
-                           f"not {args.model}: its weight shapes do not fit; pass that base with --model")
-                _err(f"cannot load adapter {args.adapter}: {exc}")
-                return EXIT_ERROR
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        try:
-            features, stats = tokenize_examples(picked, tokenizer, max_length=args.max_length)
-        except ValueError as exc:
-            _err(str(exc))
-            return EXIT_ERROR
-        tok_stats = stats.as_dict()
-        if len(features) < len(picked):
-            print(f"note: {stats.summary()}", file=sys.stderr)
-        batches = S.make_batches(features, DataCollator(tokenizer), args.batch_size)
-        calib = S.batch_stats(batches)
-        calib["batch_size"] = args.batch_size
-        source = {
-            "model": str(args.model),
-            "adapter": args.adapter,
-            "data": str(args.data),
-            "samples": len(features),
-            "seed": args.seed,
-            "max_length": args.max_length,
-            "dtype": args.dtype,
-            "device": str(device),
-            "example_indices": idx,
-        }
-        model_name = Path(str(args.model)).name or str(args.model)
-        out_dir = Path(args.output or f"sensitivity-{model_name}")
+        run = _load(args, levels, lora_rank, lora_targets)
+    arch, calib, sens = run.arch, run.calib, run.sens
+    lora_rank, lora_targets, levels = run.lora_rank, run.lora_targets, run.levels
 
     batch_shape = (int(calib.get("batch_size", 1)), max(1, round(calib["avg_length"])))
     labelled = min(batch_shape[1], round(calib["avg_labelled"]))
     flop_kw = dict(lora_rank=int(lora_rank), lora_targets=list(lora_targets))
-    try:
+    with _reported(ValueError):
         min_ratio = S.check_budget(arch, args.budget, levels, batch_shape, labelled, args.rank, **flop_kw)
-    except S.InfeasibleBudgetError as exc:
-        _err(str(exc))
-        return EXIT_INFEASIBLE
-    except ValueError as exc:
-        _err(str(exc))
-        return EXIT_ERROR
-
     if not args.from_json:
-        n_blocks = arch.num_layers * 2
-        print(
-            f"calibration: {calib['sequences']} sequences, avg {calib['avg_length']:.0f} tokens "
-            f"({calib['avg_labelled']:.0f} labelled) in {len(batches)} batches; measuring {arch.num_layers} layers "
-            f"x 2 x {len(levels)} levels = {n_blocks * len(levels)} passes (lowest reachable FLOP ratio "
-            f"{min_ratio:.3f})",
-            file=sys.stderr,
-            flush=True,
-        )
-        try:
-            sens = S.measure_sensitivity(
-                model,
-                batches,
-                levels,
-                selector=args.selector,
-                estimator_rank=args.rank,
-                estimator_dir=args.estimator_dir,
-                progress=_progress(time.perf_counter(), n_blocks),
-                seed=args.seed,
-            )
-        except (ValueError, UnsupportedModelError) as exc:
-            _err(str(exc))
-            return EXIT_ERROR
-
-    try:
+        sens = _measure(args, run, min_ratio)
+    with _reported():
         choice = S.choose_config(
             sens, arch, args.budget, batch_shape, labelled, start_step=args.start_step, **flop_kw
         )
-    except S.InfeasibleBudgetError as exc:
-        _err(str(exc))
-        return EXIT_INFEASIBLE
     cfg = choice.config
 
+    verify = None
     if not args.from_json and cfg.is_sparse:
         # the additive model's prediction against the real loss of the whole config
-        combined = S.config_loss(model, batches, cfg, estimator_dir=args.estimator_dir)
+        combined = S.config_loss(run.model, run.batches, cfg, estimator_dir=args.estimator_dir)
         verify = combined - sens.dense_loss
     elif not args.from_json:
         verify = 0.0
 
-    # ---- outputs
+    return _write_outputs(args, run, sens, choice, verify, batch_shape, labelled, t_start)
+
+
+def _write_outputs(args, run: _Inputs, sens, choice, verify, batch_shape, labelled, t_start) -> int:
+    """The table and the choice on the terminal; sparsity.yaml (with a header that says how it was chosen),
+    sensitivity.json, table.md and heatmap.png in the output folder."""
+    from sparselora import sensitivity as S
+    from sparselora.io import atomic_write_json, atomic_write_text
+
+    cfg, calib, source, arch = choice.config, run.calib, run.source, run.arch
+    model_name, out_dir, tok_stats = run.model_name, run.out_dir, run.tok_stats
+    lora_rank, lora_targets = run.lora_rank, run.lora_targets
     title = (
         f"{model_name}: loss increase per layer (dense loss {sens.dense_loss:.4f}; {calib['sequences']} samples; "
         f"selector {sens.selector} r={sens.estimator_rank})"
