@@ -16,6 +16,15 @@ from sparselora.selection import DEFAULT_SELECTOR, SAMPLE_ROWS, SELECTORS as _RE
 SELECTORS = tuple(_REGISTRY)  # names, from the registry in sparselora.selection
 
 
+def check_keys(cls, d: dict[str, Any], what: str, error: type[Exception] = ValueError) -> None:
+    """Refuse keys of ``d`` that are not fields of the dataclass ``cls``: ``error("<what> [unknown]; known keys:
+    [...]")``. The one unknown-key check of the package's configs (SparseLoRAConfig, RunConfig, run YAML)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise error(f"{what} {unknown}; known keys: {sorted(known)}")
+
+
 def parse_layers(spec: int | str) -> list[int]:
     """Expand a layer key such as ``7``, ``"3-30"`` or ``"14-19,21-23"`` into indices.
 
@@ -181,10 +190,7 @@ class SparseLoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SparseLoRAConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown SparseLoRAConfig keys {unknown}; known keys: {sorted(known)}")
+        check_keys(cls, d, "unknown SparseLoRAConfig keys")
         return cls(**d)
 
     def to_yaml(self, path: str | Path | None = None) -> str:

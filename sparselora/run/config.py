@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from sparselora.config import check_keys
 from sparselora.errors import SparseLoRAError
 from sparselora.models.registry import ATTN_PROJS, PROJS
 
@@ -121,10 +122,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "run config") -> "RunConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise RunError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        check_keys(cls, d, f"{source}: unknown key(s)", RunError)
         try:
             return cls(**d)
         except TypeError as exc:
@@ -141,10 +139,7 @@ def read_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
         raise RunError(f"run config {p} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise RunError(f"run config {p} must be a YAML mapping of run settings (e.g. `lora_r: 16`)")
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise RunError(f"run config {p}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    check_keys(RunConfig, data, f"run config {p}: unknown key(s)", RunError)
     return data
 
 
