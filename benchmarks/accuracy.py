@@ -42,7 +42,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, git_commit, gpu_slug, versions  # noqa: E402
+from common import REPO, Clock, base_checksum, cast_lora, git_commit, gpu_slug, shared_lora_model, versions  # noqa: E402,F401
 from sparselora.io import atomic_write_json  # noqa: E402
 from sparselora.models.registry import ATTN_PROJS, PROJS, module_name  # noqa: E402
 from sparselora.tokens import IGNORE_INDEX  # noqa: E402
@@ -279,28 +279,9 @@ def sparsity_config(args, model_config, num_layers, feats, batches):
 
 
 # ------------------------------------------------------------------------------------------------ model
-def base_checksum(model) -> str:
-    """Exact-enough identity of every frozen tensor: float64 sum and sum of squares, hashed."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for n, p in sorted(model.named_parameters()):
-            x = p.detach().double()
-            h.update(f"{n}|{tuple(p.shape)}|{x.sum().item():.10e}|{x.square().sum().item():.10e}".encode())
-    return h.hexdigest()[:20]
-
-
 def lora_model(base, targets, rank, alpha, seed, adapter_dtype):
-    from peft import LoraConfig, get_peft_model
-
-    memo = {id(p): p for p in base.parameters()}  # share, never copy, the frozen weights
-    tree = copy.deepcopy(base, memo)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=[MODULE[t] for t in targets],
-                     bias="none", task_type="CAUSAL_LM")
-    torch.manual_seed(seed)
-    model = get_peft_model(tree, cfg)
-    for n, p in model.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.to(adapter_dtype)
+    model = shared_lora_model(base, [MODULE[t] for t in targets], rank, alpha, seed)
+    cast_lora(model, adapter_dtype)
     return model
 
 
@@ -330,22 +311,17 @@ def train(model, feats, batches, args, device, sparse: bool) -> dict:
     fn, warm = lr_lambda(len(batches), args.warmup_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
     total = len(batches)
-    losses, events, sparse_steps, grad_norms, skipped = [], [], 0, [], []
+    losses, sparse_steps, grad_norms, skipped = [], 0, [], []
     model.train()
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    cpu_marks = []
+    clock = Clock(device)
     for step, b in enumerate(cpu_batches):
         if sparse:
             sparse_steps += int(sparselora.schedule(model, step, total))
-        if cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            events.append(e)
-        else:
-            cpu_marks.append(time.perf_counter())
+        clock.mark()
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         out = model(**b, use_cache=False)
         out.loss.backward()
@@ -363,15 +339,8 @@ def train(model, feats, batches, args, device, sparse: bool) -> dict:
         losses.append(out.loss.detach())
         if not cuda and args.verbose:
             log(f"  step {step + 1}/{total} loss {out.loss.item():.4f}")
-    if cuda:
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        events.append(e)
-        torch.cuda.synchronize()
-        step_ms = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
-    else:
-        cpu_marks.append(time.perf_counter())
-        step_ms = [(b - a) * 1e3 for a, b in zip(cpu_marks, cpu_marks[1:])]
+    clock.mark()
+    step_ms = clock.intervals_ms()
     seconds = time.perf_counter() - t0
     curve = torch.stack(losses).float().cpu().tolist()
     diverged_at = next((i for i, x in enumerate(curve) if not math.isfinite(x)), None)

@@ -12,7 +12,7 @@ import statistics
 
 import torch
 
-from common import BATCH_PRESETS, DEFAULT_SPARSITY_PRESET, SHAPES, git_commit, versions
+from common import BATCH_PRESETS, DEFAULT_SPARSITY_PRESET, SHAPES, cuda_ms, git_commit, versions
 from sparselora.io import atomic_write_json
 from sparselora import SparseLoRAConfig
 from sparselora.estimator import low_rank_factors, stack_factors
@@ -33,12 +33,7 @@ def graph_ms(fn, reps: int) -> float:
         fn()
     times = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(cuda_ms(g.replay))
     return statistics.median(times)
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import gc
 import math
@@ -57,12 +56,15 @@ from common import (  # noqa: E402
     REPO,
     SHAPES,
     Clock,
+    base_checksum,
     build_base_model,
+    cast_lora,
     git_commit,
     gpu_slug,
     make_batch,
     median,
     QKVO,
+    shared_lora_model,
     versions,
 )
 import sparselora  # noqa: E402
@@ -108,15 +110,8 @@ class Bench:
     def lora_model(self):
         """A fresh module tree over the shared base weights, wrapped by stock PEFT; every method's adapters
         start from the same values (B = 0, so every method's first loss is the base model's loss)."""
-        from peft import LoraConfig, get_peft_model
-
-        memo = {id(p): p for p in self.base.parameters()}  # share, never copy, the frozen weights
-        tree = copy.deepcopy(self.base, memo)
         targets = ALL_PROJ if self.args.lora_targets == "all" else QKVO
-        cfg = LoraConfig(r=self.args.lora_r, lora_alpha=self.args.lora_alpha, lora_dropout=0.0,
-                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
-        torch.manual_seed(self.args.seed)
-        model = get_peft_model(tree, cfg)
+        model = shared_lora_model(self.base, targets, self.args.lora_r, self.args.lora_alpha, self.args.seed)
         lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
         with torch.no_grad():
             if self._ref_lora is None:
@@ -129,12 +124,6 @@ class Bench:
 
 def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def cast_lora(model, dtype):
-    for n, p in model.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.to(dtype)
 
 
 def adapter_dtype(model) -> str | None:
@@ -357,12 +346,6 @@ def estimator_ms(bench: Bench, method: Method) -> float | None:
 
 
 # -- the run --------------------------------------------------------------------------------------------------
-def base_checksum(base):
-    """Per-parameter sums: a method that edits the shared base weights in place would corrupt the others."""
-    with torch.no_grad():
-        return torch.stack([p.sum(dtype=torch.float32) for p in base.parameters()]).cpu()
-
-
 def free(device):
     gc.collect()
     if device.type == "cuda":
@@ -388,7 +371,7 @@ class Runner:
         reason = tb = m = None
         try:
             m = BUILDERS[name](self.bench)
-            if not torch.equal(ref, base_checksum(self.bench.base)):
+            if ref != base_checksum(self.bench.base):
                 rec["warning"] = "building this method changed the shared base weights in place"
             rec["build_s"] = round(time.perf_counter() - t0, 3)
             rec["adapter_dtype"] = adapter_dtype(m.model)

@@ -1,10 +1,13 @@
-"""Helpers for the benchmark scripts: model shapes, batches, timers, environment facts.
+"""Helpers for the benchmark scripts: model shapes, batches, LoRA models over one shared base, the base
+weights' checksum, timers, environment facts.
 
 Shapes and environment facts come from `sparselora.bench.shapes` (the packaged Trainer benchmark uses them too).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import statistics
 import sys
 import time
@@ -56,6 +59,38 @@ def make_batch(vocab: int, batch: int, seq: int, labelled: int, device: torch.de
     return {"input_ids": ids.to(device), "labels": labels.to(device)}
 
 
+# -- LoRA models over one shared base ---------------------------------------------------------------------------
+def shared_lora_model(base, target_modules, rank: int, alpha: float, seed: int):
+    """A fresh module tree over ``base``'s weights (shared, never copied) wrapped by stock PEFT LoRA on
+    ``target_modules`` (module names, e.g. q_proj), adapters initialised from ``seed``."""
+    from peft import LoraConfig, get_peft_model
+
+    memo = {id(p): p for p in base.parameters()}  # share, never copy, the frozen weights
+    tree = copy.deepcopy(base, memo)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules),
+                     bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
+    return get_peft_model(tree, cfg)
+
+
+def cast_lora(model, dtype) -> None:
+    """The LoRA adapters' weights in ``dtype`` (the base stays as it is)."""
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.to(dtype)
+
+
+def base_checksum(model) -> str:
+    """Exact-enough identity of every frozen tensor: float64 sum and sum of squares, hashed (a method that edits
+    the shared base weights in place would corrupt the others)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            x = p.detach().double()
+            h.update(f"{n}|{tuple(p.shape)}|{x.sum().item():.10e}|{x.square().sum().item():.10e}".encode())
+    return h.hexdigest()[:20]
+
+
 # -- timing ---------------------------------------------------------------------------------------------------
 class Clock:
     """Marks points in a step; CUDA events on a GPU (no host sync inside the step), wall clock on CPU."""
@@ -78,6 +113,16 @@ class Clock:
             torch.cuda.synchronize()
             return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def cuda_ms(fn) -> float:
+    """Milliseconds of one call of ``fn`` on the GPU, between two CUDA events (waits for the second)."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
 
 
 def median(xs):

@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BATCH_PRESETS, build_base_model, make_batch  # noqa: E402
+from common import BATCH_PRESETS, build_base_model, cuda_ms, make_batch  # noqa: E402
 
 import sparselora  # noqa: E402
 from sparselora import SparseLoRAConfig, apply_sparselora  # noqa: E402
@@ -59,12 +59,7 @@ for sparse in (False, True):
     torch.cuda.synchronize()
     ts = []
     for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
+        ts.append(cuda_ms(step))
     print(f"{'sparse' if sparse else 'dense'}: median {sorted(ts)[5]:.1f} ms/step, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     from torch.profiler import ProfilerActivity, profile
 
