@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 from sparselora.io import atomic_write_json
 from sparselora.models.registry import module_name
-from sparselora.run.callbacks import TokenCounter, callbacks as _callbacks, rng_state as _rng_state  # noqa: F401
+from sparselora.run.callbacks import TokenCounter, callbacks as _callbacks
 from sparselora.run.config import (  # noqa: F401  (the public names of sparselora.train)
     MACHINE_FIELDS, PATH_FIELDS, TARGET_NAMES, RunConfig, RunError, merge_for_resume, read_yaml_config,
     resolve_dtype, resolve_paths, sparsity_config,
@@ -51,8 +51,7 @@ from sparselora.run.trainer import (  # noqa: F401
 from sparselora.tokens import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-_TokenCounter = TokenCounter  # the names tests and older callers use
-_merge_for_resume = merge_for_resume
+_TokenCounter = TokenCounter  # the name tests and older callers use
 
 
 # ------------------------------------------------------------------------------------------- this machine
