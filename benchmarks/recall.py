@@ -74,7 +74,7 @@ def main(argv=None):
     from sparselora.estimator import Estimator
     from sparselora.loading import load_model
     from sparselora.models.registry import arch_info, decoder_layers
-    from sparselora.ops.sparse_linear import base_weight_bias
+    from sparselora.ops.lora_layer import base_weight_bias
     from sparselora.selection import DEFAULT_SELECTOR, SAMPLE_ROWS, labelled_rows, select_attention, select_ffn
     from sparselora.tokens import context_mask
 

@@ -19,7 +19,7 @@ from sparselora.estimator import Estimator
 from sparselora.models.registry import ATTN_PROJS, PROJS, arch_info, causal_lm, decoder_layers, projection, sliced_projections
 from sparselora.modules import SparseAttention, SparseMLP
 from sparselora.modules.linear import FusedLoRALinear
-from sparselora.ops.sparse_linear import base_weight_bias
+from sparselora.ops.lora_layer import base_weight_bias
 from sparselora.selection import SELECTORS
 from sparselora.state import STATE_ATTR, SparseLoRAState
 

@@ -10,7 +10,7 @@ from peft import LoraConfig
 from torch import nn
 
 from sparselora import SparseLoRAConfig, apply_sparselora, kept_channels
-from sparselora.ops.fused import lora_parts
+from sparselora.ops.lora_layer import lora_parts
 
 from helpers import assert_close, clone, make_batch, step_outputs, tiny_peft
 from reference import install_reference

@@ -210,7 +210,8 @@ def test_indexing_functions_gradcheck():
 @pytest.mark.parametrize("lora", [True, False])
 def test_fused_split_lora_linear(dtype, mode, lora):
     """The fused projection on context-first rows equals the masked reference, forward and gradients."""
-    from sparselora.ops.fused import lora_parts, split_lora_linear
+    from sparselora.ops.fused import split_lora_linear
+    from sparselora.ops.lora_layer import lora_parts
 
     m = lora_block(dtype, lora)
     for p in m.parameters():
@@ -253,7 +254,8 @@ def test_fused_split_lora_linear(dtype, mode, lora):
 def test_fused_lora_dropout(dtype, mode):
     """LoRA dropout inside the fused op: the same function as PEFT's branch on the same dropout mask (drawn from
     the same RNG state), forward and every gradient; and the mask really drops (p of the entries, scaled)."""
-    from sparselora.ops.fused import dropout_mask, lora_parts, split_lora_linear
+    from sparselora.ops.fused import dropout_mask, split_lora_linear
+    from sparselora.ops.lora_layer import lora_parts
 
     torch.manual_seed(0)
     m = get_peft_model(Block().to(dtype), LoraConfig(r=3, lora_alpha=5, target_modules=["proj"], lora_dropout=0.3))
@@ -293,7 +295,7 @@ def test_fused_lora_dropout(dtype, mode):
 
 
 def test_fused_refuses_what_it_cannot_reproduce():
-    from sparselora.ops.fused import lora_parts
+    from sparselora.ops.lora_layer import lora_parts
 
     torch.manual_seed(0)
     m = get_peft_model(Block(), LoraConfig(r=3, target_modules=["proj"], lora_dropout=0.1)).base_model.model

@@ -15,8 +15,8 @@ from torch import nn
 from sparselora.models.registry import ATTN_PROJS, module_name
 from sparselora.modules.base import ForwardSwap
 from sparselora.ops import proj_in_sparse, proj_out_sparse
-from sparselora.ops.fused import lora_linear, lora_parts, split_lora_linear
-from sparselora.ops.sparse_linear import base_weight_bias, check_lora_module
+from sparselora.ops.fused import lora_linear, split_lora_linear
+from sparselora.ops.lora_layer import base_weight_bias, check_lora_module, lora_parts
 from sparselora.selection import SELECTORS, labelled_rows, select_attention
 
 class _Inputs(NamedTuple):

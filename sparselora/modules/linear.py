@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from sparselora.modules.base import ForwardSwap
-from sparselora.ops.fused import lora_linear, lora_parts
+from sparselora.ops.fused import lora_linear
+from sparselora.ops.lora_layer import lora_parts
 
 
 class FusedLoRALinear:

@@ -9,7 +9,7 @@ from sparselora.models.registry import FFN_PROJS, module_name
 from sparselora.modules.base import ForwardSwap
 from sparselora.ops import ffn_context
 from sparselora.ops.fused_kernels import silu_mul
-from sparselora.ops.sparse_linear import base_weight_bias, check_lora_module
+from sparselora.ops.lora_layer import base_weight_bias, check_lora_module
 from sparselora.selection import SELECTORS, select_ffn, select_ffn_from_activations
 
 

@@ -1,7 +1,7 @@
 """Low-level sparse ops on frozen projections, each the exact autograd of its sparse function."""
 
+from sparselora.ops.lora_layer import base_weight_bias
 from sparselora.ops.sparse_linear import (
-    base_weight_bias,
     ffn_context,
     lora_delta,
     proj_in_sparse,

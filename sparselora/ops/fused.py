@@ -15,7 +15,6 @@ keeps the GPU fed (the step is otherwise host-bound).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 
 class _SplitLoRALinear(torch.autograd.Function):
@@ -94,41 +93,6 @@ class _SplitLoRALinear(torch.autograd.Function):
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """The kept entries of a dropout of ``x`` (same shape, x's dtype, 0/1), from torch's global RNG."""
     return (torch.rand_like(x) >= p).to(x.dtype)
-
-
-def lora_parts(module: nn.Module, x: torch.Tensor):
-    """(weight, bias, A, B, scale, dropout p) when ``module`` is a frozen Linear or a plain single-adapter PEFT LoRA
-    layer the fused op reproduces for input ``x``; None otherwise (several adapters, LoRA bias, trainable base, or
-    autocast, whose per-op casting rules the fused op does not replay). Dropout is reproduced in distribution, not
-    draw for draw: its mask comes from `dropout_mask`, not from ``nn.Dropout``."""
-    if torch.is_autocast_enabled(x.device.type):
-        return None
-    base = getattr(module, "base_layer", module)
-    if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return None
-    if not hasattr(module, "lora_A"):
-        return base.weight, base.bias, None, None, 1.0, 0.0
-    if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
-        return None
-    active = module.active_adapters
-    active = [active] if isinstance(active, str) else list(active)
-    active = [a for a in active if a in module.lora_A]
-    if len(active) != 1:
-        return None
-    name = active[0]
-    drop = module.lora_dropout[name]
-    if isinstance(drop, nn.Identity):
-        p = 0.0
-    elif type(drop) is nn.Dropout:
-        p = float(drop.p) if drop.training else 0.0
-    else:
-        return None
-    if module.lora_B[name].bias is not None or p >= 1.0:
-        return None
-    if getattr(module, "use_dora", {}).get(name, False) or name in getattr(module, "lora_variant", {}):
-        return None
-    return (base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
-            float(module.scaling[name]), p)
 
 
 def split_lora_linear(parts, x: torch.Tensor, n_ctx: int = 0, mode: str | None = None, idx: torch.Tensor | None = None):

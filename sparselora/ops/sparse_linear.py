@@ -12,47 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparselora.ops.fused_kernels import silu_mul
+from sparselora.ops.lora_layer import active_adapters, base_weight_bias
 from sparselora.ops.indexing import gather_columns, spread_columns
-
-
-def _base_layer(module: nn.Module) -> nn.Linear:
-    base = getattr(module, "base_layer", module)
-    if not isinstance(base, nn.Linear):
-        raise TypeError(
-            f"sparselora can only slice nn.Linear base projections, found {type(base).__name__} "
-            "(quantized or custom layers are not supported)"
-        )
-    return base
-
-
-def check_lora_module(module: nn.Module) -> None:
-    """Refuse PEFT layer states whose math the sparse path does not reproduce."""
-    _base_layer(module)
-    if not hasattr(module, "lora_A"):
-        return
-    if getattr(module, "merged", False):
-        raise ValueError(
-            "a LoRA adapter is merged into the base weights; sparselora slices the base weight, so unmerge "
-            "(model.unmerge_adapter()) before apply_sparselora"
-        )
-    for name in _active_adapters(module):
-        if getattr(module, "use_dora", {}).get(name, False):
-            raise ValueError(f"adapter {name!r} uses DoRA, which sparselora does not support; use plain LoRA")
-        if name in getattr(module, "lora_variant", {}):
-            raise ValueError(f"adapter {name!r} is a LoRA variant ({type(module.lora_variant[name]).__name__}); "
-                             "sparselora supports plain LoRA only")
-
-
-def _active_adapters(module: nn.Module) -> list[str]:
-    if getattr(module, "disable_adapters", False):
-        return []
-    active = module.active_adapters
-    return [a for a in ([active] if isinstance(active, str) else active) if a in module.lora_A]
-
-
-def base_weight_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    base = _base_layer(module)
-    return base.weight, base.bias
 
 
 def lora_delta(
@@ -70,7 +31,7 @@ def lora_delta(
     if not hasattr(module, "lora_A"):
         return None
     out = None
-    for name in _active_adapters(module):
+    for name in active_adapters(module):
         A, B = module.lora_A[name], module.lora_B[name]
         h = module.lora_dropout[name](x.to(A.weight.dtype))
         wa = A.weight if in_cols is None else A.weight.index_select(1, in_cols)
