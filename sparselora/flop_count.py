@@ -14,10 +14,10 @@ activations), the low-rank products for svd, nothing for random. Norms, activati
 from __future__ import annotations
 
 from sparselora.config import SparseLoRAConfig
-from sparselora.models.registry import ArchInfo, arch_info
+from sparselora.models.registry import ATTN_PROJS, FFN_PROJS, PROJS, ArchInfo, arch_info
 from sparselora.selection import DEFAULT_SELECTOR, SAMPLE_ROWS, SELECTORS, keep_count
 
-ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+ALL_TARGETS = PROJS
 
 
 def as_arch(model_config) -> ArchInfo:
@@ -60,7 +60,7 @@ def flops(
     labelled_tokens: int,
     *,
     lora_rank: int = 32,
-    lora_targets=("q", "k", "v", "o"),
+    lora_targets=ATTN_PROJS,
     labelled_only_head: bool = False,
 ) -> dict[str, float]:
     """FLOPs of one step: {"dense", "sparse", "ratio", "estimator", ...} for a batch of ``batch_shape``
@@ -108,19 +108,19 @@ def flops(
         Nd = N - Nc
         if s_ffn > 0:
             k = keep_count(I, s_ffn) / I
-            cost += sum(base(p, Nd) + lora(p, Nd) for p in ("gate", "up", "down"))
+            cost += sum(base(p, Nd) + lora(p, Nd) for p in FFN_PROJS)
             cost += base("gate", Nc, k) + base("up", Nc, k) + base("down", Nc, k)
             cost += lora("gate", Nc, out_kept=k) + lora("up", Nc, out_kept=k) + lora("down", Nc, in_kept=k)
             estimator += sel.flops("ffn", H, (I, I), Nc, Nl, rank, rows)
         else:
-            cost += sum(base(p, N) + lora(p, N) for p in ("gate", "up", "down"))
+            cost += sum(base(p, N) + lora(p, N) for p in FFN_PROJS)
         if s_att > 0:
             kept = attention_kept(a, s_att, rope_pairs)
-            cost += sum(base(p, Nd) + lora(p, Nd) + base(p, Nc, kept[p]) + lora(p, Nc) for p in ("q", "k", "v", "o"))
+            cost += sum(base(p, Nd) + lora(p, Nd) + base(p, Nc, kept[p]) + lora(p, Nc) for p in ATTN_PROJS)
             q_out, kv_out = dims["q"][1], dims["k"][1]
             estimator += sel.flops("attention", H, (q_out, kv_out, kv_out), Nc, Nl, rank, rows)
         else:
-            cost += sum(base(p, N) + lora(p, N) for p in ("q", "k", "v", "o"))
+            cost += sum(base(p, N) + lora(p, N) for p in ATTN_PROJS)
         sparse += cost
     sparse += attn_core + head + estimator
     return {
