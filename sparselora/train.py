@@ -34,8 +34,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from sparselora import SparseLoRACallback, apply_sparselora, remove_sparselora, set_enabled, use_packed_attention
+from sparselora.calibrate import calibrate, frozen_loss
+from sparselora.data import DataCollator, load_examples, tokenize_examples
+from sparselora.fastpath import choose_path, flop_cut_warning
+from sparselora.flop_count import flops
+from sparselora.loading import load_model
 from sparselora.io import atomic_write_json
-from sparselora.models.registry import module_name
+from sparselora.models.registry import arch_info, causal_lm, module_name
 from sparselora.run.callbacks import TokenCounter, callbacks as _callbacks
 from sparselora.run.config import (  # noqa: F401  (the public names of sparselora.train)
     MACHINE_FIELDS, PATH_FIELDS, TARGET_NAMES, RunConfig, RunError, merge_for_resume, read_yaml_config,
@@ -65,7 +76,6 @@ def versions() -> dict[str, str]:
         except Exception:  # pragma: no cover
             pass
     try:
-        import torch
 
         if torch.cuda.is_available():
             out["gpu"] = torch.cuda.get_device_name(0)
@@ -111,7 +121,6 @@ def return_freed_memory() -> bool:
 
 def set_threads(threads: int | None) -> int:
     """Apply ``threads`` (None or 0: `default_threads()`) to torch; returns the number set."""
-    import torch
 
     n = threads if threads else default_threads()
     torch.set_num_threads(n)
@@ -150,7 +159,6 @@ def token_counts(features: Sequence[dict]) -> dict[str, float]:
 
 def analytic_flops(model_config, sp_cfg, batch_size: int, counts: dict, lora_r: int, targets,
                    labelled_only_head: bool = False) -> dict[str, Any]:
-    from sparselora.flop_count import flops
 
     T = max(1, round(counts["mean_tokens"]))
     L = min(T, round(counts["mean_labelled"]))
@@ -180,8 +188,6 @@ PROBE_BATCHES = 2  # batches of the run's first examples the sparsity probe meas
 
 def _calibrate(model, tokenizer, features, cfg: RunConfig, use_cpu: bool):
     """The sparsity probe (sparselora.calibrate) on the run's first batches, padded, on the training device."""
-    from sparselora.calibrate import calibrate
-    from sparselora.data import DataCollator
 
     if not use_cpu:
         model.to("cuda")
@@ -199,9 +205,6 @@ def _calibrate(model, tokenizer, features, cfg: RunConfig, use_cpu: bool):
 def _heldout_loss(model, tokenizer, features, batch_size: int) -> float:
     """The trained adapter's loss on held-out examples, evaluated dense (padded batches, SDPA): the fair comparison
     of a sparse and a dense run, since a sparse run's training loss includes the sparse forward's approximation."""
-    from sparselora.calibrate import frozen_loss
-    from sparselora.data import DataCollator
-    from sparselora.models.registry import causal_lm
 
     causal_lm(model).set_attn_implementation("sdpa")  # packed attention needs packed batches
     device = next(model.parameters()).device
@@ -254,9 +257,6 @@ def _check_folder(cfg: RunConfig, resume: bool, overwrite: bool, say) -> tuple[R
 def _load(cfg: RunConfig, use_cpu: bool, say) -> _Loaded:
     """Phases 2 and 3: data and model loaded, the model's family checked, the sparsity config read, the examples
     tokenized and the held-out ones kept apart."""
-    from sparselora.data import load_examples, tokenize_examples
-    from sparselora.loading import load_model
-    from sparselora.models.registry import arch_info
 
     for note in runtime_notes(cfg, cuda=not use_cpu):
         say(f"note: {note}")
@@ -278,7 +278,6 @@ def _load(cfg: RunConfig, use_cpu: bool, say) -> _Loaded:
 
 def _choose_path(cfg: RunConfig, run: _Loaded, use_cpu: bool, say):
     """Phase 4: the training path for this machine (packing, CUDA graphs, fused kernels), printed with reasons."""
-    from sparselora.fastpath import choose_path
 
     try:
         path = choose_path("cpu" if use_cpu else "cuda", [len(f["input_ids"]) for f in run.features],
@@ -298,10 +297,7 @@ def _base_config(model):
 def _apply(cfg: RunConfig, run: _Loaded, path, use_cpu: bool, say):
     """Phase 5: LoRA, then SparseLoRA (switched off for the dense baseline), the sparsity probe, the FLOP-cut
     check, packed attention. Sets ``run.model`` and ``run.sp_cfg``; returns the probe's result (or None)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
 
-    from sparselora import apply_sparselora, set_enabled
 
     torch.manual_seed(cfg.seed)
     model = run.model
@@ -334,14 +330,12 @@ def _apply(cfg: RunConfig, run: _Loaded, path, use_cpu: bool, say):
         for line in calibration.lines():
             say(line)
     if not cfg.dense:
-        from sparselora.fastpath import flop_cut_warning
 
         cut = analytic_flops(_base_config(model), run.sp_cfg, cfg.batch_size * cfg.grad_accum, run.counts,
                              cfg.lora_r, cfg.lora_targets, path.fast_kernels)["speedup"]
         warning = flop_cut_warning(cut)
         say(f"warning: {warning}" if warning else f"analytic FLOP cut of the sparsity config: {cut:.2f}x")
     if path.packed:
-        from sparselora import use_packed_attention
 
         use_packed_attention(model)
     return calibration
@@ -349,8 +343,6 @@ def _apply(cfg: RunConfig, run: _Loaded, path, use_cpu: bool, say):
 
 def _training_arguments(cfg: RunConfig, output: Path, path, dtype, use_cpu: bool):
     """Phase 6a: the Trainer's arguments."""
-    import torch
-    from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(output / CHECKPOINTS),
@@ -382,9 +374,7 @@ def _training_arguments(cfg: RunConfig, output: Path, path, dtype, use_cpu: bool
 def _build_trainer(cfg: RunConfig, run: _Loaded, path, args, extra: Sequence[Any], progress: bool,
                    label: str | None):
     """Phase 6b: the callbacks and the Trainer. Returns (trainer, timer, callbacks)."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from sparselora import SparseLoRACallback
 
     StepTimer, SparsityGuard, Progress = _callbacks()
     counter = TokenCounter()
@@ -426,9 +416,7 @@ def _train(trainer, timer, cbs, output: Path, resume: bool, say):
 def _write_outputs(cfg: RunConfig, run: _Loaded, path, calibration, trainer, timer, result, wall: float, ckpt,
                    say) -> dict[str, Any]:
     """Phase 8: the held-out loss, adapter (plain PEFT), optional merged weights, summary.json, loss.png."""
-    import torch
 
-    from sparselora import remove_sparselora
 
     output, model, tokenizer, sp_cfg, counts = Path(cfg.output), run.model, run.tokenizer, run.sp_cfg, run.counts
     heldout = run.heldout
@@ -519,7 +507,6 @@ def finetune(
     if done is not None:
         return done
 
-    import torch
 
     set_threads(cfg.threads)
     return_freed_memory()
