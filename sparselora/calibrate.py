@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparselora.config import SparseLoRAConfig
+from sparselora.modules import SparseMLP
 from sparselora.patch import get_state
 
 
@@ -57,7 +58,7 @@ def set_levels(model, cfg: SparseLoRAConfig) -> None:
     state = get_state(model)
     for i, wrappers in state.layers.items():
         for w in wrappers:
-            w.sparsity = (cfg.ffn_sparsity if hasattr(w, "mlp") else cfg.attn_sparsity).get(i, 0.0)
+            w.sparsity = (cfg.ffn_sparsity if isinstance(w, SparseMLP) else cfg.attn_sparsity).get(i, 0.0)
     state.config = cfg
 
 

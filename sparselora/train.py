@@ -30,6 +30,7 @@ import shutil
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -76,7 +77,6 @@ def versions() -> dict[str, str]:
         except Exception:  # pragma: no cover
             pass
     try:
-
         if torch.cuda.is_available():
             out["gpu"] = torch.cuda.get_device_name(0)
     except Exception:  # pragma: no cover
@@ -121,7 +121,6 @@ def return_freed_memory() -> bool:
 
 def set_threads(threads: int | None) -> int:
     """Apply ``threads`` (None or 0: `default_threads()`) to torch; returns the number set."""
-
     n = threads if threads else default_threads()
     torch.set_num_threads(n)
     return n
@@ -159,7 +158,6 @@ def token_counts(features: Sequence[dict]) -> dict[str, float]:
 
 def analytic_flops(model_config, sp_cfg, batch_size: int, counts: dict, lora_r: int, targets,
                    labelled_only_head: bool = False) -> dict[str, Any]:
-
     T = max(1, round(counts["mean_tokens"]))
     L = min(T, round(counts["mean_labelled"]))
     f = flops(model_config, sp_cfg, (batch_size, T), L, lora_rank=lora_r, lora_targets=tuple(targets),
@@ -186,17 +184,20 @@ def runtime_notes(cfg: RunConfig, cuda: bool) -> list[str]:
 PROBE_BATCHES = 2  # batches of the run's first examples the sparsity probe measures
 
 
+def _padded_batches(model, tokenizer, features, batch_size: int) -> list[dict]:
+    """``features`` as padded batches of ``batch_size`` on the model's device (the probe and the held-out loss)."""
+    device = next(model.parameters()).device
+    collate = DataCollator(tokenizer)
+    return [{k: v.to(device) for k, v in collate(features[i:i + batch_size]).items()}
+            for i in range(0, len(features), batch_size)]
+
+
 def _calibrate(model, tokenizer, features, cfg: RunConfig, use_cpu: bool):
     """The sparsity probe (sparselora.calibrate) on the run's first batches, padded, on the training device."""
-
     if not use_cpu:
         model.to("cuda")
-    device = next(model.parameters()).device
-    collate, n = DataCollator(tokenizer), cfg.batch_size
-    batches = [{k: v.to(device) for k, v in collate(features[i * n:(i + 1) * n]).items()}
-               for i in range(max(1, min(PROBE_BATCHES, len(features) // n)))]
-    import warnings
-
+    n = cfg.batch_size
+    batches = _padded_batches(model, tokenizer, features[:n * max(1, min(PROBE_BATCHES, len(features) // n))], n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its lines say it, including the warning
         return calibrate(model, batches, bound=cfg.loss_bound)
@@ -205,13 +206,8 @@ def _calibrate(model, tokenizer, features, cfg: RunConfig, use_cpu: bool):
 def _heldout_loss(model, tokenizer, features, batch_size: int) -> float:
     """The trained adapter's loss on held-out examples, evaluated dense (padded batches, SDPA): the fair comparison
     of a sparse and a dense run, since a sparse run's training loss includes the sparse forward's approximation."""
-
     causal_lm(model).set_attn_implementation("sdpa")  # packed attention needs packed batches
-    device = next(model.parameters()).device
-    collate = DataCollator(tokenizer)
-    batches = [{k: v.to(device) for k, v in collate(features[i:i + batch_size]).items()}
-               for i in range(0, len(features), batch_size)]
-    return frozen_loss(model, batches, sparse=False)
+    return frozen_loss(model, _padded_batches(model, tokenizer, features, batch_size), sparse=False)
 
 
 # ------------------------------------------------------------------------------------------- the recipe
@@ -220,7 +216,6 @@ def _heldout_loss(model, tokenizer, features, batch_size: int) -> float:
 @dataclass
 class _Loaded:
     """What the load and tokenize phases give the rest of the run."""
-
     model: Any
     tokenizer: Any
     arch: Any
@@ -231,6 +226,7 @@ class _Loaded:
     counts: dict
     tok_stats: Any
     skipped_lines: int
+    flops: dict | None = None  # analytic FLOPs of a step with the config that runs (set once it is final)
 
 
 def _check_folder(cfg: RunConfig, resume: bool, overwrite: bool, say) -> tuple[RunConfig, dict | None]:
@@ -257,7 +253,6 @@ def _check_folder(cfg: RunConfig, resume: bool, overwrite: bool, say) -> tuple[R
 def _load(cfg: RunConfig, use_cpu: bool, say) -> _Loaded:
     """Phases 2 and 3: data and model loaded, the model's family checked, the sparsity config read, the examples
     tokenized and the held-out ones kept apart."""
-
     for note in runtime_notes(cfg, cuda=not use_cpu):
         say(f"note: {note}")
     dtype = resolve_dtype(cfg.dtype)
@@ -278,7 +273,6 @@ def _load(cfg: RunConfig, use_cpu: bool, say) -> _Loaded:
 
 def _choose_path(cfg: RunConfig, run: _Loaded, use_cpu: bool, say):
     """Phase 4: the training path for this machine (packing, CUDA graphs, fused kernels), printed with reasons."""
-
     try:
         path = choose_path("cpu" if use_cpu else "cuda", [len(f["input_ids"]) for f in run.features],
                            cfg.batch_size, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -297,8 +291,6 @@ def _base_config(model):
 def _apply(cfg: RunConfig, run: _Loaded, path, use_cpu: bool, say):
     """Phase 5: LoRA, then SparseLoRA (switched off for the dense baseline), the sparsity probe, the FLOP-cut
     check, packed attention. Sets ``run.model`` and ``run.sp_cfg``; returns the probe's result (or None)."""
-
-
     torch.manual_seed(cfg.seed)
     model = run.model
     model.train()
@@ -329,21 +321,19 @@ def _apply(cfg: RunConfig, run: _Loaded, path, use_cpu: bool, say):
         run.sp_cfg = calibration.config
         for line in calibration.lines():
             say(line)
+    run.flops = analytic_flops(_base_config(model), run.sp_cfg, cfg.batch_size * cfg.grad_accum, run.counts,
+                               cfg.lora_r, cfg.lora_targets, path.fast_kernels)
     if not cfg.dense:
-
-        cut = analytic_flops(_base_config(model), run.sp_cfg, cfg.batch_size * cfg.grad_accum, run.counts,
-                             cfg.lora_r, cfg.lora_targets, path.fast_kernels)["speedup"]
+        cut = run.flops["speedup"]
         warning = flop_cut_warning(cut)
         say(f"warning: {warning}" if warning else f"analytic FLOP cut of the sparsity config: {cut:.2f}x")
     if path.packed:
-
         use_packed_attention(model)
     return calibration
 
 
 def _training_arguments(cfg: RunConfig, output: Path, path, dtype, use_cpu: bool):
     """Phase 6a: the Trainer's arguments."""
-
     return TrainingArguments(
         output_dir=str(output / CHECKPOINTS),
         per_device_train_batch_size=1 if path.packed else cfg.batch_size,  # a packed row holds ~batch_size examples
@@ -374,8 +364,6 @@ def _training_arguments(cfg: RunConfig, output: Path, path, dtype, use_cpu: bool
 def _build_trainer(cfg: RunConfig, run: _Loaded, path, args, extra: Sequence[Any], progress: bool,
                    label: str | None):
     """Phase 6b: the callbacks and the Trainer. Returns (trainer, timer, callbacks)."""
-
-
     StepTimer, SparsityGuard, Progress = _callbacks()
     counter = TokenCounter()
     timer = StepTimer(counter, run.model)
@@ -416,8 +404,6 @@ def _train(trainer, timer, cbs, output: Path, resume: bool, say):
 def _write_outputs(cfg: RunConfig, run: _Loaded, path, calibration, trainer, timer, result, wall: float, ckpt,
                    say) -> dict[str, Any]:
     """Phase 8: the held-out loss, adapter (plain PEFT), optional merged weights, summary.json, loss.png."""
-
-
     output, model, tokenizer, sp_cfg, counts = Path(cfg.output), run.model, run.tokenizer, run.sp_cfg, run.counts
     heldout = run.heldout
     heldout_loss = _heldout_loss(model, tokenizer, heldout, cfg.batch_size) if heldout else None
@@ -464,8 +450,7 @@ def _write_outputs(cfg: RunConfig, run: _Loaded, path, calibration, trainer, tim
         "median_sparse_step_seconds": statistics.median([s["seconds"] for s in sparse_steps]) if sparse_steps else None,
         "tokens_per_second": sum(s["tokens"] for s in steps) / secs if secs > 0 else None,
         "step_times": steps,
-        "flops": analytic_flops(_base_config(model), sp_cfg, cfg.batch_size * cfg.grad_accum, counts,
-                                cfg.lora_r, cfg.lora_targets, path.fast_kernels),
+        "flops": run.flops,
         "final_loss": losses[-1]["loss"] if losses else None,
         "heldout": None if not heldout else {"examples": len(heldout), "dense_loss": heldout_loss},
         "train_loss": result.training_loss,
