@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from sparselora.bench.shapes import REPO, SHAPES, build_base_model, git_commit, gpu_slug, versions
+from sparselora.io import atomic_write_json
 from sparselora.models.registry import ATTN_PROJS, module_name
 from sparselora.tokens import IGNORE_INDEX
 
@@ -122,7 +123,7 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
         data, collator = packed_data(examples, path, pad_token_id=0)
     else:
         data, collator = examples, DataCollator(pad_token_id=0)
-    trainer_cls, extra, callbacks = Trainer, {}, []
+    trainer_cls, callbacks = Trainer, []
     if name.startswith("sparselora") or name == "dense_graph_packed":
         if kind == "sparse":
             layers = {"num_layers": base.config.num_hidden_layers} if args.preset == "scaled" else {}
@@ -149,7 +150,7 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
         use_liger_kernel=name.startswith("peft_liger"),
         train_sampling_strategy="group_by_length" if name == "peft_liger_grouped" else "sequential")
     trainer = trainer_cls(model=model, args=targs, train_dataset=data, data_collator=rec,
-                          callbacks=callbacks + [rec.callback()], **extra)
+                          callbacks=callbacks + [rec.callback()])
     _sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -212,7 +213,12 @@ def main(argv=None) -> int:
     lengths = load_lengths(args.mix)
     mean_len = statistics.mean(p + a for p, a in zip(lengths["prompt"], lengths["answer"]))
     args.rows = max(1, round(args.tokens_per_step / mean_len))  # padded batches: the same real tokens per step
-    vocab = SHAPES[args.shape][1]["vocab_size"] if not args.model else 32000
+    if args.model:
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(args.model).vocab_size  # ids must fit the real model's embedding
+    else:
+        vocab = SHAPES[args.shape][1]["vocab_size"]
     n = int((args.warmup + args.steps + 2) * args.rows * 1.3)
     examples = make_examples(lengths, n, vocab, args.seed)
     ex_lengths = [len(e["input_ids"]) for e in examples]
@@ -233,8 +239,6 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others' numbers
             record["methods"][name] = {"kind": METHODS[name][0], "error": f"{type(exc).__name__}: {exc}"}
             print(f"   failed: {type(exc).__name__}: {exc}", flush=True)
-        from sparselora.io import atomic_write_json
-
         atomic_write_json(out_path, record)  # after every method: a crash keeps what was measured
     _table(record)
     print(f"wrote {out_path}")
