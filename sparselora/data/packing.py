@@ -39,9 +39,9 @@ def pack_features(features: Sequence[dict[str, Any]], max_tokens: int, max_segme
         packs.append(row)
 
     for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        if len(f.get("labels", f["input_ids"])) != n:
-            raise ValueError(f"example {i}: labels and input_ids differ in length ({len(f['labels'])} vs {n})")
+        n, labels = len(f["input_ids"]), f.get("labels", f["input_ids"])
+        if len(labels) != n:
+            raise ValueError(f"example {i}: labels and input_ids differ in length ({len(labels)} vs {n})")
         if n == 0:
             continue
         if n > max_tokens:
@@ -58,7 +58,7 @@ def pack_features(features: Sequence[dict[str, Any]], max_tokens: int, max_segme
         row["input_ids"] += list(f["input_ids"])
         # a segment's first token is never a target (nothing precedes it): so the shifted loss of the packed row
         # never predicts one example from the end of the one before
-        row["labels"] += [IGNORE_INDEX] + list(f.get("labels", f["input_ids"]))[1:]
+        row["labels"] += [IGNORE_INDEX] + list(labels)[1:]
         row["seq_lens"].append(n)
         row["used"] += n
         if row["used"] == max_tokens or len(row["seq_lens"]) == max_segments:

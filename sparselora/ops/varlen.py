@@ -12,6 +12,7 @@ the step stays capturable.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 ATTN_NAME = "sparselora_packed"
 
 
+@functools.cache  # asked by every attention layer of every forward: inspect once
 def _varlen():
     try:
         from torch.nn.attention.varlen import varlen_attn
