@@ -83,6 +83,14 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
+def assert_same_lora_grads(model, ref, dtype=torch.float32):
+    """Both models hold gradients for the same (non-empty) set of trainable parameters, each close to ref's."""
+    g, rg = lora_grads(model), lora_grads(ref)
+    assert g.keys() == rg.keys() and g, f"gradients of {sorted(rg)} expected, got {sorted(g)}"
+    for n in g:
+        assert_close(g[n], rg[n], f"grad {n}", dtype)
+
+
 def step_outputs(model, batch, embed_grad: bool = True):
     """(logits, loss, LoRA/trainable gradients) of one forward + backward; with ``embed_grad`` the input
     embeddings take a gradient too, so a cut in any path back to the input shows up."""

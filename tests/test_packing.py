@@ -13,7 +13,7 @@ from sparselora.ops.varlen import reference_packed_attention
 from sparselora.patch import get_state
 from sparselora.tokens import split_tokens
 
-from helpers import assert_close, clone, lora_grads, tiny_peft
+from helpers import assert_close, assert_same_lora_grads, clone, lora_grads, tiny_peft
 
 
 def _examples(lengths, labelled, vocab=101, seed=0):
@@ -145,10 +145,7 @@ def test_packed_step_matches_padded_step(fast_kernels):
         loss.backward()
         losses.append(loss.detach())
     assert_close(losses[0], losses[1], "loss")
-    g, rg = lora_grads(packed), lora_grads(padded)
-    assert g.keys() == rg.keys() and g
-    for n in g:
-        assert_close(g[n], rg[n], f"grad {n}")
+    assert_same_lora_grads(packed, padded)
 
 
 def test_bucket_rounds_the_sparse_rows_down():
@@ -187,10 +184,7 @@ def test_graph_path_on_packed_buckets_matches_plain_step(selector):
             ref_loss = ref(**batch).loss
             ref_loss.backward()
         assert_close(loss, ref_loss.detach(), "loss", torch.float32)
-        g, rg = lora_grads(model), lora_grads(ref)
-        assert g.keys() == rg.keys() and g
-        for n in g:
-            assert_close(g[n], rg[n], f"grad {n}", torch.float32)
+        assert_same_lora_grads(model, ref)
         for m in (model, ref):
             m.zero_grad(set_to_none=True)
     assert get_state(model).split.num_context % 8 == 0
