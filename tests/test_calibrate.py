@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -113,3 +114,23 @@ def test_a_config_that_cannot_pay_is_flagged():
 
     assert flop_cut_warning(MIN_PAYING_FLOP_CUT + 0.5) is None
     assert "no faster than dense" in flop_cut_warning(1.1)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--loss-bound", "-1"], "loss_bound (--loss-bound) must be >= 0"),
+    (["--loss-bound", "lots"], "--loss-bound takes a number"),
+    (["--heldout", "-2"], "heldout (--heldout) must be"),
+    (["--heldout", "100000"], "leaves nothing to train on"),
+])
+def test_bad_probe_and_heldout_flags_are_clear_errors(tmp_path, capsys, flags, message):
+    from test_cli import base_args, make_data, make_model_dir
+
+    from sparselora.cli.main import main
+
+    env = {"model": str(make_model_dir(tmp_path / "m")), "data": str(make_data(tmp_path / "d.jsonl")),
+           "est": str(tmp_path / "est")}
+    with pytest.raises(SystemExit) if "takes a number" in message else contextlib.nullcontext():
+        rc = main(base_args(env, tmp_path / "run", "--max-steps", "1", *flags))
+        assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written
