@@ -23,28 +23,36 @@ md = _load("make_results_md")
 
 
 def test_methods_and_order():
-    m = acc.parse_methods("base,dense,sparselora,oracle:0,sparselora_all7:1", [0, 1])
-    assert m == [("base", [0]), ("dense", [0, 1]), ("sparselora", [0, 1]), ("oracle", [0]), ("sparselora_all7", [1])]
+    m = acc.parse_methods("base,dense,oracle:1,sparselora,svd:0", [0, 1])
+    assert m == [("base", [0]), ("dense", [0, 1]), ("oracle", [1]), ("sparselora", [0, 1]), ("svd", [0])]
     order = acc.run_order(m)
-    assert order[:4] == [("base", 0), ("dense", 0), ("sparselora", 0), ("oracle", 0)]
-    assert set(order[4:]) == {("dense", 1), ("sparselora", 1), ("sparselora_all7", 1)}
-    assert acc.method_info("dense_all7")["targets"] == list(acc.ALL7)
+    # seed-major, and a swapped selector after the sparselora run whose calibrated config it reuses
+    assert order == [("base", 0), ("dense", 0), ("sparselora", 0), ("svd", 0),
+                     ("dense", 1), ("sparselora", 1), ("oracle", 1)]
     with pytest.raises(SystemExit):
         acc.parse_methods("lora", [0])
+    with pytest.raises(SystemExit, match="add sparselora"):
+        acc.parse_methods("dense,svd", [0])
 
 
-def test_choose_scaled_and_lr():
-    grid = [{"ffn": f, "attn": 0.0, "ratio": r} for f, r in ((0.5, 0.9), (0.9, 0.6), (0.99, 0.5))]
-    assert acc.choose_scaled(grid, 0.55, 0.03) == (grid[2], True)
-    pick, met = acc.choose_scaled(grid, 0.4, 0.15)
-    assert not met and pick is grid[1]  # least aggressive within the slack of the floor
-    f, warm = acc.lr_lambda(100, 0.04)
-    assert warm == 4 and f(0) == pytest.approx(0.25) and f(4) == pytest.approx(1.0) and f(99) < 0.01
+def test_swapped_selector_reuses_the_calibrated_config(tmp_path):
+    from sparselora import SparseLoRAConfig
+
+    args = acc.parse_args(["--model", "m", "--task", "math", "--max-steps", "3"])
+    with pytest.raises(RuntimeError, match="must run first"):
+        acc.run_config("oracle", 0, args, "m", tmp_path / "d.jsonl", tmp_path)
+    (tmp_path / "sparselora-s0").mkdir()
+    SparseLoRAConfig(ffn_sparsity={"2-5": 0.3}, selector="sampled").to_yaml(tmp_path / "sparselora-s0" / "sparsity.yaml")
+    cfg = acc.run_config("oracle", 0, args, "m", tmp_path / "d.jsonl", tmp_path)
+    used = SparseLoRAConfig.from_yaml(cfg.sparsity)
+    assert used.selector == "oracle" and used.ffn_sparsity == {2: 0.3, 3: 0.3, 4: 0.3, 5: 0.3} and cfg.loss_bound is None
+    dense = acc.run_config("dense", 1, args, "m", tmp_path / "d.jsonl", tmp_path)
+    assert dense.dense and dense.seed == 1 and dense.max_steps == 3 and dense.output.endswith("dense-s1")
 
 
 def test_aggregate_and_markdown(tmp_path):
     run = lambda a, s: {"seed": s, "eval": {"gsm8k": {"accuracy": a, "seconds": 1.0}},  # noqa: E731
-                        "flops": {"sparse_per_step": 6.0, "dense_per_step": 10.0}, "train_seconds": 2.0,
+                        "flops": {"sparse_per_step": 6.0, "dense_per_step": 10.0, "ratio": 0.6}, "train_seconds": 2.0,
                         "step_ms_median": 1.0, "final_loss": 0.5, "loss_curve": [1.0, 0.5]}
     doc = {"model": "m", "task": "math", "gpu": "cpu", "config": {"tests": {"gsm8k": {"n": 2, "n_total": 2}}},
            "methods": {"dense": {"runs": {"0": run(0.5, 0), "1": run(0.6, 1)}},
