@@ -77,8 +77,13 @@ class Estimator:
     def get(self, layer: int, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.factors[f"{layer}.{proj}.A"], self.factors[f"{layer}.{proj}.B"]
 
-    def stacked(self, layer: int, projs) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(A's side by side, [B's]) of several projections sharing one input: one matmul scores them all."""
+    def stacked(self, layer: int, projs, device: torch.device | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(A's side by side, [B's]) of several projections sharing one input: one matmul scores them all. With
+        ``device`` (the input's), the factors follow a model moved after `apply_sparselora` (the Trainer moves it
+        to the GPU only when training starts): all of them move once, on first use there."""
+        if device is not None and self.factors and next(iter(self.factors.values())).device != device:
+            self.factors = {k: v.to(device) for k, v in self.factors.items()}
+            self._stacked.clear()
         key = (layer, tuple(projs))
         if key not in self._stacked:
             self._stacked[key] = stack_factors([self.get(layer, p) for p in projs])

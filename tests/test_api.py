@@ -242,3 +242,15 @@ def test_fast_kernels_same_loss_and_gradients(arch):
     remove_sparselora(fast)
     for m in fast.modules():
         assert "forward" not in m.__dict__
+
+
+def test_estimator_factors_follow_the_input_device():
+    """`Estimator.stacked(..., device)` moves every factor once to the input's device (a model moved after
+    `apply_sparselora`); the meta device stands in for a GPU here."""
+    w = {(0, "gate"): torch.randn(16, 8), (0, "up"): torch.randn(16, 8)}
+    est = Estimator.build(w, 4)
+    a, bs = est.stacked(0, ("gate", "up"), torch.device("cpu"))
+    assert a.device.type == "cpu" and a.shape == (8, 8)
+    a, bs = est.stacked(0, ("gate", "up"), torch.device("meta"))
+    assert a.device.type == "meta" and all(b.device.type == "meta" for b in bs)
+    assert all(v.device.type == "meta" for v in est.factors.values())

@@ -214,3 +214,21 @@ def test_cuda_graph_step_draws_new_lora_dropout_each_replay():
         model.zero_grad(set_to_none=True)
     assert step.captures == 1 and all(torch.isfinite(torch.tensor(losses)))
     assert len(set(losses[1:])) == 3, f"replays repeated a dropout mask: {losses}"
+
+
+@pytest.mark.parametrize("selector", ["svd", "sampled"])
+def test_model_moved_to_cuda_after_apply_matches_one_applied_there(selector):
+    """The Trainer moves the model to the GPU only when training starts, after `apply_sparselora` ran on the
+    CPU: the estimator's factors must follow (they once stayed on the CPU and the first sparse step failed)."""
+    cfg = SparseLoRAConfig(ffn_sparsity={"0-3": 0.7}, attn_sparsity={"1-3": 0.5}, selector=selector, start_step=0)
+    batch = {k: v.cuda() for k, v in make_batch(seed=4).items()}
+    moved = tiny_peft("qwen2")
+    here = clone(moved).cuda()
+    apply_sparselora(moved, cfg)
+    moved.cuda()
+    apply_sparselora(here, cfg)
+    la, lossa, ga = run(moved, batch)
+    lb, lossb, gb = run(here, batch)
+    assert_close(la, lb, "logits", torch.float32)
+    for n in gb:
+        assert_close(ga[n], gb[n], f"grad {n}", torch.float32)

@@ -55,7 +55,7 @@ class SparseAttention:
             if split.num_labelled == 0:  # nothing to rank by (and no loss to train): this batch runs dense
                 return None
             xs = labelled_rows(xd, split.num_labelled)
-        factors = est.stacked(self.layer, "qkv") if sel.needs_factors else None
+        factors = est.stacked(self.layer, "qkv", xs.device) if sel.needs_factors else None
         orig = {p: s.original for p, s in self.swaps.items()}
         biases = [base_weight_bias(self.projs[p])[1] for p in "qkv"]  # Qwen2's q/k/v biases
         self.kept = select_attention(

@@ -35,7 +35,7 @@ class SparseMLP:
             return self._forward_labelled(split, xc, xd)
         factors = None
         if sel.needs_factors:
-            factors = self.state.estimator.stacked(self.layer, ("gate", "up"))
+            factors = self.state.estimator.stacked(self.layer, ("gate", "up"), xc.device)
         n = base_weight_bias(mlp.gate_proj)[0].shape[0]
         keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n, cfg.sample_rows)
         self.kept = keep
