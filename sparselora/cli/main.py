@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/bench_step.py
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark (sparselora/bench/)
         args = argparse.Namespace(command="bench", bench_args=argv[1:], func=parser._bench_func)
     else:
         args = parser.parse_args(argv)
