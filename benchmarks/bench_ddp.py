@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ALL_PROJ,
     BATCH_PRESETS,
-    DEFAULT_SPARSITY_PRESET,
     SHAPES,
     build_base_model,
     git_commit,
     gpu_slug,
     make_batch,
     median,
+    paper_preset,
     QKVO,
     versions,
 )
@@ -80,7 +80,7 @@ def parse_args(argv=None):
     a.batch_size, a.seq = b, t
     a.labelled = a.labelled if a.labelled is not None else min(lab, t)
     if a.preset is None:
-        a.preset = DEFAULT_SPARSITY_PRESET.get((a.shape, a.batch_preset), "scaled")
+        a.preset = paper_preset(a.shape, a.batch_preset)
     return a
 
 

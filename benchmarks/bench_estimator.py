@@ -12,7 +12,7 @@ import statistics
 
 import torch
 
-from common import BATCH_PRESETS, DEFAULT_SPARSITY_PRESET, SHAPES, cuda_ms, git_commit, versions
+from common import BATCH_PRESETS, SHAPES, cuda_ms, git_commit, paper_preset, versions
 from sparselora.io import atomic_write_json
 from sparselora import SparseLoRAConfig
 from sparselora.estimator import low_rank_factors, stack_factors
@@ -48,7 +48,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     arch_name, kw = SHAPES[a.shape]
     B, T, L = BATCH_PRESETS[a.batch_preset]
-    preset = a.preset or DEFAULT_SPARSITY_PRESET.get((a.shape, a.batch_preset), "scaled")
+    preset = a.preset or paper_preset(a.shape, a.batch_preset)
     n_layers = kw["num_hidden_layers"]
     cfg = SparseLoRAConfig.from_preset(preset, **({"num_layers": n_layers} if preset == "scaled" else {}))
     H, I, Hq, Hkv = kw["hidden_size"], kw["intermediate_size"], kw["num_attention_heads"], kw["num_key_value_heads"]

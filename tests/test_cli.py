@@ -320,13 +320,20 @@ def test_eval_with_adapter(sparse_run, env, tmp_path, capsys):
 
 
 def test_bench_passes_arguments_through(monkeypatch, capsys):
-    import sparselora.cli.bench as bench
+    from sparselora.bench import step, train
 
     assert main(["bench", "--help"]) == 0
     assert "--shape" in capsys.readouterr().out
-    monkeypatch.setattr(bench, "find_bench", lambda: None)
-    assert main(["bench", "--shape", "tiny"]) == 2
-    assert "source checkout" in capsys.readouterr().err
+    assert main(["bench", "--shape", "tiny", "--no-such-flag"]) == 2  # the step benchmark's own usage error
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(step, "main", lambda argv: seen.append(("step", argv)))
+    monkeypatch.setattr(train, "main", lambda argv: seen.append(("train", argv)))
+    assert main(["bench", "--shape", "tiny", "--steps", "2"]) == 0
+    assert main(["bench", "--", "--shape", "tiny"]) == 0
+    assert main(["bench", "--trainer", "--mix", "code"]) == 0
+    assert seen == [("step", ["--shape", "tiny", "--steps", "2"]), ("step", ["--shape", "tiny"]),
+                    ("train", ["--mix", "code"])]
 
 
 def test_demo_in_reduced_mode(env, tmp_path, capsys):

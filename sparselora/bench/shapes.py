@@ -1,4 +1,5 @@
-"""Model shapes of the paper's setting with random weights, and the facts a benchmark record carries."""
+"""Model shapes of the paper's setting with random weights, the paper's SparseLoRA preset for a shape and task,
+and the facts a benchmark record carries (versions, commit, accelerator, where results go)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # the source checkout's root, when the package runs from one
 
 # (architecture, config kwargs). Rope theta goes through the config's own normalisation (rope_parameters).
 SHAPES: dict[str, tuple[str, dict]] = {
@@ -33,6 +34,21 @@ SHAPES: dict[str, tuple[str, dict]] = {
                            num_key_value_heads=2, vocab_size=4096, rope_theta=10000.0,
                            max_position_embeddings=2048, rms_norm_eps=1e-5)),
 }
+
+
+# The SparseLoRA preset the paper uses for a shape and a task; any other pair is benchmarked with 'scaled'.
+PAPER_PRESETS: dict[tuple[str, str], str] = {
+    ("llama3-8b", "math"): "llama3-8b-math10k",
+    ("llama3-8b", "commonsense"): "llama3-8b-csr170k",
+    ("llama3-8b", "code"): "llama3.1-8b-codefeedback",
+    ("llama2-7b", "math"): "llama2-7b-math10k",
+    ("llama2-7b", "commonsense"): "llama2-7b-csr170k",
+}
+
+
+def paper_preset(shape: str, task: str) -> str:
+    """The paper's preset for ``shape`` on ``task`` (math, commonsense or its short name csr, code), else 'scaled'."""
+    return PAPER_PRESETS.get((shape, "commonsense" if task == "csr" else task), "scaled")
 
 
 def make_config(shape: str):
@@ -89,10 +105,23 @@ def versions() -> dict:
             "triton": _version("triton"), "sparselora": sparselora.__version__}
 
 
+def in_checkout() -> bool:
+    """Whether the package runs from a source checkout (not from an installed copy in site-packages)."""
+    return (REPO / "pyproject.toml").is_file() and (REPO / "benchmarks").is_dir()
+
+
+def results_dir() -> Path:
+    """Where a benchmark writes its JSON unless told: benchmarks/results of the checkout, else the current folder."""
+    return REPO / "benchmarks" / "results" if in_checkout() else Path.cwd()
+
+
 def git_commit() -> str | None:
-    """SPARSELORA_COMMIT when set (a copied checkout's .git may be stale), else git's HEAD (+ -dirty)."""
+    """SPARSELORA_COMMIT when set (a copied checkout's .git may be stale), else the checkout's HEAD (+ -dirty);
+    None for an installed package (whatever repository its site-packages may lie in is not its source)."""
     if os.environ.get("SPARSELORA_COMMIT"):
         return os.environ["SPARSELORA_COMMIT"]
+    if not in_checkout():
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():

@@ -7,7 +7,8 @@ clipping (1.0) and bf16, and the same real-token budget per step; only the batch
 
     python benchmarks/bench_train.py --shape llama3-8b --mix math          # or: sparselora bench --trainer ...
 
-Prints a table and writes benchmarks/results/train-<shape>-<mix>-<gpu>.json.
+Prints a table and writes benchmarks/results/train-<shape>-<mix>-<gpu>.json (in a checkout; else in the current
+folder).
 """
 
 from __future__ import annotations
@@ -22,17 +23,11 @@ from pathlib import Path
 
 import torch
 
-from sparselora.bench.shapes import REPO, SHAPES, build_base_model, git_commit, gpu_slug, versions
+from sparselora.bench.lora import QKVO
+from sparselora.bench.shapes import SHAPES, build_base_model, git_commit, gpu_slug, paper_preset, results_dir, versions
 from sparselora.io import atomic_write_json
-from sparselora.models.registry import ATTN_PROJS, module_name
 from sparselora.tokens import IGNORE_INDEX
 
-QKVO = [module_name(p) for p in ATTN_PROJS]  # LoRA targets of the paper's setting
-PRESET = {  # the SparseLoRA preset a mix is benchmarked with unless --preset says otherwise
-    ("llama3-8b", "math"): "llama3-8b-math10k", ("llama3-8b", "commonsense"): "llama3-8b-csr170k",
-    ("llama3-8b", "code"): "llama3.1-8b-codefeedback", ("llama2-7b", "math"): "llama2-7b-math10k",
-    ("llama2-7b", "commonsense"): "llama2-7b-csr170k",
-}
 # name: (kind, batching, what it is)
 METHODS = {
     "peft": ("dense", "padded", "Trainer + stock PEFT, batches padded to their longest row"),
@@ -201,11 +196,13 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default=None, help="methods to profile, comma list (kernel table of two steps)")
     ap.add_argument("--profile-out", default=".", help="folder for profile-<method>.txt")
     ap.add_argument("--scratch", default="/tmp/sparselora-bench-train")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train-<shape>-<mix>-<gpu>.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default train-<shape>-<mix>-<gpu>.json in benchmarks/results of a checkout,"
+                         " else in the current folder)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke run of the tiny shape
     shape = args.shape if not args.model else Path(args.model).name
-    args.preset = args.preset or PRESET.get((args.shape, args.mix), "scaled")
+    args.preset = args.preset or paper_preset(args.shape, args.mix)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -223,7 +220,7 @@ def main(argv=None) -> int:
     examples = make_examples(lengths, n, vocab, args.seed)
     ex_lengths = [len(e["input_ids"]) for e in examples]
     gpu = gpu_slug(device)
-    out_path = Path(args.out or REPO / "benchmarks" / "results" / f"train-{shape}-{args.mix}-{gpu}.json")
+    out_path = Path(args.out or results_dir() / f"train-{shape}-{args.mix}-{gpu}.json")
     record = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "shape": shape, "mix": args.mix, "preset": args.preset,
               "versions": versions(), "commit": git_commit(), "command": "sparselora bench --trainer " +
               " ".join(argv if argv is not None else __import__("sys").argv[1:]),

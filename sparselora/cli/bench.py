@@ -1,23 +1,13 @@
-"""`sparselora bench`: the benchmarks. ``--trainer`` runs the Trainer-level training benchmark that ships with the
-package (real data lengths, every dense and sparse method); without it, the kernel-level step benchmark of a
-source checkout (benchmarks/bench_step.py). Arguments after the flag go to the benchmark."""
+"""`sparselora bench`: the benchmarks that ship with the package. ``--trainer`` runs the Trainer-level training
+benchmark (real data lengths, every dense and sparse method; sparselora/bench/train.py); without it, the
+kernel-level step benchmark on a fixed batch (sparselora/bench/step.py). Arguments after the flag go to the
+benchmark. Neither needs a source checkout."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
-HELP = "benchmarks: --trainer (training throughput on real data lengths) or the step benchmark of a checkout"
-
-
-def find_bench() -> Path | None:
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        p = root / "benchmarks" / "bench_step.py"
-        if p.is_file():
-            return p
-    return None
+HELP = "benchmarks: --trainer (training throughput on real data lengths), else one step on a fixed batch"
 
 
 def register(subparsers) -> None:
@@ -25,7 +15,7 @@ def register(subparsers) -> None:
                               add_help=False, prog="sparselora bench")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="--trainer [ARGS] for the Trainer benchmark (sparselora/bench/train.py), else the arguments "
-                        "of benchmarks/bench_step.py")
+                        "of the step benchmark (sparselora/bench/step.py)")
     p.set_defaults(func=run)
 
 
@@ -38,25 +28,11 @@ def _exit_code(fn, argv) -> int:
 
 
 def run(args) -> int:
-    from sparselora.cli.main import CLIError
-
     passed = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
     if passed[:1] == ["--trainer"]:
-        passed = passed[1:]
-        from sparselora.bench.train import main
+        from sparselora.bench import train as bench
 
-        return _exit_code(main, passed)
-    path = find_bench()
-    if path is None:
-        raise CLIError("benchmarks/bench_step.py not found: the step benchmark runs from a source checkout of "
-                       "sparselora (run it in the repository root); `sparselora bench --trainer` runs anywhere")
-    spec = importlib.util.spec_from_file_location("sparselora_bench_step", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses in the script look their module up there
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(module)
-        return _exit_code(module.main, passed)
-    finally:
-        if sys.path and sys.path[0] == str(path.parent):
-            sys.path.pop(0)
+        passed = passed[1:]
+    else:
+        from sparselora.bench import step as bench
+    return _exit_code(bench.main, passed)
