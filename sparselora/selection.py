@@ -18,6 +18,7 @@ a way of estimating the oracle's score, the norm over the batch's context rows o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -148,6 +149,37 @@ def select_ffn(
     return _top((F.silu(g) * u).norm(dim=0), k)
 
 
+@functools.lru_cache(maxsize=64)
+def _channel_tables(head_dim: int, group_size: int, num_kv_heads: int, pairs: bool, device: torch.device):
+    """Index tables of one attention shape, built once per process and device (a selection then maps units to
+    channels with one gather instead of a dozen small ops per layer and batch):
+    ``unit_k`` (units, 1 or 2): the kv channels of a selection unit (with RoPE pairs: d and d + head_dim/2);
+    ``unit_q`` (units, G or 2G): the query channels of those kv channels under GQA; ``kv_q`` (kv channels, G):
+    the query channels of each kv channel (the o_proj columns reading a v channel)."""
+    D, G, Hkv = head_dim, group_size, num_kv_heads
+    kv = torch.arange(Hkv * D, device=device)
+    g, d = kv // D, kv % D
+    kv_q = (g[:, None] * G + torch.arange(G, device=device)[None, :]) * D + d[:, None]  # (Hkv*D, G)
+    if pairs:
+        half = D // 2
+        u = torch.arange(Hkv * half, device=device)
+        h, du = u // half, u % half
+        unit_k = torch.stack([h * D + du, h * D + du + half], 1)  # (units, 2)
+    else:
+        unit_k = kv[:, None]
+    unit_q = kv_q.index_select(0, unit_k.reshape(-1)).reshape(unit_k.shape[0], -1)
+    return unit_k, unit_q, kv_q
+
+
+def _tables(arch: ArchInfo, pairs: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _channel_tables(arch.head_dim, arch.group_size, arch.num_kv_heads, bool(pairs), torch.device(device))
+
+
+def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The sorted union of the table rows ``idx`` (the rows' entries are distinct across rows)."""
+    return table.index_select(0, idx).reshape(-1).sort().values
+
+
 def _unit_channels(units: torch.Tensor, head_dim: int, pairs: bool) -> torch.Tensor:
     """Channel indices of selection units; with RoPE pairs a unit (h, d) is channels d and d + head_dim/2."""
     if not pairs:
@@ -166,11 +198,8 @@ def _to_units(score: torch.Tensor, pairs: bool) -> torch.Tensor:
 
 
 def expand_to_query_heads(kv_channels: torch.Tensor, arch: ArchInfo) -> torch.Tensor:
-    """Channel (g, d) of the kv heads -> channels (h, d) for every query head h of group g."""
-    D, G = arch.head_dim, arch.group_size
-    g, d = kv_channels // D, kv_channels % D
-    heads = g[:, None] * G + torch.arange(G, device=kv_channels.device)[None, :]
-    return (heads * D + d[:, None]).reshape(-1).sort().values
+    """Channel (g, d) of the kv heads -> channels (h, d) for every query head h of group g (sorted)."""
+    return _lookup(_tables(arch, False, kv_channels.device)[2], kv_channels)
 
 
 @torch.no_grad()
@@ -204,9 +233,8 @@ def select_attention(
     v_keep = keep_count(Hkv * D, sparsity)
 
     if selector == "random":
-        k_ch = _unit_channels(_random(n_kv_units, k_units, x.device), D, pairs)
-        v_ch = _random(Hkv * D, v_keep, x.device)
-        return _attention_result(expand_to_query_heads(k_ch, arch), k_ch, v_ch, arch)
+        units, v_ch = _random(n_kv_units, k_units, x.device), _random(Hkv * D, v_keep, x.device)
+        return _attention_from_units(units, v_ch, arch, pairs)
 
     if selector == "svd":  # exact column norms of x A B (+ the projection's bias) from the Gram matrix of x A
         biases = biases or [None] * 3
@@ -219,11 +247,13 @@ def select_attention(
     if selector == "l2":
         q_ch = _unit_channels(_top(_to_units(qn, pairs), k_units * arch.group_size), D, pairs)
         k_ch = _unit_channels(_top(_to_units(kn, pairs), k_units), D, pairs)
-        return _attention_result(q_ch, k_ch, v_ch, arch)
+        return {"q": q_ch, "k": k_ch, "v": v_ch, "o": expand_to_query_heads(v_ch, arch)}
     score = qn.view(Hkv, arch.group_size, D).mean(1) * kn
-    k_ch = _unit_channels(_top(_to_units(score, pairs), k_units), D, pairs)
-    return _attention_result(expand_to_query_heads(k_ch, arch), k_ch, v_ch, arch)
+    return _attention_from_units(_top(_to_units(score, pairs), k_units), v_ch, arch, pairs)
 
 
-def _attention_result(q_ch, k_ch, v_ch, arch: ArchInfo) -> dict[str, torch.Tensor]:
-    return {"q": q_ch, "k": k_ch, "v": v_ch, "o": expand_to_query_heads(v_ch, arch)}
+def _attention_from_units(units: torch.Tensor, v_ch: torch.Tensor, arch: ArchInfo, pairs: bool) -> dict[str, torch.Tensor]:
+    """q/k/v/o channels from the kept kv units (sorted) and v channels: one table gather each."""
+    unit_k, unit_q, kv_q = _tables(arch, pairs, units.device)
+    k_ch = units if not pairs else _lookup(unit_k, units)
+    return {"q": _lookup(unit_q, units), "k": k_ch, "v": v_ch, "o": _lookup(kv_q, v_ch)}

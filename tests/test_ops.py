@@ -358,3 +358,32 @@ def test_svd_scores_include_the_projection_bias():
     oracle = select_attention("oracle", 0.5, x, ARCH, True, *projs, None)
     for key in "qkvo":
         assert torch.equal(svd[key], oracle[key]), key
+
+
+def _expand_formula(kv_channels, arch):
+    D, G = arch.head_dim, arch.group_size
+    g, d = kv_channels // D, kv_channels % D
+    heads = g[:, None] * G + torch.arange(G)[None, :]
+    return (heads * D + d[:, None]).reshape(-1).sort().values
+
+
+@pytest.mark.parametrize("heads,kv,dim", [(6, 2, 8), (4, 4, 10), (8, 1, 6), (6, 3, 5)])
+@pytest.mark.parametrize("pairs", [True, False])
+def test_channel_tables_match_the_formulas(heads, kv, dim, pairs):
+    """The cached index tables give exactly the channels of the per-call formulas (sorted, distinct)."""
+    from sparselora.selection import _attention_from_units, _unit_channels
+
+    arch = ArchInfo("llama", 1, 40, 86, num_heads=heads, num_kv_heads=kv, head_dim=dim, vocab_size=10)
+    pairs = pairs and dim % 2 == 0
+    n_units = kv * (dim // 2 if pairs else dim)
+    g = torch.Generator().manual_seed(heads * 100 + kv * 10 + dim)
+    for k in (1, n_units // 3 + 1, n_units):
+        units = torch.randperm(n_units, generator=g)[:k].sort().values
+        v_ch = torch.randperm(kv * dim, generator=g)[:k].sort().values
+        sel = _attention_from_units(units, v_ch, arch, pairs)
+        k_ch = _unit_channels(units, dim, pairs)
+        assert torch.equal(sel["k"], k_ch)
+        assert torch.equal(sel["q"], _expand_formula(k_ch, arch))
+        assert torch.equal(sel["v"], v_ch)
+        assert torch.equal(sel["o"], _expand_formula(v_ch, arch))
+        assert torch.equal(expand_to_query_heads(k_ch, arch), _expand_formula(k_ch, arch))

@@ -8,6 +8,7 @@ from torch import nn
 from sparselora.models.registry import FFN_PROJS, module_name
 from sparselora.modules.base import ForwardSwap
 from sparselora.ops import ffn_context
+from sparselora.ops.fused import ffn_parts, split_ffn
 from sparselora.ops.fused_kernels import silu_mul
 from sparselora.ops.lora_layer import base_weight_bias, check_lora_module
 from sparselora.selection import SELECTORS, select_ffn, select_ffn_from_activations
@@ -30,7 +31,8 @@ class SparseMLP:
         sel = SELECTORS[cfg.selector]
         if sel.scores_labelled and split.num_labelled == 0:
             return self.swap.original(x)  # nothing to rank by (and no loss to train): this batch runs dense
-        xc, xd = split.gather(x)
+        xp = split.permute(x)
+        xc, xd = xp[: split.num_context], xp[split.num_context :]
         if sel.scores_labelled:
             return self._forward_labelled(split, xc, xd)
         factors = None
@@ -39,6 +41,9 @@ class SparseMLP:
         n = base_weight_bias(mlp.gate_proj)[0].shape[0]
         keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n, cfg.sample_rows)
         self.kept = keep
+        parts = ffn_parts(mlp.gate_proj, mlp.up_proj, mlp.down_proj, x)
+        if parts is not None:  # no adapter on the FFN (LoRA on attention only): one fused node for all rows
+            return split.unpermute(split_ffn(parts, xp, split.num_context, keep))
         yc = ffn_context(mlp.gate_proj, mlp.up_proj, mlp.down_proj, xc, keep)
         yd = mlp.down_proj(silu_mul(mlp.gate_proj(xd), mlp.up_proj(xd))) if xd.shape[0] else yc.new_empty(0, yc.shape[-1])
         return split.scatter(yc, yd)

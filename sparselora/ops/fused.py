@@ -105,3 +105,91 @@ def lora_linear(parts, x: torch.Tensor) -> torch.Tensor:
     """The fused dense projection of ``x`` of any leading shape."""
     y = split_lora_linear(parts, x.reshape(-1, x.shape[-1]))
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b with the kernel F.linear picks for a 2-D input (addmm with a bias, mm without)."""
+    return torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
+
+
+def _swiglu():
+    """liger-kernel's SwiGLU forward/backward (what `fused_kernels.silu_mul` runs on CUDA), or None."""
+    try:
+        from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
+    except ImportError:
+        return None
+    return swiglu_forward, swiglu_backward
+
+
+class _SplitFFN(torch.autograd.Function):
+    """down(silu(gate x) * up x) of frozen, adapter-free projections on rows permuted context-first: the first
+    ``n_ctx`` rows see only the intermediate channels ``keep``, the others all of them. The same GEMMs and
+    elementwise ops, in the same order, as the unfused path (`ops.sparse_linear.ffn_context` for the context rows,
+    the dense MLP for the others), so values and gradients are bitwise those of the unfused path; one autograd
+    node instead of ~15."""
+
+    @staticmethod
+    def forward(ctx, x, wg, bg, wu, bu, wd, bd, n_ctx, keep):
+        N = x.shape[0]
+        y = x.new_empty(N, wd.shape[0])
+        liger = _swiglu() if x.is_cuda else None
+        pick = lambda b: None if b is None else b.index_select(0, keep)  # noqa: E731
+        saved = []
+        for rows, ws in ((slice(0, n_ctx), None if not n_ctx else
+                          (wg.index_select(0, keep), pick(bg), wu.index_select(0, keep), pick(bu), wd.index_select(1, keep))),
+                         (slice(n_ctx, N), None if N == n_ctx else (wg, bg, wu, bu, wd))):
+            if ws is None:
+                saved += [None] * 5
+                continue
+            g_w, g_b, u_w, u_b, d_w = ws
+            xs = x[rows]
+            g, u = _linear(xs, g_w, g_b), _linear(xs, u_w, u_b)
+            h = liger[0](g, u)[2] if liger is not None else torch.nn.functional.silu(g) * u
+            torch.addmm(bd, h, d_w.t(), out=y[rows]) if bd is not None else torch.mm(h, d_w.t(), out=y[rows])
+            saved += [g_w, u_w, d_w, g, u]
+        ctx.save_for_backward(*saved)
+        ctx.n_ctx, ctx.liger, ctx.width = n_ctx, liger is not None, x.shape[1]
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        gy = gy.contiguous()
+        saved = ctx.saved_tensors
+        n_ctx, N = ctx.n_ctx, gy.shape[0]
+        gx = gy.new_empty(N, ctx.width)
+        liger = _swiglu() if ctx.liger else None
+        for rows, (g_w, u_w, d_w, g, u) in ((slice(0, n_ctx), saved[:5]), (slice(n_ctx, N), saved[5:])):
+            if g_w is None:
+                continue
+            gh = gy[rows] @ d_w
+            if liger is not None:  # liger's backward overwrites g and u with their gradients (as its autograd node does)
+                gg, gu = liger[1](g, u, gh)
+            else:  # autograd's backward of F.silu(g) * u, op for op
+                gu = gh * torch.nn.functional.silu(g)
+                gg = torch.ops.aten.silu_backward(gh * u, g)
+            out = gx[rows]
+            torch.mm(gg, g_w, out=out)
+            out.add_(gu @ u_w)  # autograd sums the two input gradients the same way
+        return gx, None, None, None, None, None, None, None, None
+
+
+def ffn_parts(gate, up, down, x: torch.Tensor):
+    """(wg, bg, wu, bu, wd, bd) when gate/up/down are frozen projections without an active adapter (plain Linear,
+    or PEFT layers whose adapters are off) that the fused FFN reproduces for input ``x``; None otherwise."""
+    from sparselora.ops.lora_layer import lora_parts
+
+    out = []
+    for m in (gate, up, down):
+        parts = lora_parts(m, x)
+        if parts is None or parts[2] is not None:
+            return None
+        out += [parts[0], parts[1]]
+    return tuple(out)
+
+
+def split_ffn(parts, x: torch.Tensor, n_ctx: int, keep: torch.Tensor) -> torch.Tensor:
+    """The fused FFN of 2-D ``x`` (rows permuted context-first; ``n_ctx`` of them sparse on channels ``keep``)."""
+    wg, bg, wu, bu, wd, bd = parts
+    return _SplitFFN.apply(x, wg, bg, wu, bu, wd, bd, n_ctx, keep)
