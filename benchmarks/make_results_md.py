@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 GOAL_POINTS = 0.5
 GOAL_RATIO = {"math": 0.80, "commonsense": 0.55}  # GSM8K: half its tokens are labelled answers (floor ~69%)
 ORDER = ["base", "dense", "sparselora", "svd", "oracle", "labelled", "random"]
-# How the tables were made on one H100: the model file reassembled there (see ../shared/data/README.md for the
+# How the tables were made on one H200: the model file reassembled there (see ../shared/data/README.md for the
 # package parts; sparselora converts it once to a bf16 folder), the data copied to /root/xfer/data.
 GPU_COMMANDS = """```bash
 # the model GGUF reassembled on the GPU machine from parts (../shared/tools/split-for-device), data in .data/
@@ -30,7 +30,7 @@ python benchmarks/accuracy.py --model /root/xfer/qwen05.gguf --data-dir .data --
   --methods base,dense,sparselora,svd:0,oracle:0 --max-steps 200 --batch-size 16 --test-limit 500 \\
   --eval-batch-size 500 --out /root/xfer/accuracy-qwen2.5-coder-0.5b-math.json  # resumable: re-run until done
 python benchmarks/accuracy.py --model /root/xfer/qwen05.gguf --data-dir .data --task commonsense --seeds 0,1 \\
-  --methods base,dense,sparselora,svd:0,oracle:0 --epochs 1 --batch-size 16 --test-limit 500 \\
+  --methods base,dense,sparselora,svd:0,oracle:0 --max-steps 600 --batch-size 16 --test-limit 500 \\
   --eval-batch-size 500 --out /root/xfer/accuracy-qwen2.5-coder-0.5b-commonsense.json
 ```"""
 TASK_SETS = {"math": ["gsm8k"], "commonsense": ["boolq", "piqa", "social_i_qa", "winogrande", "arc_easy", "openbookqa"]}
@@ -220,7 +220,7 @@ def main(argv=None):
         for f, d in have:
             lines += accuracy_section(d, f)
     lines += ["What the numbers mean, and what was tried: [accuracy-notes.md](accuracy-notes.md). The commands that "
-              "made the tables (one H100; copy the JSONs into `benchmarks/results/`, then re-run this script):", "",
+              "made the tables (one H200; copy the JSONs into `benchmarks/results/`, then re-run this script):", "",
               GPU_COMMANDS, ""]
     lines += ["## Selectors against the oracle on real activations (issue 11)", "",
               "How close each selector's channels come to the oracle's (the true activations of the batch's context rows) "
