@@ -218,13 +218,23 @@ def main():
 
 
 def shutdown() -> None:
-    """Leave without a crash at exit. The FSDP2 scenarios create device-mesh process groups that DTensors and
-    meshes keep alive after destroy_process_group(); their gloo connections were then closed by interpreter
-    teardown in no fixed order, and a rank whose peer had already exited could abort in gloo's teardown
-    ("Connection closed by peer" -> std::terminate) after all its work was done: once in 6 runs. So: every rank
-    first passes the barrier (all collectives done), then waits on the launcher's store until every rank has
-    (no rank closes a connection another still reads), destroys the groups, and exits without interpreter
-    teardown (its results are written and flushed before)."""
+    """Leave without a crash at exit, by never running interpreter teardown.
+
+    The test's own exit crash (issue 12 item 24) left no stack. An abort at exit with the same ingredients
+    ("terminate called without an active exception", SIGABRT) was caught in core dumps of a minimal 2-rank gloo
+    script (docs/distributed.md), 4 times, always the same way: a gloo worker thread
+    (ProcessGroupGloo::runLoop) drops its reference to a finished collective after the caller has returned;
+    when that is the last reference, the work's tensors are freed there, and a tensor whose Python object is
+    then owned by C++ needs the GIL to release it. If the main thread has meanwhile begun Py_FinalizeEx,
+    Python 3.11's take_gil ends the thread with pthread_exit, whose forced unwind reaches a noexcept C++
+    destructor (~AsyncWork) -> std::terminate. destroy_process_group() does not prevent it: the worker threads
+    keep running (the models and wrappers still hold the group; on CPU FSDP2 reuses the default group, there
+    are no other groups), and the last collective may still be being released.
+
+    So: every rank passes the barrier (all collectives done), waits on the launcher's store until every rank has
+    (no rank closes a connection another still reads), destroys the group, and exits with os._exit(0): no
+    Py_FinalizeEx, so no thread is ended while it holds C++ frames (the results are written and flushed
+    before)."""
     import gc
 
     dist.barrier()

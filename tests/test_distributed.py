@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -40,25 +41,46 @@ pytestmark = pytest.mark.skipif(
 
 
 def free_port() -> int:
+    """A port that was free a moment ago. The launcher binds it only seconds later (after its imports), so another
+    process can take it in between: launch() then retries once with a new one."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def launch(argv: list[str], out: Path, env_extra: dict | None = None) -> None:
+def port_was_taken(log: str, port: int) -> bool:
+    """The launch failed because its port was taken: the elastic agent's TCPStore could not bind it. That happens
+    before any rank starts, so the launch can simply be repeated on another port. accelerate's own check
+    (`is_port_in_use`, a connect) only sees a port somebody listens on; a port held by a bound socket or by the
+    local end of an outgoing connection gets past it and fails here."""
+    return "EADDRINUSE" in log and f"port: {port}," in log
+
+
+def launch(argv_for: Callable[[int], list[str]], out: Path, env_extra: dict | None = None,
+           port_source: Callable[[], int] = free_port, attempts: int = 2) -> None:
+    """Run `argv_for(port)` with a free port; if the port was taken before the launcher bound it, once more with
+    another (the failed attempt's log is kept as launch-attempt1.log)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
     log = out / "launch.log"
-    with open(log, "w") as f:
-        # own process group: on a timeout the launcher and both ranks are killed together
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                cwd=HERE.parent)
-        try:
-            rc = proc.wait(timeout=LAUNCH_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"{argv[0]} timed out after {LAUNCH_TIMEOUT}s:\n{log.read_text()[-4000:]}")
-    if rc != 0:
+    for attempt in range(1, attempts + 1):
+        port = port_source()
+        argv = argv_for(port)
+        with open(log, "w") as f:
+            # own process group: on a timeout the launcher and both ranks are killed together
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    cwd=HERE.parent)
+            try:
+                rc = proc.wait(timeout=LAUNCH_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                pytest.fail(f"{argv[0]} timed out after {LAUNCH_TIMEOUT}s:\n{log.read_text()[-4000:]}")
+        if rc == 0:
+            return
+        if attempt < attempts and port_was_taken(log.read_text(), port):
+            log.rename(out / f"launch-attempt{attempt}.log")
+            print(f"port {port} was taken before the launcher bound it; launching again on another port")
+            continue
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited {rc}"
         pytest.fail(f"{' '.join(map(str, argv))} {how}:\n{log.read_text()[-6000:]}")
 
@@ -66,6 +88,12 @@ def launch(argv: list[str], out: Path, env_extra: dict | None = None) -> None:
 def bin_of(name: str) -> str:
     path = Path(sys.executable).parent / name
     return str(path) if path.exists() else shutil.which(name) or name
+
+
+def accelerate_launch(port: int, script: Path, *args) -> list[str]:
+    return [bin_of("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+            str(script), *map(str, args)]
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +107,7 @@ def launched(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("dist")
     t = time.perf_counter()
-    launch([bin_of("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-            str(WORKER), "loop,trainer", str(out)], out, {"ACCELERATE_LAUNCHER": "accelerate"})
+    launch(lambda port: accelerate_launch(port, WORKER, "loop,trainer", out), out, {"ACCELERATE_LAUNCHER": "accelerate"})
     print(f"accelerate launch, 2 ranks, all scenarios: {time.perf_counter() - t:.1f}s")
     return out, json.loads((out / "loop.json").read_text()), json.loads((out / "trainer.json").read_text())
 
@@ -108,6 +134,25 @@ def assert_same_lora(actual: dict, expected: dict, what: str):
     assert actual.keys() == expected.keys(), what
     for n in expected:
         assert_close(actual[n], expected[n], f"{what}: {n}")
+
+
+# -- launching --------------------------------------------------------------------------------------------------
+def test_launch_retries_once_when_its_port_was_taken(tmp_path):
+    """The race that free_port() leaves open, made certain: the first port handed out is taken by a bound socket
+    that does not listen, so accelerate's in-use check (a connect) misses it, as it misses the local end of an
+    outgoing connection. The agent's store then fails to bind it (EADDRINUSE) before any rank starts; launch()
+    must try again on a new port, and only for that failure."""
+    script = tmp_path / "rank.py"
+    script.write_text("import os, sys\nopen(os.path.join(sys.argv[1], 'ran_' + os.environ['RANK']), 'w').close()\n")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        ports = iter([taken, free_port()])
+        launch(lambda port: accelerate_launch(port, script, tmp_path), tmp_path, port_source=lambda: next(ports))
+    first = (tmp_path / "launch-attempt1.log").read_text()
+    assert port_was_taken(first, taken), first[-3000:]
+    assert not port_was_taken(first, taken + 1)  # another port's failure is not ours
+    assert sorted(p.name for p in tmp_path.glob("ran_*")) == ["ran_0", "ran_1"]  # the second attempt ran both ranks
 
 
 # -- estimator ------------------------------------------------------------------------------------------------
