@@ -134,3 +134,35 @@ def test_bad_probe_and_heldout_flags_are_clear_errors(tmp_path, capsys, flags, m
         assert rc == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_frozen_kl_is_the_labelled_tokens_mean_kl_and_restores_the_model():
+    from sparselora.calibrate import frozen_kl
+
+    model = _model()
+    state = get_state(model)
+    model.train()
+    batches = _batches()
+    with torch.no_grad():
+        model.eval()
+        kls = []
+        for b in batches:
+            mask = b["labels"][:, 1:] != -100
+            state.enabled, state.scheduled_on = False, True
+            d = torch.log_softmax(model(**b).logits[:, :-1][mask].float(), -1)
+            state.enabled = True
+            s = torch.log_softmax(model(**b).logits[:, :-1][mask].float(), -1)
+            kls.append(torch.nn.functional.kl_div(s, d, log_target=True, reduction="none").sum(-1))
+        state.enabled, state.scheduled_on = True, False
+        model.train()
+    ref = float(torch.cat(kls).mean())
+    kl = frozen_kl(model, batches, chunk=2)  # chunks smaller than a batch's labelled tokens
+    assert kl == pytest.approx(ref, rel=1e-5) and kl > 0
+    assert model.training and state.enabled and not state.scheduled_on
+    # a config scaled to zero sparsity is the dense model: no divergence
+    from sparselora.calibrate import scaled_config, set_levels
+
+    set_levels(model, scaled_config(state.config, 0.0))
+    assert frozen_kl(model, batches) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError):
+        frozen_kl(model, [dict(b, labels=torch.full_like(b["labels"], -100)) for b in batches])
