@@ -18,6 +18,10 @@ from sparselora.config import SparseLoRAConfig
 from sparselora.modules import SparseMLP
 from sparselora.patch import get_state
 
+# The default bound on the frozen loss's relative rise over dense: `sparselora finetune --loss-bound` (RunConfig)
+# and `sparselora sensitivity --loss-bound` both read it from here.
+DEFAULT_LOSS_BOUND = 0.05
+
 
 @dataclass
 class Calibration:
@@ -30,27 +34,33 @@ class Calibration:
     def within_bound(self) -> bool:
         return bool(self.rounds) and self.rounds[-1]["increase"] <= self.bound
 
-    def lines(self) -> list[str]:
-        out = [f"sparsity probe (frozen model, the run's first batches): dense loss {self.dense_loss:.4f}, "
-               f"bound +{self.bound:.0%}"]
+    def lines(self, batches: str = "the run's first batches", using: str = "training with") -> list[str]:
+        """What was measured, one line per round, and the outcome (``using``: what is done with the config)."""
+        out = [f"sparsity probe (frozen model, {batches}): dense loss {self.dense_loss:.4f}, "
+               f"bound +{self.bound * 100:g}%"]
         for r in self.rounds:
             out.append(f"  sparsity x{r['scale']:.2f}: sparse loss {r['sparse_loss']:.4f} "
                        f"({r['increase']:+.1%})")
         last = self.rounds[-1]
         if self.within_bound:
-            out.append(f"  -> training with sparsity x{last['scale']:.2f} of the config")
+            out.append(f"  -> {using} sparsity x{last['scale']:.2f} of the config")
         else:
             out.append(f"  -> WARNING: even x{last['scale']:.2f} raises the loss {last['increase']:+.1%}, above the "
-                       f"bound; training with it (lower the sparsity, or raise the bound)")
+                       f"bound; {using} it (lower the sparsity, or raise the bound)")
         return out
 
 
+def _tidy(x: float) -> float:
+    return float(f"{x:.12g}")
+
+
 def scaled_config(cfg: SparseLoRAConfig, scale: float) -> SparseLoRAConfig:
-    """``cfg`` with every layer's sparsity times ``scale``."""
+    """``cfg`` with every layer's sparsity times ``scale``, to 12 significant digits (0.3087 in a written YAML, not
+    0.3086999999999999; the rounded config is the one measured)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a scale of 0 is a dense config, which warns
-        return dataclasses.replace(cfg, ffn_sparsity={i: s * scale for i, s in cfg.ffn_sparsity.items()},
-                                   attn_sparsity={i: s * scale for i, s in cfg.attn_sparsity.items()})
+        return dataclasses.replace(cfg, ffn_sparsity={i: _tidy(s * scale) for i, s in cfg.ffn_sparsity.items()},
+                                   attn_sparsity={i: _tidy(s * scale) for i, s in cfg.attn_sparsity.items()})
 
 
 def set_levels(model, cfg: SparseLoRAConfig) -> None:
@@ -118,7 +128,7 @@ def frozen_kl(model, batches, chunk: int = 512) -> float:
     return total / count
 
 
-def calibrate(model, batches, bound: float = 0.05, factor: float = 0.7, max_rounds: int = 6) -> Calibration:
+def calibrate(model, batches, bound: float = DEFAULT_LOSS_BOUND, factor: float = 0.7, max_rounds: int = 6) -> Calibration:
     """Back the applied config off until the frozen loss on ``batches`` rises by at most ``bound`` (relative);
     leaves the model with the chosen levels and returns what was measured."""
     if not batches:

@@ -17,6 +17,9 @@ from sparselora.cli import sensitivity as cli
 from sparselora.data import DataCollator, Example, tokenize_examples
 from sparselora.models.registry import arch_info
 
+from sparselora.calibrate import DEFAULT_LOSS_BOUND
+from sparselora.selection import DEFAULT_SELECTOR
+
 from helpers import make_batch, tiny_model, tiny_peft
 
 torch.set_num_threads(1)
@@ -98,7 +101,8 @@ def test_fast_path_equals_library_sparse_path(trained):
     assert sens.dense_loss == pytest.approx(mean_loss(model, batches), rel=1e-5)
     for kind, layer, j in itertools.product(S.KINDS, [0, 2], [0, 1]):
         key = "ffn_sparsity" if kind == "ffn" else "attn_sparsity"
-        apply_sparselora(model, SparseLoRAConfig(**{key: {layer: sens.levels[j]}}, start_step=0, selector="svd"))  # measure_sensitivity scores with svd
+        # both default to the library's selector
+        apply_sparselora(model, SparseLoRAConfig(**{key: {layer: sens.levels[j]}}, start_step=0))
         try:
             ref = mean_loss(model, batches)
         finally:
@@ -115,8 +119,8 @@ def test_peft_model_with_adapter():
     model = tiny_peft()
     model.eval()
     batches = [make_batch(seed=s) for s in range(2)]
-    sens = S.measure_sensitivity(model, batches, [0.75], layers=[1])
-    assert sens.dense_loss == pytest.approx(mean_loss(model, batches), rel=1e-5)
+    sens = S.measure_sensitivity(model, batches, [0.75], layers=[1], selector="svd")  # still selectable
+    assert sens.selector == "svd" and sens.dense_loss == pytest.approx(mean_loss(model, batches), rel=1e-5)
     for kind in S.KINDS:
         key = "ffn_sparsity" if kind == "ffn" else "attn_sparsity"
         apply_sparselora(model, SparseLoRAConfig(**{key: {1: 0.75}}, start_step=0, selector="svd"))
@@ -162,14 +166,16 @@ def _sens(levels, ffn, attn, dense=1.0):
     )
 
 
-def test_choice_meets_budget_and_is_optimal():
+@pytest.mark.parametrize("selector", ["sampled", "svd"])  # the FLOP model charges each selector its own cost
+def test_choice_meets_budget_and_is_optimal(selector):
     arch = arch_info(tiny_model(layers=3).config)
     levels = [0.5, 0.9]
     ffn = [[0.30, 0.90], [0.01, 0.05], [0.20, 0.70]]  # early and last layers sensitive
     attn = [[0.50, 1.50], [0.02, 0.20], [0.05, 0.60]]
     sens = _sens(levels, ffn, attn)
+    sens.selector = selector
     shape, lab = (4, 200), 60
-    lowest = S.check_budget(arch, 1.0, levels, shape, lab)  # this tiny model's LM head is a big dense share
+    lowest = S.check_budget(arch, 1.0, levels, shape, lab, selector=selector)  # this tiny model's LM head is a big dense share
     assert 0.5 < lowest < 0.95
     for budget in [lowest + (1 - lowest) * f for f in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)]:
         ch = S.choose_config(sens, arch, budget, shape, lab)
@@ -182,7 +188,7 @@ def test_choice_meets_budget_and_is_optimal():
             ac = {i: levels[j] for i, j in enumerate(combo[3:]) if j >= 0}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cfg = SparseLoRAConfig(ffn_sparsity=fc, attn_sparsity=ac, selector="svd")  # as sens.selector
+                cfg = SparseLoRAConfig(ffn_sparsity=fc, attn_sparsity=ac, selector=sens.selector)
             if flops(arch, cfg, shape, lab)["ratio"] <= budget:
                 loss = sum(ffn[i][j] for i, j in enumerate(combo[:3]) if j >= 0)
                 loss += sum(attn[i][j] for i, j in enumerate(combo[3:]) if j >= 0)
@@ -243,17 +249,151 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys):
     cfg = SparseLoRAConfig.from_yaml(out / "sparsity.yaml")
     rec = json.loads((out / "sensitivity.json").read_text())
     assert rec["sensitivity"]["levels"] == [0.5, 0.9] and len(rec["sensitivity"]["loss"]["ffn"]) == LAYERS
+    assert rec["sensitivity"]["selector"] == DEFAULT_SELECTOR == cfg.selector
     assert rec["calibration"]["sequences"] == 6
-    f = rec["flops"]
-    assert flops(_arch(rec), cfg, tuple(f["batch_shape"]), f["labelled_tokens"])["ratio"] <= 0.93
-    assert rec["choice"]["measured_delta"] is not None
-    assert "FLOP ratio" in capsys.readouterr().out
+    f, ch = rec["flops"], rec["choice"]
+    chosen = SparseLoRAConfig.from_dict(ch["chosen_config"])
+    assert flops(_arch(rec), chosen, tuple(f["batch_shape"]), f["labelled_tokens"])["ratio"] <= 0.93
+    # the written config is the probed one: the choice, or its back-off
+    assert cfg.to_dict() == ch["config"]
+    assert flops(_arch(rec), cfg, tuple(f["batch_shape"]), f["labelled_tokens"])["ratio"] == pytest.approx(ch["ratio"])
+    probe = ch["probe"]
+    assert probe["bound"] == DEFAULT_LOSS_BOUND and probe["rounds"][0]["scale"] == 1.0
+    assert ch["measured_increase"] == pytest.approx(probe["rounds"][0]["increase"])
+    assert ch["predicted_delta"] is not None and ch["measured_delta"] is not None
+    assert probe["within_bound"] == (probe["rounds"][-1]["increase"] <= DEFAULT_LOSS_BOUND)
+    printed = capsys.readouterr().out
+    assert "FLOP ratio" in printed and "predicted (additive)" in printed and "sparsity probe" in printed
+    assert "dense loss" in printed and "sparsity x1.00" in printed
 
     # another budget from the same measurements: no model run
     out2 = tmp_path / "out2"
     assert run_cli("--from-json", str(out / "sensitivity.json"), "--budget", "0.97", "--output", str(out2)) == 0
     rec2 = json.loads((out2 / "sensitivity.json").read_text())
     assert rec2["sensitivity"]["loss"] == rec["sensitivity"]["loss"] and rec2["choice"]["ratio"] <= 0.97
+    assert rec2["choice"]["probe"] is None and "not probed" in capsys.readouterr().err  # no model: said so
+    assert "not probed" in (out2 / "sparsity.yaml").read_text()
+
+
+COMMON = ["--samples", "6", "--batch-size", "3", "--max-length", "64", "--dtype", "float32", "--levels", "0.5,0.9",
+          "--budget", "0.93"]
+
+
+def test_cli_default_selector_is_the_library_s(model_dir):
+    """One source of truth: the command, the measurement and a bare Sensitivity all default to DEFAULT_SELECTOR;
+    svd stays selectable."""
+    import inspect
+
+    parser = argparse.ArgumentParser()
+    p = cli.register(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["sensitivity", "--budget", "0.5"]).selector == DEFAULT_SELECTOR
+    assert parser.parse_args(["sensitivity", "--budget", "0.5", "--selector", "svd"]).selector == "svd"
+    assert f"default {DEFAULT_SELECTOR}" in p.format_help()
+    assert inspect.signature(S.measure_sensitivity).parameters["selector"].default == DEFAULT_SELECTOR
+    assert S.Sensitivity(levels=[0.5], num_layers=1, dense_loss=1.0, loss={}).selector == DEFAULT_SELECTOR
+
+
+def _fake_probe(monkeypatch, dense=1.0):
+    """The probe's frozen loss made exact: dense ``dense``; sparse ``dense * (1 + the config's highest level)``,
+    so the relative increase is the highest level and each round of `calibrate` scales it by its factor."""
+    import sparselora.calibrate as C
+    from sparselora.patch import get_state
+
+    def fake(model, batches, sparse):
+        if not sparse:
+            return dense
+        cfg = get_state(model).config
+        return dense * (1.0 + max([*cfg.ffn_sparsity.values(), *cfg.attn_sparsity.values()]))
+
+    monkeypatch.setattr(C, "frozen_loss", fake)
+
+
+def test_cli_backs_off_a_config_over_the_bound(model_dir, tmp_path, capsys, monkeypatch):
+    """The chosen config raises the probe's loss +90% (its highest level, 0.9): above --loss-bound 0.3 it is scaled
+    by calibrate's rounds (x0.7 each) until within, and the YAML written is the backed-off config."""
+    from sparselora.calibrate import scaled_config
+
+    path, data = model_dir
+    _fake_probe(monkeypatch)
+    out = tmp_path / "backed"
+    code = run_cli("--model", str(path), "--data", str(data), *COMMON, "--loss-bound", "0.3", "--output", str(out))
+    assert code == 0
+    printed = capsys.readouterr()
+    rec = json.loads((out / "sensitivity.json").read_text())
+    ch = rec["choice"]
+    chosen = SparseLoRAConfig.from_dict(ch["chosen_config"])
+    assert max([*chosen.ffn_sparsity.values(), *chosen.attn_sparsity.values()]) == 0.9
+    probe = ch["probe"]
+    scales = [r["scale"] for r in probe["rounds"]]
+    assert scales == pytest.approx([1.0, 0.7, 0.49, 0.343, 0.2401])  # +90%, +63%, +44%, +31%, +22%
+    assert probe["within_bound"] and probe["rounds"][-1]["increase"] <= 0.3 < probe["rounds"][-2]["increase"]
+    assert ch["measured_increase"] == pytest.approx(0.9) and ch["predicted_delta"] < 0.9  # additive vs joint
+    written = SparseLoRAConfig.from_yaml(out / "sparsity.yaml")
+    assert written.to_dict() == ch["config"] == scaled_config(chosen, scales[-1]).to_dict()
+    assert written.to_dict() != chosen.to_dict()
+    f = rec["flops"]
+    assert ch["ratio"] == pytest.approx(flops(_arch(rec), written, tuple(f["batch_shape"]), f["labelled_tokens"])["ratio"])
+    assert ch["ratio"] > ch["chosen_ratio"]  # less sparse costs more: said
+    for line in ("dense loss 1.0000", "sparsity x1.00: sparse loss 1.9000 (+90.0%)", "sparsity x0.24",
+                 "writing sparsity x0.24", "above the budget 0.93: the loss bound wins"):
+        assert line in printed.out, line
+    assert "above the bound" not in printed.out + printed.err
+    # x0.24 of these levels saves less than the sampled selector costs on this tiny model: said
+    assert ("costs more than a dense one" in printed.err) == (ch["ratio"] >= 1.0)
+    header = (out / "sparsity.yaml").read_text()
+    assert "backed off (sparselora.calibrate) in 5 rounds to x0.24" in header
+
+
+def test_cli_warns_when_the_bound_cannot_be_met(model_dir, tmp_path, capsys, monkeypatch):
+    path, data = model_dir
+    _fake_probe(monkeypatch)
+    out = tmp_path / "unmet"
+    code = run_cli("--model", str(path), "--data", str(data), *COMMON, "--loss-bound", "0.01", "--output", str(out))
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "WARNING: even x0.17 raises the loss" in err and "above the bound" in err
+    rec = json.loads((out / "sensitivity.json").read_text())
+    probe = rec["choice"]["probe"]
+    assert not probe["within_bound"] and len(probe["rounds"]) == 6  # calibrate's max_rounds
+    assert SparseLoRAConfig.from_yaml(out / "sparsity.yaml").to_dict() == rec["choice"]["config"]
+    assert "WARNING: above the bound" in (out / "sparsity.yaml").read_text()
+
+
+def test_cli_real_probe_backs_off(model_dir, tmp_path, capsys):
+    """Without fakes: a bound below the chosen config's measured joint increase makes the command back off."""
+    path, data = model_dir
+    args = ["--model", str(path), "--data", str(data), *COMMON]
+    assert run_cli(*args, "--loss-bound", "off", "--output", str(tmp_path / "off")) == 0
+    off = json.loads((tmp_path / "off" / "sensitivity.json").read_text())["choice"]
+    assert off["config"] == off["chosen_config"] and len(off["probe"]["rounds"]) == 1 and off["loss_bound"] is None
+    increase = off["measured_increase"]
+    assert increase > 0.005  # this tiny model at budget 0.93 (about +4%)
+    assert run_cli(*args, "--loss-bound", f"{increase / 2}", "--output", str(tmp_path / "half")) == 0
+    half = json.loads((tmp_path / "half" / "sensitivity.json").read_text())["choice"]
+    assert half["chosen_config"] == off["chosen_config"]
+    assert half["measured_increase"] == pytest.approx(increase)  # the same batches, the same config
+    assert len(half["probe"]["rounds"]) > 1 and half["config"] != half["chosen_config"]
+    assert SparseLoRAConfig.from_yaml(tmp_path / "half" / "sparsity.yaml").to_dict() == half["config"]
+
+
+def test_cli_loss_bound_validates(model_dir, tmp_path, capsys):
+    from sparselora.train import RunConfig
+
+    path, data = model_dir
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    default = parser.parse_args(["sensitivity", "--budget", "0.5"]).loss_bound
+    assert default == DEFAULT_LOSS_BOUND == RunConfig().loss_bound  # finetune's, from one place
+    for bad in ("-0.1", "nan", "inf"):
+        out = tmp_path / "neg"
+        assert run_cli("--model", str(path), "--data", str(data), "--budget", "0.93", "--loss-bound", bad,
+                       "--output", str(out)) == cli.EXIT_ERROR
+        err = capsys.readouterr().err
+        assert "--loss-bound" in err and ">= 0" in err and "loading" not in err, err  # refused before loading
+        assert not out.exists()
+    with pytest.raises(SystemExit) as e:
+        run_cli("--model", str(path), "--budget", "0.5", "--loss-bound", "lots")
+    assert e.value.code == 2 and "--loss-bound takes a number" in capsys.readouterr().err
 
 
 def _arch(rec):

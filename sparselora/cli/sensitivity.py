@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sparselora.calibrate import DEFAULT_LOSS_BOUND
 from sparselora.config import SELECTORS
 from sparselora.models.registry import ATTN_PROJS, PROJS
+from sparselora.selection import DEFAULT_SELECTOR
 
 EXIT_OK, EXIT_ERROR, EXIT_INFEASIBLE = 0, 1, 3
 
@@ -23,12 +25,19 @@ HELP = "measure each layer's loss sensitivity to sparsity and choose a layer-wis
 DESCRIPTION = """\
 Measure, on a calibration slice of your data, how much the loss on labelled tokens rises when one layer's
 FFN alone, or its attention alone, runs SparseLoRA's sparse path at each sparsity level (frozen model,
-no gradients; the svd selector from step 0). Then choose per layer the levels with the least predicted
-(additive) loss increase whose analytic FLOPs per training step are at most --budget x dense, and write
-them as a SparseLoRAConfig YAML for `sparselora finetune --sparsity`.
+no gradients; --selector, the library's default unless given, from step 0). Then choose per layer the levels
+with the least predicted (additive) loss increase whose analytic FLOPs per training step are at most
+--budget x dense.
 
-Cost: one dense pass plus layers x 2 x levels passes over --samples examples; layers before the measured one
-are taken from a cache, so a pass costs about half a forward on average."""
+The additive prediction is a ranking, not a loss estimate (layers interact; the joint increase has been
+4-30x the prediction), so the chosen config is then probed as a whole on the same batches, as `sparselora
+finetune` does before training (sparselora.calibrate): when its loss rises more than --loss-bound (relative)
+over dense, every layer's sparsity is scaled down round by round until it does not, and the backed-off
+config is written (its FLOPs can then exceed --budget: the bound wins, and the command says so). The result
+is a SparseLoRAConfig YAML for `sparselora finetune --sparsity`.
+
+Cost: one dense pass plus layers x 2 x levels passes over --samples examples (layers before the measured one
+are taken from a cache, so a pass costs about half a forward on average), then 1 + rounds full passes."""
 
 EPILOG = """\
 examples:
@@ -45,7 +54,8 @@ examples:
 
 outputs (in --output): sparsity.yaml (the config, with a header saying how it was made),
 sensitivity.json (raw losses per layer, kind and level; dense loss; FLOP model), heatmap.png
-(needs matplotlib), table.md.
+(needs matplotlib), table.md. With --from-json there is no model, so the config is not probed (finetune
+probes it before training).
 
 exit codes: 0 done; 1 bad input (missing file, unsupported model, bad levels); 2 usage error;
 3 the budget is infeasible (below the FLOPs with every block at the highest level)."""
@@ -71,6 +81,16 @@ def _levels(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"--levels {text!r} must be comma-separated numbers like 0.5,0.9,0.99") from None
 
 
+def _loss_bound(text: str) -> float | None:
+    """A number, or off/none (None: no back-off). The range is checked by `_check_args` (a clear error)."""
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--loss-bound takes a number (e.g. 0.05) or 'off', not {text!r}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("what to measure")
     src.add_argument("--model", help="model alias (smollm2-135m, qwen2.5-coder-0.5b, ...), HF folder or GGUF file")
@@ -86,7 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="sparsity levels to measure, comma-separated (default 0.5,0.75,0.9,0.99)",
     )
     src.add_argument("--rank", type=int, default=8, help="SVD estimator rank (default 8)")
-    src.add_argument("--selector", default="svd", choices=list(SELECTORS), help="channel selector")
+    src.add_argument("--selector", default=DEFAULT_SELECTOR, choices=list(SELECTORS),
+                     help=f"channel selector (default {DEFAULT_SELECTOR}, the library's; svd is the paper's estimator)")
     src.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     src.add_argument(
         "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
@@ -108,6 +129,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ch.add_argument(
         "--lora-targets", default=None,
         help="LoRA targets assumed by the FLOP model, e.g. q,k,v,o,gate,up,down (default: the adapter's, else q,k,v,o)",
+    )
+    ch.add_argument(
+        "--loss-bound", type=_loss_bound, default=DEFAULT_LOSS_BOUND, metavar="X|off",
+        help="after choosing, scale the sparsity down until the whole config's frozen loss on the calibration "
+             "batches rises at most X (relative) over dense, as `finetune --loss-bound` does; 'off' writes the "
+             f"choice as is, still measured (default {DEFAULT_LOSS_BOUND:g}, the same as finetune's)",
     )
     ch.add_argument("--start-step", type=float, default=0.05, help="dense warm-up written into the config (default 0.05)")
     ch.add_argument("--output", "-o", help="output folder (default: sensitivity-<model name>)")
@@ -222,6 +249,10 @@ def _check_args(args):
     if getattr(args, "threads", None) is not None and args.threads < 0:
         raise _user_error(f"--threads must be >= 1, got {args.threads}")
     set_threads(getattr(args, "threads", None))
+    bound = getattr(args, "loss_bound", DEFAULT_LOSS_BOUND)
+    if bound is not None and not (math.isfinite(bound) and bound >= 0):
+        raise _user_error(f"--loss-bound {bound:g} must be >= 0: the largest relative rise of the frozen loss over "
+                          f"dense that the written config may cause (e.g. {DEFAULT_LOSS_BOUND:g}), or 'off'")
     if not 0.0 < args.budget <= 1.0:
         raise _user_error(f"--budget {args.budget} must be in (0, 1]: the FLOPs of a sparse step as a fraction of dense")
     with _reported(ValueError):
@@ -371,49 +402,138 @@ def _run(args) -> int:
     batch_shape = (int(calib.get("batch_size", 1)), max(1, round(calib["avg_length"])))
     labelled = min(batch_shape[1], round(calib["avg_labelled"]))
     flop_kw = dict(lora_rank=int(lora_rank), lora_targets=list(lora_targets))
+    selector = sens.selector if sens is not None else args.selector
     with _reported(ValueError):
-        min_ratio = S.check_budget(arch, args.budget, levels, batch_shape, labelled, args.rank, **flop_kw)
+        min_ratio = S.check_budget(arch, args.budget, levels, batch_shape, labelled, args.rank, **flop_kw,
+                                   selector=selector)
     if not args.from_json:
         sens = _measure(args, run, min_ratio)
     with _reported():
         choice = S.choose_config(
             sens, arch, args.budget, batch_shape, labelled, start_step=args.start_step, **flop_kw
         )
-    cfg = choice.config
-
-    verify = None
-    if not args.from_json and cfg.is_sparse:
-        # the additive model's prediction against the real loss of the whole config
-        combined = S.config_loss(run.model, run.batches, cfg, estimator_dir=args.estimator_dir)
-        verify = combined - sens.dense_loss
-    elif not args.from_json:
-        verify = 0.0
-
-    return _write_outputs(args, run, sens, choice, verify, batch_shape, labelled, t_start)
+    probe = None
+    if args.from_json:
+        print("note: not probed (--from-json has no model): the written config is the additive choice; "
+              "`sparselora finetune` probes it before training (--loss-bound)", file=sys.stderr)
+    elif choice.config.is_sparse:
+        probe = _probe(args, run, choice.config)
+        probe.update(_final_cost(probe["calibration"].config, arch, batch_shape, labelled, flop_kw))
+    return _write_outputs(args, run, sens, choice, probe, batch_shape, labelled, t_start)
 
 
-def _write_outputs(args, run: _Inputs, sens, choice, verify, batch_shape, labelled, t_start) -> int:
-    """The table and the choice on the terminal; sparsity.yaml (with a header that says how it was chosen),
-    sensitivity.json, table.md and heatmap.png in the output folder."""
+def _probe(args, run: _Inputs, cfg) -> dict:
+    """The chosen config's real (joint) loss on the calibration batches, backed off by `sparselora.calibrate`
+    (the mechanism `finetune` uses) until the relative increase is within --loss-bound; with the lines that
+    say so."""
+    import warnings
+
+    import torch
+
+    from sparselora.calibrate import calibrate
+    from sparselora.patch import apply_sparselora, remove_sparselora
+
+    bound = args.loss_bound
+    model = run.model
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in run.batches]
+    torch.manual_seed(args.seed)  # the random selector draws as in the measurement
+    with _reported(ValueError):
+        apply_sparselora(model, cfg, estimator_dir=args.estimator_dir)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the lines below say it, the warning included
+            cal = calibrate(model, batches, bound=math.inf if bound is None else bound)
+    finally:
+        remove_sparselora(model)
+    where = f"the {len(batches)} calibration batches"
+    if bound is None:
+        r = cal.rounds[0]
+        lines = [f"joint probe (frozen model, {where}): dense loss {cal.dense_loss:.4f}, the whole config "
+                 f"{r['sparse_loss']:.4f} ({r['increase']:+.1%}); --loss-bound off: written as chosen"]
+    else:
+        lines = cal.lines(batches=where, using="writing")
+    return {"calibration": cal, "bound": bound, "lines": lines}
+
+
+def _final_cost(cfg, arch, batch_shape, labelled, flop_kw) -> dict:
+    """The FLOP ratio of the written (possibly backed-off) config, as the choice counted it."""
+    from sparselora.flop_count import flops
+
+    return {"ratio": flops(arch, cfg, batch_shape, labelled, **flop_kw)["ratio"]}
+
+
+def _outcome(args, sens, choice, probe) -> dict:
+    """The written config and what was predicted and measured about it (the "choice" of sensitivity.json)."""
+    chosen = choice.config
+    out = {
+        "budget": args.budget,
+        "ratio": choice.ratio,  # of the written config (below: after a back-off)
+        "chosen_ratio": choice.ratio,  # of the choice for the budget
+        "predicted_delta": choice.predicted_delta,  # additive, absolute (loss units)
+        "predicted_increase": choice.predicted_delta / sens.dense_loss if sens.dense_loss else None,  # relative
+        "measured_delta": None if args.from_json else 0.0,  # the choice applied whole, absolute
+        "measured_increase": None if args.from_json else 0.0,  # relative, as --loss-bound counts it
+        "loss_bound": None if args.from_json else args.loss_bound,
+        "probe": None,
+        "config": chosen.to_dict(),
+        "chosen_config": chosen.to_dict(),
+    }
+    if probe is not None:
+        cal = probe["calibration"]
+        first = cal.rounds[0]
+        out.update(
+            ratio=probe["ratio"],
+            measured_delta=first["sparse_loss"] - cal.dense_loss,
+            measured_increase=first["increase"],
+            config=cal.config.to_dict(),
+            probe={"dense_loss": cal.dense_loss, "bound": probe["bound"], "rounds": cal.rounds,
+                   "scale": cal.rounds[-1]["scale"], "within_bound": probe["bound"] is None or cal.within_bound},
+        )
+    return out
+
+
+def _write_outputs(args, run: _Inputs, sens, choice, probe, batch_shape, labelled, t_start) -> int:
+    """The table, the choice and its probe on the terminal; sparsity.yaml (with a header that says how it was
+    chosen and probed), sensitivity.json, table.md and heatmap.png in the output folder."""
     from sparselora import sensitivity as S
     from sparselora.io import atomic_write_json, atomic_write_text
 
-    cfg, calib, source, arch = choice.config, run.calib, run.source, run.arch
+    calib, source, arch = run.calib, run.source, run.arch
     model_name, out_dir, tok_stats = run.model_name, run.out_dir, run.tok_stats
     lora_rank, lora_targets = run.lora_rank, run.lora_targets
+    outcome = _outcome(args, sens, choice, probe)
+    cfg = probe["calibration"].config if probe is not None else choice.config  # what is written
+    scale = outcome["probe"]["scale"] if probe is not None else 1.0
     title = (
         f"{model_name}: loss increase per layer (dense loss {sens.dense_loss:.4f}; {calib['sequences']} samples; "
         f"selector {sens.selector} r={sens.estimator_rank})"
     )
     S.print_table(sens, cfg, title=title)
     total = time.perf_counter() - t_start
-    summary = (
-        f"chosen: FLOP ratio {choice.ratio:.4f} (budget {args.budget:g}; lowest reachable {choice.min_ratio:.4f}), "
-        f"predicted loss increase {choice.predicted_delta:+.4f}"
-    )
-    if verify is not None:
-        summary += f", measured with all chosen layers sparse at once {verify:+.4f}"
-    print(summary)
+    pred_rel = outcome["predicted_increase"]
+    summary = [
+        f"chosen for the budget: FLOP ratio {choice.ratio:.4f} (budget {args.budget:g}; lowest reachable "
+        f"{choice.min_ratio:.4f}), predicted (additive) loss increase {choice.predicted_delta:+.4f}"
+        + (f" ({pred_rel:+.1%})" if pred_rel is not None else "")
+    ]
+    if probe is not None:
+        m_abs, m_rel = outcome["measured_delta"], outcome["measured_increase"]
+        times = f", {m_abs / choice.predicted_delta:.1f}x the prediction" if min(m_abs, choice.predicted_delta) > 0 else ""
+        summary.append(f"measured with the whole config at once: {m_abs:+.4f} ({m_rel:+.1%}){times}")
+        summary += probe["lines"]
+        if scale < 1.0:
+            over = outcome["ratio"] > args.budget + 1e-12
+            summary.append(
+                f"written: the choice's sparsity x{scale:.2f}, FLOP ratio {outcome['ratio']:.4f}"
+                + (f" (above the budget {args.budget:g}: the loss bound wins; --loss-bound off keeps the choice)"
+                   if over else "")
+            )
+            if outcome["ratio"] >= 1.0:
+                summary.append("WARNING: at these levels a sparse step costs more than a dense one (the selector "
+                               "costs more than they save): train dense (finetune --dense), or raise --loss-bound")
+    for line in summary:
+        print(line, file=sys.stderr if "WARNING" in line else sys.stdout)
     print(f"FFN sparsity:  {cfg.to_dict()['ffn_sparsity'] or '{} (all dense)'}")
     print(f"attn sparsity: {cfg.to_dict()['attn_sparsity'] or '{} (all dense)'}")
 
@@ -430,8 +550,20 @@ def _write_outputs(args, run: _Inputs, sens, choice, verify, batch_shape, labell
         f"  (ratio {choice.ratio:.4f} per sparselora.flops at batch {batch_shape[0]}x{batch_shape[1]}, "
         f"{labelled} labelled tokens, LoRA r={lora_rank} on {','.join(lora_targets)})",
     ]
-    if verify is not None:
-        header.append(f"  measured loss increase with the whole config: {verify:+.4f}")
+    if probe is not None:
+        p = outcome["probe"]
+        header.append(f"probed whole: loss increase {outcome['measured_delta']:+.4f} ({outcome['measured_increase']:+.1%}"
+                      f" over dense {p['dense_loss']:.4f})")
+        if p["bound"] is None:
+            header.append("  --loss-bound off: written as chosen")
+        elif len(p["rounds"]) == 1 and p["within_bound"]:
+            header.append(f"  within the bound +{p['bound'] * 100:g}% as chosen: not backed off")
+        else:
+            header.append(f"  bound +{p['bound'] * 100:g}%: backed off (sparselora.calibrate) in {len(p['rounds'])} "
+                          f"rounds to x{scale:.2f}: increase {p['rounds'][-1]['increase']:+.1%}, FLOP ratio "
+                          f"{outcome['ratio']:.4f}" + ("" if p["within_bound"] else "; WARNING: above the bound"))
+    elif args.from_json:
+        header.append("not probed (--from-json, no model): finetune probes it before training")
     header += [
         "use: sparselora finetune ... --sparsity this.yaml",
         '  or: SparseLoRAConfig.from_yaml("this.yaml") in Python',
@@ -453,18 +585,15 @@ def _write_outputs(args, run: _Inputs, sens, choice, verify, batch_shape, labell
             "min_ratio": choice.min_ratio,
             **choice.flops,
         },
-        "choice": {
-            "budget": args.budget,
-            "ratio": choice.ratio,
-            "predicted_delta": choice.predicted_delta,
-            "measured_delta": verify,
-            "config": cfg.to_dict(),
-        },
+        "choice": outcome,
         "seconds_total": total,
     }
     atomic_write_json(out_dir / "sensitivity.json", _finite(record))
-    atomic_write_text(out_dir / "table.md", f"{title}\n\n{S.format_table(sens, cfg)}\n\n{summary}\n")
-    png = S.write_heatmap(sens, out_dir / "heatmap.png", cfg, title=title)
+    text = "\n".join(summary)
+    atomic_write_text(out_dir / "table.md", f"{title}\n\n{S.format_table(sens, cfg)}\n\n{text}\n")
+    # boxed: the choice for the budget (the measured levels); a back-off scales them (the table shows the result)
+    png = S.write_heatmap(sens, out_dir / "heatmap.png", choice.config,
+                          title=title + (f"; boxed: the budget's choice, written x{scale:.2f}" if scale < 1 else ""))
     print(f"wrote {yaml_path}, {out_dir / 'sensitivity.json'}, {out_dir / 'table.md'}", end="")
     print(f", {out_dir / 'heatmap.png'}" if png else " (no heatmap: pip install matplotlib)")
     print(f"time: {total:.1f} s ({sens.seconds:.1f} s measuring, {sens.forwards} forwards)")

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from sparselora.calibrate import DEFAULT_LOSS_BOUND
 from sparselora.config import check_keys
 from sparselora.errors import SparseLoRAError
 from sparselora.models.registry import ATTN_PROJS, PROJS
@@ -69,7 +70,7 @@ class RunConfig:
     packing: bool | None = None  # rows packed to a fixed token budget, attention isolated per example
     # before training, the frozen model's loss with the whole config on the first batches may rise at most this
     # much (relative) over dense; the config is scaled down until it does (sparselora.calibrate). None: no probe.
-    loss_bound: float | None = 0.05
+    loss_bound: float | None = DEFAULT_LOSS_BOUND
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):

@@ -15,6 +15,7 @@ from sparselora.config import SparseLoRAConfig
 from sparselora.errors import SparseLoRAError
 from sparselora.flop_count import as_arch, flops
 from sparselora.models.registry import ATTN_PROJS
+from sparselora.selection import DEFAULT_SELECTOR
 from sparselora.sensitivity.measure import KIND_NAMES, KINDS, Sensitivity, check_levels, one_layer_config
 
 
@@ -60,8 +61,10 @@ def block_savings(
     rope_pairs: bool = True,
     lora_rank: int = 32,
     lora_targets: Sequence[str] = ATTN_PROJS,
+    selector: str = DEFAULT_SELECTOR,
 ) -> tuple[float, dict[str, list[list[float]]]]:
-    """Dense FLOPs, and FLOPs saved by each (kind, layer, level) alone, as `flops` counts them."""
+    """Dense FLOPs, and FLOPs saved by each (kind, layer, level) alone, as `flops` counts them (the selector's own
+    cost included)."""
     arch = as_arch(model_config)
     kw = _flops_kwargs(lora_rank, lora_targets)
     base = flops(arch, None, batch_shape, labelled_tokens, **kw)
@@ -72,7 +75,7 @@ def block_savings(
             for level in levels:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    cfg = one_layer_config(kind, layer, level, "svd", estimator_rank, rope_pairs)
+                    cfg = one_layer_config(kind, layer, level, selector, estimator_rank, rope_pairs)
                 row.append(base["sparse"] - flops(arch, cfg, batch_shape, labelled_tokens, **kw)["sparse"])
             saved[kind].append(row)
     return base["dense"], saved
@@ -89,6 +92,7 @@ def check_budget(
     lora_rank: int = 32,
     lora_targets: Sequence[str] = ATTN_PROJS,
     kinds: Sequence[str] = KINDS,
+    selector: str = DEFAULT_SELECTOR,
 ) -> float:
     """The lowest reachable FLOP ratio (every block at the highest level); raises `InfeasibleBudgetError`
     when ``budget`` is below it. Cheap: call it before measuring."""
@@ -97,7 +101,7 @@ def check_budget(
     levels = check_levels(levels)
     arch = as_arch(model_config)
     top = {k: [len(levels) - 1 if k in kinds else -1] * arch.num_layers for k in KINDS}
-    cfg = _build_config(top, levels, estimator_rank, "svd", rope_pairs, 0.05)
+    cfg = _build_config(top, levels, estimator_rank, selector, rope_pairs, 0.05)
     min_ratio = flops(arch, cfg, batch_shape, labelled_tokens, **_flops_kwargs(lora_rank, lora_targets))["ratio"]
     if budget < min_ratio - 1e-12:
         raise InfeasibleBudgetError(
@@ -153,10 +157,11 @@ def choose_config(
     allowed = [k for k in KINDS if k in kinds]
     min_ratio = check_budget(
         arch, budget, levels, batch_shape, labelled_tokens, sens.estimator_rank, rope_pairs, lora_rank,
-        lora_targets, allowed,
+        lora_targets, allowed, sens.selector,
     )
     dense, saved = block_savings(
-        arch, levels, batch_shape, labelled_tokens, sens.estimator_rank, rope_pairs, lora_rank, lora_targets
+        arch, levels, batch_shape, labelled_tokens, sens.estimator_rank, rope_pairs, lora_rank, lora_targets,
+        sens.selector,
     )
     import numpy as np
 

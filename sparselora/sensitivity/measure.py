@@ -25,6 +25,7 @@ import torch
 from sparselora.config import SparseLoRAConfig
 from sparselora.models.registry import arch_info, causal_lm, decoder_layers
 from sparselora.patch import apply_sparselora, get_state, remove_sparselora
+from sparselora.selection import DEFAULT_SELECTOR
 from sparselora.tokens import IGNORE_INDEX
 
 
@@ -196,7 +197,7 @@ class Sensitivity:
     num_layers: int
     dense_loss: float
     loss: dict[str, list[list[float]]]  # kind -> [layer][level index] -> mean loss on the slice
-    selector: str = "svd"
+    selector: str = DEFAULT_SELECTOR
     estimator_rank: int = 8
     seconds: float = 0.0
     forwards: int = 0
@@ -227,7 +228,7 @@ class Sensitivity:
             num_layers=int(d["num_layers"]),
             dense_loss=float(d["dense_loss"]),
             loss={k: [[math.nan if v is None else float(v) for v in row] for row in d["loss"][k]] for k in KINDS},
-            selector=d.get("selector", "svd"),
+            selector=d.get("selector", "svd"),  # a record without the field predates other selectors
             estimator_rank=int(d.get("estimator_rank", 8)),
             seconds=float(d.get("seconds", 0.0)),
             forwards=int(d.get("forwards", 0)),
@@ -259,7 +260,7 @@ def measure_sensitivity(
     model,
     batches: Sequence[dict[str, torch.Tensor]],
     levels: Sequence[float],
-    selector: str = "svd",
+    selector: str = DEFAULT_SELECTOR,
     estimator_rank: int = 8,
     rope_pairs: bool = True,
     estimator_dir: str | Path | None = None,
