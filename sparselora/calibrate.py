@@ -8,6 +8,7 @@ relative increase is within ``bound``. It says what it measured and warns when t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
@@ -72,18 +73,27 @@ def set_levels(model, cfg: SparseLoRAConfig) -> None:
     state.config = cfg
 
 
-@torch.no_grad()
-def frozen_loss(model, batches, sparse: bool) -> float:
-    """Mean loss over ``batches`` with the sparse path on (from step 0) or off; eval mode (no dropout)."""
+@contextlib.contextmanager
+def _frozen(model):
+    """Eval mode (no dropout) with the schedule switched on, the model's mode and switches restored after; yields
+    the state, whose ``enabled`` picks the sparse (True) or dense (False) path of the next forwards."""
     state = get_state(model)
     was_training, enabled, on = model.training, state.enabled, state.scheduled_on
     model.eval()
-    state.enabled, state.scheduled_on = sparse, True
+    state.scheduled_on = True
     try:
-        losses = [float(model(**b).loss) for b in batches]
+        yield state
     finally:
         state.enabled, state.scheduled_on = enabled, on
         model.train(was_training)
+
+
+@torch.no_grad()
+def frozen_loss(model, batches, sparse: bool) -> float:
+    """Mean loss over ``batches`` with the sparse path on (from step 0) or off; eval mode (no dropout)."""
+    with _frozen(model) as state:
+        state.enabled = sparse
+        losses = [float(model(**b).loss) for b in batches]
     return sum(losses) / len(losses)
 
 
@@ -99,18 +109,15 @@ def frozen_kl(model, batches, chunk: int = 512) -> float:
     mean-loss increase is +4.0% vs +5.3%)."""
     from sparselora.tokens import IGNORE_INDEX
 
-    state = get_state(model)
-    was_training, enabled, on = model.training, state.enabled, state.scheduled_on
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with _frozen(model) as state:
         for b in batches:
             mask = b["labels"][:, 1:] != IGNORE_INDEX
             if not mask.any():
                 continue
             logp = []
             for sparse in (False, True):
-                state.enabled, state.scheduled_on = sparse, True
+                state.enabled = sparse
                 logits = model(**b).logits
                 logp.append(logits[:, :-1][mask])  # labelled positions only: (tokens, vocab)
                 del logits
@@ -120,9 +127,6 @@ def frozen_kl(model, batches, chunk: int = 512) -> float:
                 s = torch.log_softmax(sparse_[i:i + chunk].float(), dim=-1)
                 total += float((d.exp() * (d - s)).sum())
             count += int(mask.sum())
-    finally:
-        state.enabled, state.scheduled_on = enabled, on
-        model.train(was_training)
     if not count:
         raise ValueError("frozen_kl needs at least one labelled token")
     return total / count
