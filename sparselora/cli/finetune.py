@@ -19,13 +19,20 @@ _FLAGS = {
 _OFF = object()  # --loss-bound off: the flag given, its value None
 
 
-def _bound(text: str):
-    if text.strip().lower() in ("off", "none"):
-        return _OFF
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--loss-bound takes a number (e.g. 0.05) or 'off', not {text!r}") from None
+def loss_bound_type(off):
+    """The argparse type of a --loss-bound flag (finetune, sensitivity): a number, or off/none, read as ``off``."""
+    def parse(text: str):
+        if text.strip().lower() in ("off", "none"):
+            return off
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--loss-bound takes a number (e.g. 0.05) or 'off', not {text!r}") from None
+
+    return parse
+
+
+_bound = loss_bound_type(_OFF)
 _SWITCHES = {"dense": "dense", "gradient_checkpointing": "gradient_checkpointing", "fast_kernels": "fast_kernels",
              "cuda_graphs": "cuda_graphs", "packing": "packing",
              "skip_bad_lines": "skip_bad_lines", "merge": "merge"}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sparselora.calibrate import DEFAULT_LOSS_BOUND
+from sparselora.cli.finetune import loss_bound_type  # off: None, no back-off (the range: _check_args)
 from sparselora.config import SELECTORS
 from sparselora.models.registry import ATTN_PROJS, PROJS
 from sparselora.selection import DEFAULT_SELECTOR
@@ -81,16 +82,6 @@ def _levels(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"--levels {text!r} must be comma-separated numbers like 0.5,0.9,0.99") from None
 
 
-def _loss_bound(text: str) -> float | None:
-    """A number, or off/none (None: no back-off). The range is checked by `_check_args` (a clear error)."""
-    if text.strip().lower() in ("off", "none"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--loss-bound takes a number (e.g. 0.05) or 'off', not {text!r}") from None
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("what to measure")
     src.add_argument("--model", help="model alias (smollm2-135m, qwen2.5-coder-0.5b, ...), HF folder or GGUF file")
@@ -131,7 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="LoRA targets assumed by the FLOP model, e.g. q,k,v,o,gate,up,down (default: the adapter's, else q,k,v,o)",
     )
     ch.add_argument(
-        "--loss-bound", type=_loss_bound, default=DEFAULT_LOSS_BOUND, metavar="X|off",
+        "--loss-bound", type=loss_bound_type(None), default=DEFAULT_LOSS_BOUND, metavar="X|off",
         help="after choosing, scale the sparsity down until the whole config's frozen loss on the calibration "
              "batches rises at most X (relative) over dense, as `finetune --loss-bound` does; 'off' writes the "
              f"choice as is, still measured (default {DEFAULT_LOSS_BOUND:g}, the same as finetune's)",
