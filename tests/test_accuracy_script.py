@@ -33,6 +33,9 @@ def test_methods_and_order():
         acc.parse_methods("lora", [0])
     with pytest.raises(SystemExit, match="add sparselora"):
         acc.parse_methods("dense,svd", [0])
+    from sparselora.selection import SELECTORS
+
+    assert set(acc.SWAPPED) <= set(SELECTORS)  # every swapped method is a library selector
 
 
 def test_swapped_selector_reuses_the_calibrated_config(tmp_path):
