@@ -7,7 +7,11 @@ once. Shapes inside the step depend on the batch's shape and token counts, so on
 signature and replayed for every batch that matches. To make a handful of signatures serve a whole run of real,
 variable-length data, batch it packed (`sparselora.data.PackedCollator`: one shape for every batch) and let the
 step round the counts to buckets: the sparse row count down (the last few context tokens run dense, exactly),
-the labelled-only head's row count up (extra rows carry no label, so no loss and no gradient).
+the labelled-only head's row count up (extra rows carry no label, so no loss and no gradient). A batch whose
+bucket has no graph yet is served by an existing graph with fewer sparse rows and at least its head rows when
+that wastes at most ``slack`` context tokens (they run dense) and one head bucket; a capture costs about five
+steps, a reused step a few percent of one, so short runs capture once or twice. A bucket served that way
+``promote_after`` times gets its own graph (a long run then pays the capture back).
 
     step = CUDAGraphStep(model)           # after apply_sparselora(model, cfg, fast_kernels=True)
     for batch in loader:
@@ -27,7 +31,7 @@ from torch import nn
 
 from sparselora.models.registry import causal_lm
 from sparselora.patch import get_state
-from sparselora.tokens import IGNORE_INDEX, TokenSplit, check_labels, split_tokens
+from sparselora.tokens import IGNORE_INDEX, TokenSplit, check_labels, split_from_masks, split_masks
 
 TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
 INT_KEYS = ("max_length_q", "max_length_k")  # packed batches' segment bound: part of the signature
@@ -60,7 +64,7 @@ class CUDAGraphStep:
     """
 
     def __init__(self, model: nn.Module, max_graphs: int = 16, warmup: int = 2, capture: bool = True,
-                 bucket: int | None = None):
+                 bucket: int | None = None, slack: int | None = None, promote_after: int = 128):
         self.model, self.state = model, get_state(model)
         self.hf = causal_lm(model)
         if capture and not torch.cuda.is_available():
@@ -69,7 +73,12 @@ class CUDAGraphStep:
             raise ValueError(f"max_graphs and warmup must be >= 1, got {max_graphs} and {warmup}")
         if bucket is not None and bucket < 1:
             raise ValueError(f"bucket must be >= 1 (1: exact counts) or None (automatic), got {bucket}")
+        if slack is not None and slack < 0 or promote_after < 1:
+            raise ValueError(f"slack must be >= 0 (0: no reuse) or None (automatic: 3 buckets) and promote_after "
+                             f">= 1, got {slack} and {promote_after}")
         self.capture, self.max_graphs, self.warmup, self.bucket = capture, max_graphs, warmup, bucket
+        self.slack, self.promote_after = slack, promote_after
+        self.served: dict[tuple, int] = {}  # exact bucket key -> batches a neighbouring graph served
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (LoRA adapters); nothing to train")
@@ -91,29 +100,54 @@ class CUDAGraphStep:
         check_labels(labels, tuple(ids.shape))
         # buckets only bound the number of captures: the eager path (capture=False) keeps exact counts by default
         bucket = self.bucket or (auto_bucket(ids.numel()) if self.capture else 1)
-        # one host sync: whether the mask can be dropped, and the labelled-only head's row count
-        head_rows, all_real = torch.stack(
-            [(labels[:, 1:] != IGNORE_INDEX).sum(), mask.all() if mask is not None else labels.new_ones(())]
-        ).tolist()
-        # extra head rows carry no label; a coarser bucket there (they cost only the head) halves the signatures
-        head_rows = min(-(-head_rows // (4 * bucket)) * 4 * bucket, labels[:, 1:].numel())
+        slack = self.slack if self.slack is not None else (3 * bucket if bucket > 1 else 0)
+        active = self.state.active
+        context = labelled = None
+        if active:
+            context, labelled = split_masks(labels, mask, tuple(ids.shape), self.state.config.dense_output_tokens)
+        # the step's one host sync: shapes depend on the counts; whether the mask can be dropped
+        zero = labels.new_zeros(())
+        n_ctx, n_lab, head_rows, all_real = torch.stack([
+            context.sum() if active else zero, labelled.sum() if active else zero,
+            (labels[:, 1:] != IGNORE_INDEX).sum(), mask.all() if mask is not None else labels.new_ones(()),
+        ]).tolist()
         packed = "cu_seq_lens_q" in batch
         if mask is not None and all_real and not packed:
             mask = None  # no padding: the causal kernel needs no mask (and reads none)
-        split = None
-        if self.state.active:  # the split's one host sync: shapes depend on the context count
-            split = split_tokens(labels, mask, tuple(ids.shape), self.state.config.dense_output_tokens, bucket)
         inputs = {k: v for k, v in batch.items() if k in TENSOR_KEYS and v is not None}
         if mask is None:
             inputs.pop("attention_mask", None)
         ints = tuple((k, int(batch[k])) for k in INT_KEYS if batch.get(k) is not None)
-        counts = None
-        if split is not None:
-            labelled = self.state.config.selector == "labelled"  # its shapes depend on the labelled count too
-            counts = (split.num_context, split.num_labelled if labelled else None)
-        key = (tuple((k, tuple(v.shape)) for k, v in sorted(inputs.items())), ints, head_rows, self.state.active,
-               counts, torch.is_autocast_enabled())
-        return key, inputs, dict(ints), split, head_rows
+        labelled_sel = active and self.state.config.selector == "labelled"  # its shapes depend on that count too
+        base = (tuple((k, tuple(v.shape)) for k, v in sorted(inputs.items())), ints, active,
+                n_lab if labelled_sel else None, torch.is_autocast_enabled())
+        # extra head rows carry no label; a coarser bucket there (they cost only the head) halves the signatures
+        head_bucket = 4 * bucket
+        limit = labels[:, 1:].numel()
+        n_sparse, head = self._choose(base, n_ctx // bucket * bucket if active else 0,
+                                      min(-(-head_rows // head_bucket) * head_bucket, limit), head_rows,
+                                      slack, head_bucket, bucket)
+        split = split_from_masks(context, labelled, n_sparse, n_lab, tuple(ids.shape)) if n_sparse else None
+        return (base, n_sparse, head), inputs, dict(ints), split, head
+
+    def _choose(self, base, n_bucket: int, head_bucketed: int, head_rows: int, slack: int, head_bucket: int,
+                bucket: int) -> tuple[int, int]:
+        """(sparse rows, head rows) of the graph for a batch: ``n_bucket`` is its context count bucketed down,
+        ``head_rows`` its labelled positions (``head_bucketed`` rounded up). Its own bucket's graph if captured;
+        else the captured neighbour wasting the fewest sparse rows (within ``slack``, head rows within one head
+        bucket); else a new graph, a bucket lower when reuse is on, so that the batches just below fit it too."""
+        own = (n_bucket, head_bucketed)
+        if (base, *own) in self.graphs or slack == 0:
+            return own
+        near = [(n, h) for (b, n, h) in self.graphs if b == base and n_bucket - slack <= n <= n_bucket
+                and (n > 0) == (n_bucket > 0) and head_rows <= h <= head_bucketed + head_bucket]
+        served = self.served.get((base, *own), 0)
+        if near and served < self.promote_after:
+            self.served[(base, *own)] = served + 1
+            return max(near, key=lambda nh: (nh[0], -nh[1]))
+        if near or not n_bucket:  # served often enough: its own graph pays the capture back
+            return own
+        return max(bucket, n_bucket - bucket), head_bucketed
 
     # ------------------------------------------------------------------------------------------------ running
     def _forward_backward(self, entry: _Graph, head_rows: int) -> torch.Tensor:

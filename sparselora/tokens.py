@@ -73,21 +73,13 @@ def check_labels(labels: torch.Tensor, input_shape: tuple[int, ...]) -> None:
         )
 
 
-def split_tokens(
-    labels: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    input_shape: tuple[int, ...],
+def split_masks(
+    labels: torch.Tensor, attention_mask: torch.Tensor | None, input_shape: tuple[int, ...],
     dense_output_tokens: bool = True,
-    bucket: int = 1,
-) -> TokenSplit | None:
-    """The split for one batch, or None when the batch has no context token (then the step runs dense).
-
-    ``bucket`` > 1 rounds the sparse row count down to a multiple of it: the last few context tokens run dense
-    (exact, just not sparse), so the layer shapes of a run take a handful of values and a few CUDA graphs serve
-    every batch. A batch with fewer context tokens than one bucket runs dense. ``labels`` must have
-    ``input_shape`` (`check_labels`, done once where a batch enters: `SparseLoRAState.begin_batch`,
-    `CUDAGraphStep`).
-    """
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat boolean masks of the context tokens (may run sparse) and of the labelled tokens (real, labelled, not
+    context); no host sync. ``labels`` must have ``input_shape`` (`check_labels`, done once where a batch enters:
+    `SparseLoRAState.begin_batch`, `CUDAGraphStep`)."""
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(
@@ -101,15 +93,38 @@ def split_tokens(
     mask = context_mask(labels, attention_mask, dense_output_tokens).reshape(-1)
     real = torch.ones_like(mask) if attention_mask is None else attention_mask.reshape(-1).bool()
     labelled = real & (labels.reshape(-1) != IGNORE_INDEX) & ~mask
-    # the one host sync of a step: layer shapes depend on the context count
-    n_ctx, n_lab = torch.stack([mask.sum(), labelled.sum()]).tolist()
-    if bucket > 1:
-        n_ctx = n_ctx // bucket * bucket
-        mask = mask & (torch.cumsum(mask, 0) <= n_ctx)
-    if n_ctx == 0:
+    return mask, labelled
+
+
+def split_from_masks(
+    context: torch.Tensor, labelled: torch.Tensor, num_context: int, num_labelled: int, input_shape: tuple[int, ...]
+) -> TokenSplit | None:
+    """The split whose sparse rows are the first ``num_context`` context tokens (at most all of them; the rest
+    run dense, exactly), from `split_masks`; None when ``num_context`` is 0. No host sync: the counts are given."""
+    if num_context == 0:
         return None
+    mask = context & (torch.cumsum(context, 0) <= num_context)
     key = (~mask).to(torch.int8) + (~mask & ~labelled).to(torch.int8)  # 0 context, 1 labelled, 2 the rest
     order = torch.argsort(key, stable=True)  # each group in original order
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return TokenSplit(order, inverse, n_ctx, (int(input_shape[0]), int(input_shape[1])), n_lab)
+    return TokenSplit(order, inverse, num_context, (int(input_shape[0]), int(input_shape[1])), num_labelled)
+
+
+def split_tokens(
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    input_shape: tuple[int, ...],
+    dense_output_tokens: bool = True,
+    bucket: int = 1,
+) -> TokenSplit | None:
+    """The split for one batch, or None when the batch has no context token (then the step runs dense).
+
+    ``bucket`` > 1 rounds the sparse row count down to a multiple of it: the last few context tokens run dense
+    (exact, just not sparse), so the layer shapes of a run take a handful of values and a few CUDA graphs serve
+    every batch. A batch with fewer context tokens than one bucket runs dense.
+    """
+    context, labelled = split_masks(labels, attention_mask, input_shape, dense_output_tokens)
+    # the one host sync of a step: layer shapes depend on the context count
+    n_ctx, n_lab = torch.stack([context.sum(), labelled.sum()]).tolist()
+    return split_from_masks(context, labelled, n_ctx // bucket * bucket, n_lab, input_shape)

@@ -172,7 +172,7 @@ def test_graph_path_on_packed_buckets_matches_plain_step(selector):
     ref = clone(model)
     apply_sparselora(model, cfg(), fast_kernels=True)
     apply_sparselora(ref, cfg(), fast_kernels=True)
-    step = CUDAGraphStep(model, capture=False, bucket=8)
+    step = CUDAGraphStep(model, capture=False, bucket=8, slack=0)  # buckets only: no reuse of a neighbour
     coll = PackedCollator(pad_token_id=0, max_tokens=64, max_segments=4, max_segment_len=32)
     for seed in (1, 2, 1):
         batch = coll(pack_features(_examples([17, 9, 23], [4, 3, 6], seed=seed), 64, 4))
@@ -188,6 +188,57 @@ def test_graph_path_on_packed_buckets_matches_plain_step(selector):
         for m in (model, ref):
             m.zero_grad(set_to_none=True)
     assert get_state(model).split.num_context % 8 == 0
+
+
+@pytest.mark.parametrize("selector", ["svd", "oracle"])
+def test_graph_reuse_of_a_neighbour_matches_plain_step(selector):
+    """Batches served by a neighbouring graph (fewer sparse rows, more head rows than their own bucket) train
+    exactly as a plain forward + backward pinned to the split the step used; the counts stay within the slack."""
+    cfg = lambda: SparseLoRAConfig(ffn_sparsity={"1-2": 0.6}, attn_sparsity={"1-2": 0.5}, selector=selector,  # noqa: E731
+                                   start_step=0)
+    model = _packed_model("qwen2")
+    ref = clone(model)
+    apply_sparselora(model, cfg(), fast_kernels=True)
+    apply_sparselora(ref, cfg(), fast_kernels=True)
+    step = CUDAGraphStep(model, capture=False, bucket=4, slack=12, promote_after=100)
+    coll = PackedCollator(pad_token_id=0, max_tokens=64, max_segments=4, max_segment_len=32)
+    buckets = set()
+    for seed, prompts in enumerate(([17, 9, 23], [15, 9, 21], [20, 12, 25], [11, 9, 20])):
+        batch = coll(pack_features(_examples(prompts, [4, 3, 6], seed=seed), 64, 4))
+        exact = split_tokens(batch["labels"], batch["attention_mask"], tuple(batch["input_ids"].shape))
+        buckets.add(exact.num_context // 4)
+        loss = step(**batch)
+        used = get_state(model).split
+        assert used.num_context % 4 == 0 and exact.num_context // 4 * 4 - 12 <= used.num_context <= exact.num_context
+        with get_state(ref).pinned(used, None):
+            ref_loss = ref(**batch).loss
+            ref_loss.backward()
+        assert_close(loss, ref_loss.detach(), "loss", torch.float32)
+        assert_same_lora_grads(model, ref)
+        for m in (model, ref):
+            m.zero_grad(set_to_none=True)
+    assert len(buckets) == 4 and len(step.graphs) < len(buckets)  # a neighbour served some batches
+
+
+def test_graph_choice_reuses_then_promotes():
+    """The signature policy alone: the first batch's graph is placed a bucket low, nearby buckets reuse it (never a
+    graph with more sparse rows or fewer head rows than the batch has), a bucket served ``promote_after`` times,
+    or beyond the slack, gets its own graph."""
+    from types import SimpleNamespace
+
+    pol = SimpleNamespace(graphs={}, served={}, promote_after=2)
+    choose = lambda n, h: CUDAGraphStep._choose(pol, "b", n, -(-h // 16) * 16, h, 24, 16, 8)  # noqa: E731
+    assert choose(64, 30) == (56, 32)  # new: one bucket low
+    pol.graphs[("b", 56, 32)] = None
+    assert choose(64, 30) == (56, 32)  # its own bucket is served by the graph (once)
+    assert choose(72, 20) == (56, 32)  # within the slack, head within one head bucket
+    assert choose(48, 20) == (40, 32)  # fewer context rows than the graph has: new graph
+    assert choose(72, 40) == (64, 48)  # more head rows than any graph: new graph (a bucket low)
+    assert choose(104, 20) == (96, 32)  # beyond the slack: new graph
+    assert choose(64, 30) == (56, 32)  # served twice (promote_after) ...
+    assert choose(64, 30) == (64, 32)  # ... then promoted to its own graph
+    assert CUDAGraphStep._choose(pol, "other", 64, 32, 30, 24, 16, 8) == (56, 32)  # other shapes never share
+    assert CUDAGraphStep._choose(pol, "b", 0, 32, 30, 24, 16, 8) == (0, 32)  # dense: no sparse rows to lower
 
 
 def test_finetune_packed_path_on_cpu(tmp_path, capsys):

@@ -70,10 +70,31 @@ def _sync():
 
 
 class _Recorder:
-    """Per-step wall time (synchronized at step boundaries), real tokens per batch, losses."""
+    """Per-step wall time (synchronized at step boundaries), real tokens per batch, losses, and on CUDA the GPU
+    timeline of each forward + backward (`Trainer.training_step`, events, no extra sync): the rest of a step is
+    clipping, the optimizer and the Trainer's own work."""
 
     def __init__(self, collator, prof=None):
-        self.collator, self.tokens, self.times, self.prof = collator, [], [], prof
+        self.collator, self.tokens, self.times, self.prof, self.events = collator, [], [], prof, []
+
+    def time_training_step(self, trainer) -> None:
+        if not torch.cuda.is_available():
+            return
+        inner = trainer.training_step
+
+        def timed(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = inner(*args, **kwargs)
+            end.record()
+            self.events.append((start, end))
+            return out
+
+        trainer.training_step = timed
+
+    def fwd_bwd_ms(self) -> list[float]:
+        _sync()
+        return [s.elapsed_time(e) for s, e in self.events]
 
     def __call__(self, features):
         batch = self.collator(features)
@@ -146,6 +167,7 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
         train_sampling_strategy="group_by_length" if name == "peft_liger_grouped" else "sequential")
     trainer = trainer_cls(model=model, args=targs, train_dataset=data, data_collator=rec,
                           callbacks=callbacks + [rec.callback()])
+    rec.time_training_step(trainer)
     _sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -172,6 +194,9 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "steps_measured": len(meas_t),
     }
+    fb = rec.fwd_bwd_ms()[args.warmup:]
+    if fb:  # forward + backward on the GPU timeline; step_ms minus this is optimizer + Trainer + host gaps
+        out["fwd_bwd_ms"] = statistics.median(fb)
     if packed:
         out["pack"] = {"max_tokens": path.max_tokens, "max_segments": path.max_segments,
                        "max_segment_len": path.max_segment_len}
@@ -269,15 +294,16 @@ def _table(record: dict) -> None:
         f = record["flops"]
         print(f"analytic FLOP bound {f['speedup_bound']:.2f}x at context fraction {f['context_fraction']:.2f} "
               f"({f['at']})")
-    print(f"{'method':<22}{'tok/s':>9}{'ms/step':>9}{'mean ms':>9}{'tok/step':>9}{'peak GiB':>9}{'graphs':>7}"
-          f"{'vs best dense':>14}{'loss first/last':>18}")
+    print(f"{'method':<22}{'tok/s':>9}{'ms/step':>9}{'fwd+bwd':>9}{'mean ms':>9}{'tok/step':>9}{'peak GiB':>9}"
+          f"{'graphs':>7}{'vs best dense':>14}{'loss first/last':>18}")
     for k, v in ms.items():
         if "error" in v:
             print(f"{k:<22} failed: {v['error'][:100]}")
             continue
         rel = f"{v['tokens_per_s'] / best_dense:.2f}x" if best_dense else "-"
         loss = f"{v['first_loss']:.2f}/{v['last_loss']:.2f}" if v["first_loss"] is not None else "-"
-        print(f"{k:<22}{v['tokens_per_s']:>9.0f}{v['step_ms']:>9.1f}{v['mean_step_ms']:>9.1f}"
+        fb = f"{v['fwd_bwd_ms']:.1f}" if v.get("fwd_bwd_ms") is not None else "-"
+        print(f"{k:<22}{v['tokens_per_s']:>9.0f}{v['step_ms']:>9.1f}{fb:>9}{v['mean_step_ms']:>9.1f}"
               f"{v['tokens_per_step']:>9.0f}{v['peak_gib']:>9.1f}{v['captures']:>7}{rel:>14}{loss:>18}")
 
 
