@@ -1,9 +1,13 @@
 """Defaults that do not hurt: before training, the whole config's loss on a few real batches, and a back-off.
 
 A preset's sparsity levels are a guess for a model and a data set; per-layer sensitivities add up badly (layers
-interact). So `calibrate` measures what matters, the frozen model's loss with the whole config against dense on
-the run's own first batches, and scales every layer's sparsity down (uniformly, by ``factor`` per round) until the
-relative increase is within ``bound``. It says what it measured and warns when the bound cannot be met.
+interact). So `calibrate` measures what matters, the frozen model with the whole config against dense on the
+run's own first batches, and scales every layer's sparsity down (uniformly, by ``factor`` per round) until the
+change is within ``bound``. Two criteria: ``"loss"``, the relative rise of the mean loss over the labelled tokens,
+and ``"kl"``, the mean KL(dense || sparse) of the next-token distributions there (nats). The mean loss can stay
+flat while predictions change (tokens whose loss falls offset those whose loss rises; short answers drown in
+template tokens that do not depend on the context); KL sees every change. It says what it measured and warns
+when the bound cannot be met.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import torch
 from sparselora.config import SparseLoRAConfig
 from sparselora.modules import SparseMLP
 from sparselora.patch import get_state
+from sparselora.tokens import IGNORE_INDEX
 
 # The default bound on the frozen loss's relative rise over dense: `sparselora finetune --loss-bound` (RunConfig)
 # and `sparselora sensitivity --loss-bound` both read it from here.
 DEFAULT_LOSS_BOUND = 0.05
+DEFAULT_KL_BOUND = 0.1  # nats per labelled token (benchmarks/probe_criteria.py; docs/accuracy-notes.md)
+CRITERIA = ("loss", "kl")
 
 
 @dataclass
@@ -29,25 +36,31 @@ class Calibration:
     config: SparseLoRAConfig  # the config that runs (backed off, or the given one)
     dense_loss: float
     bound: float
-    rounds: list[dict] = field(default_factory=list)  # {"scale", "sparse_loss", "increase"} per config tried
+    rounds: list[dict] = field(default_factory=list)  # {"scale", "sparse_loss", "increase"[, "kl"]} per config
+    criterion: str = "loss"  # what ``bound`` bounds: "increase" (relative loss rise) or "kl" (nats)
 
     @property
     def within_bound(self) -> bool:
-        return bool(self.rounds) and self.rounds[-1]["increase"] <= self.bound
+        return bool(self.rounds) and self._value(self.rounds[-1]) <= self.bound
+
+    def _value(self, r: dict) -> float:
+        return r["kl"] if self.criterion == "kl" else r["increase"]
 
     def lines(self, batches: str = "the run's first batches", using: str = "training with") -> list[str]:
         """What was measured, one line per round, and the outcome (``using``: what is done with the config)."""
-        out = [f"sparsity probe (frozen model, {batches}): dense loss {self.dense_loss:.4f}, "
-               f"bound +{self.bound * 100:g}%"]
+        kl = self.criterion == "kl"
+        bound = f"KL(dense || sparse) <= {self.bound:g} nats/token" if kl else f"loss +{self.bound * 100:g}%"
+        out = [f"sparsity probe (frozen model, {batches}): dense loss {self.dense_loss:.4f}, bound {bound}"]
         for r in self.rounds:
-            out.append(f"  sparsity x{r['scale']:.2f}: sparse loss {r['sparse_loss']:.4f} "
-                       f"({r['increase']:+.1%})")
+            out.append(f"  sparsity x{r['scale']:.2f}: sparse loss {r['sparse_loss']:.4f} ({r['increase']:+.1%})"
+                       + (f", KL {r['kl']:.4f}" if kl else ""))
         last = self.rounds[-1]
         if self.within_bound:
             out.append(f"  -> {using} sparsity x{last['scale']:.2f} of the config")
         else:
-            out.append(f"  -> WARNING: even x{last['scale']:.2f} raises the loss {last['increase']:+.1%}, above the "
-                       f"bound; {using} it (lower the sparsity, or raise the bound)")
+            what = f"gives KL {last['kl']:.4f}" if kl else f"raises the loss {last['increase']:+.1%}"
+            out.append(f"  -> WARNING: even x{last['scale']:.2f} {what}, above the bound; {using} it (lower the "
+                       "sparsity, or raise the bound)")
         return out
 
 
@@ -97,56 +110,77 @@ def frozen_loss(model, batches, sparse: bool) -> float:
     return sum(losses) / len(losses)
 
 
+def _labelled_logits(model, out, batch) -> torch.Tensor:
+    """Next-token logits at the labelled positions (tokens, vocab), also when the fast head returned none."""
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    if out.logits is not None:
+        return out.logits[:, :-1][mask]
+    return model.get_output_embeddings()(out.hidden_states[-1][:, :-1][mask])
+
+
+def _kl(dense: torch.Tensor, sparse: torch.Tensor, chunk: int = 512) -> float:
+    """Summed KL(dense || sparse) over rows of logits, in row chunks (vocabularies are large)."""
+    total = 0.0
+    for i in range(0, dense.shape[0], chunk):
+        d = torch.log_softmax(dense[i:i + chunk].float(), dim=-1)
+        s = torch.log_softmax(sparse[i:i + chunk].float(), dim=-1)
+        total += float((d.exp() * (d - s)).sum())
+    return total
+
+
 @torch.no_grad()
-def frozen_kl(model, batches, chunk: int = 512) -> float:
-    """Mean KL(dense || sparse) of the next-token distributions over the labelled tokens of ``batches`` (nats,
-    token-weighted), the frozen model as in `frozen_loss` (sparse from step 0, eval mode).
-
-    Not used by `calibrate` (which bounds the relative mean-loss increase). A candidate probe criterion: unlike the
-    mean loss it cannot be offset by tokens whose loss falls, and it sees every change of a prediction, so it is
-    not diluted by template tokens that do not depend on the context (benchmarks/probe_criteria.py,
-    docs/accuracy-notes.md: 0.077 on GSM8K vs 0.338 on the commonsense mix at x0.49 of the scaled preset, where the
-    mean-loss increase is +4.0% vs +5.3%)."""
-    from sparselora.tokens import IGNORE_INDEX
-
-    total, count = 0.0, 0
+def _sparse_round(model, batches, chunk: int = 512) -> tuple[float, float]:
+    """Mean sparse loss and mean KL(dense || sparse) over the labelled tokens (token-weighted), frozen."""
+    losses, total, count = [], 0.0, 0
     with _frozen(model) as state:
         for b in batches:
-            mask = b["labels"][:, 1:] != IGNORE_INDEX
-            if not mask.any():
-                continue
-            logp = []
+            logits = []
             for sparse in (False, True):
                 state.enabled = sparse
-                logits = model(**b).logits
-                logp.append(logits[:, :-1][mask])  # labelled positions only: (tokens, vocab)
-                del logits
-            dense, sparse_ = logp
-            for i in range(0, dense.shape[0], chunk):
-                d = torch.log_softmax(dense[i:i + chunk].float(), dim=-1)
-                s = torch.log_softmax(sparse_[i:i + chunk].float(), dim=-1)
-                total += float((d.exp() * (d - s)).sum())
-            count += int(mask.sum())
+                out = model(**b, output_hidden_states=True)
+                logits.append(_labelled_logits(model, out, b))
+            losses.append(float(out.loss))  # the sparse forward's
+            total += _kl(*logits, chunk=chunk)
+            count += logits[0].shape[0]
     if not count:
-        raise ValueError("frozen_kl needs at least one labelled token")
-    return total / count
+        raise ValueError("the KL probe needs at least one labelled token in its batches")
+    return sum(losses) / len(losses), total / count
 
 
-def calibrate(model, batches, bound: float = DEFAULT_LOSS_BOUND, factor: float = 0.7, max_rounds: int = 6) -> Calibration:
-    """Back the applied config off until the frozen loss on ``batches`` rises by at most ``bound`` (relative);
+def frozen_kl(model, batches, chunk: int = 512) -> float:
+    """Mean KL(dense || sparse) of the next-token distributions over the labelled tokens of ``batches`` (nats,
+    token-weighted), the frozen model as in `frozen_loss` (sparse from step 0, eval mode): `calibrate`'s ``"kl"``
+    criterion (benchmarks/probe_criteria.py, docs/accuracy-notes.md: 0.077 on GSM8K vs 0.338 on the commonsense
+    mix at x0.49 of the scaled preset, where the mean-loss increase is +4.0% vs +5.3%)."""
+    return _sparse_round(model, batches, chunk)[1]
+
+
+def calibrate(model, batches, bound: float | None = None, factor: float = 0.7, max_rounds: int = 6,
+              criterion: str = "loss") -> Calibration:
+    """Back the applied config off until ``criterion`` on ``batches`` is within ``bound`` (``"loss"``: relative
+    rise of the frozen loss, default `DEFAULT_LOSS_BOUND`; ``"kl"``: mean KL in nats, default `DEFAULT_KL_BOUND`);
     leaves the model with the chosen levels and returns what was measured."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    if bound is None:
+        bound = DEFAULT_KL_BOUND if criterion == "kl" else DEFAULT_LOSS_BOUND
     if not batches:
         raise ValueError("calibrate needs at least one batch")
     if bound < 0 or not 0 < factor < 1 or max_rounds < 1:
         raise ValueError(f"need bound >= 0, 0 < factor < 1, max_rounds >= 1; got {bound}, {factor}, {max_rounds}")
     base = get_state(model).config
-    cal = Calibration(base, frozen_loss(model, batches, sparse=False), bound)
+    cal = Calibration(base, frozen_loss(model, batches, sparse=False), bound, criterion=criterion)
     scale = 1.0
     for _ in range(max_rounds):
         cfg = scaled_config(base, scale)
         set_levels(model, cfg)
-        loss = frozen_loss(model, batches, sparse=True)
+        if criterion == "kl":
+            loss, kl = _sparse_round(model, batches)
+        else:
+            loss, kl = frozen_loss(model, batches, sparse=True), None
         cal.rounds.append({"scale": scale, "sparse_loss": loss, "increase": loss / cal.dense_loss - 1.0})
+        if kl is not None:
+            cal.rounds[-1]["kl"] = kl
         cal.config = cfg
         if cal.within_bound:
             break

@@ -200,7 +200,8 @@ def _calibrate(model, tokenizer, features, cfg: RunConfig, use_cpu: bool):
     batches = _padded_batches(model, tokenizer, features[:n * max(1, min(PROBE_BATCHES, len(features) // n))], n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its lines say it, including the warning
-        return calibrate(model, batches, bound=cfg.loss_bound)
+        bound = cfg.kl_bound if cfg.probe == "kl" else cfg.loss_bound
+        return calibrate(model, batches, bound=bound, criterion=cfg.probe)
 
 
 def _heldout_loss(model, tokenizer, features, batch_size: int) -> float:
@@ -431,6 +432,7 @@ def _write_outputs(cfg: RunConfig, run: _Loaded, path, calibration, trainer, tim
         "training_path": {**dataclasses.asdict(path), "description": path.describe()},
         "calibration": None if calibration is None else {"dense_loss": calibration.dense_loss,
                                                          "bound": calibration.bound, "rounds": calibration.rounds,
+                                                         "criterion": calibration.criterion,
                                                          "within_bound": calibration.within_bound},
         "sparsity_config": sp_cfg.to_dict(),
         "model": {"source": cfg.model, "model_type": arch.model_type, "num_layers": arch.num_layers,

@@ -94,6 +94,14 @@ def test_finetune_probes_and_records_it(tmp_path, capsys):
     assert main(base_args(env, off, "--max-steps", "1", "--lora-r", "4", "--loss-bound", "off")) == 0
     summary = json.loads((off / "summary.json").read_text())
     assert summary["calibration"] is None and summary["heldout"] is None
+    kl = tmp_path / "kl"
+    assert main(base_args(env, kl, "--max-steps", "1", "--lora-r", "4", "--sparsity", str(tmp_path / "sp.yaml"),
+                          "--probe", "kl", "--kl-bound", "0")) == 0
+    err = capsys.readouterr().err
+    assert "KL(dense || sparse) <= 0 nats" in err and "above the bound" in err
+    cal = json.loads((kl / "summary.json").read_text())["calibration"]
+    assert cal["criterion"] == "kl" and cal["bound"] == 0 and "kl" in cal["rounds"][-1]
+    assert len(cal["rounds"]) > 1 and not cal["within_bound"]  # backed off as far as it goes
 
 
 def test_kept_channels_are_empty_after_a_dense_forward():
@@ -120,6 +128,8 @@ def test_a_config_that_cannot_pay_is_flagged():
     (["--loss-bound", "-1"], "loss_bound (--loss-bound) must be >= 0"),
     (["--loss-bound", "lots"], "--loss-bound takes a number"),
     (["--heldout", "-2"], "heldout (--heldout) must be"),
+    (["--kl-bound", "-0.1"], "kl_bound (--kl-bound) must be >= 0"),
+    (["--probe", "mean"], "invalid choice: 'mean'"),
     (["--heldout", "100000"], "leaves nothing to train on"),
 ])
 def test_bad_probe_and_heldout_flags_are_clear_errors(tmp_path, capsys, flags, message):
@@ -129,7 +139,8 @@ def test_bad_probe_and_heldout_flags_are_clear_errors(tmp_path, capsys, flags, m
 
     env = {"model": str(make_model_dir(tmp_path / "m")), "data": str(make_data(tmp_path / "d.jsonl")),
            "est": str(tmp_path / "est")}
-    with pytest.raises(SystemExit) if "takes a number" in message else contextlib.nullcontext():
+    argparse_error = "takes a number" in message or "invalid choice" in message
+    with pytest.raises(SystemExit) if argparse_error else contextlib.nullcontext():
         rc = main(base_args(env, tmp_path / "run", "--max-steps", "1", *flags))
         assert rc == 2
     assert message in capsys.readouterr().err
@@ -166,3 +177,39 @@ def test_frozen_kl_is_the_labelled_tokens_mean_kl_and_restores_the_model():
     assert frozen_kl(model, batches) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError):
         frozen_kl(model, [dict(b, labels=torch.full_like(b["labels"], -100)) for b in batches])
+
+
+def test_frozen_kl_with_the_fast_head_equals_the_plain_model():
+    """The fast head returns no logits when labels are given; the KL probe then takes them from the last hidden
+    state, and must measure the same as on the plain model."""
+    from helpers import clone
+
+    from sparselora.calibrate import frozen_kl
+
+    plain = tiny_peft("llama")
+    fast = clone(plain)
+    cfg = lambda: SparseLoRAConfig(ffn_sparsity={"0-3": 0.9}, attn_sparsity={"0-3": 0.7},  # noqa: E731
+                                   selector="oracle", start_step=0)
+    apply_sparselora(plain, cfg())
+    apply_sparselora(fast, cfg(), fast_kernels=True)
+    assert fast(**make_batch(seed=1)).logits is None  # the branch under test
+    a, b = frozen_kl(plain, _batches()), frozen_kl(fast, _batches())
+    assert a > 0 and b == pytest.approx(a, rel=1e-4)
+
+
+def test_kl_criterion_backs_off_until_the_kl_is_within_the_bound():
+    from sparselora.calibrate import frozen_kl, scaled_config, set_levels
+
+    model = _model()
+    first = frozen_kl(model, _batches())
+    bound = first / 20  # unreachable at the given levels
+    cal = calibrate(model, _batches(), bound=bound, factor=0.5, max_rounds=8, criterion="kl")
+    assert len(cal.rounds) > 1 and cal.within_bound and cal.criterion == "kl"
+    assert cal.rounds[0]["kl"] == pytest.approx(first, rel=1e-5)
+    assert all(r["kl"] > bound for r in cal.rounds[:-1]) and cal.rounds[-1]["kl"] <= bound
+    # each round measured the config it names
+    set_levels(model, scaled_config(cal.config, 1.0))
+    assert frozen_kl(model, _batches()) == pytest.approx(cal.rounds[-1]["kl"], rel=1e-5)
+    assert "KL(dense || sparse) <=" in cal.lines()[0] and "KL " in cal.lines()[-2]
+    with pytest.raises(ValueError, match="criterion"):
+        calibrate(model, _batches(), criterion="mean")

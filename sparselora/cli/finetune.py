@@ -14,6 +14,7 @@ _FLAGS = {
     "grad_accum": "grad_accum", "max_steps": "max_steps", "epochs": "epochs", "max_length": "max_length",
     "seed": "seed", "dtype": "dtype", "save_steps": "save_steps", "data_format": "data_format",
     "limit": "limit", "estimator_dir": "estimator_dir", "threads": "threads", "loss_bound": "loss_bound",
+    "probe": "probe", "kl_bound": "kl_bound",
     "heldout": "heldout",
 }
 _OFF = object()  # --loss-bound off: the flag given, its value None
@@ -107,8 +108,14 @@ def add_run_arguments(p: argparse.ArgumentParser, required: bool = True) -> None
                         "dense (summary.json, loss.png)" + _d("heldout"))
     t.add_argument("--loss-bound", type=_bound, metavar="X|off",
                    help="before training, scale the sparsity down until the frozen model's loss on the first "
-                        "batches rises at most X (relative) over dense; 'off' trains the config as given"
-                   + _d("loss_bound"))
+                        "batches rises at most X (relative) over dense (--probe loss); 'off' trains the config as "
+                        "given" + _d("loss_bound"))
+    t.add_argument("--probe", choices=("loss", "kl"),
+                   help="what the sparsity probe bounds: 'loss', the relative rise of the mean loss (--loss-bound), "
+                        "or 'kl', the mean KL(dense || sparse) of the next-token distributions over labelled tokens "
+                        "(--kl-bound), which also sees short answers' changes that the mean loss hides" + _d("probe"))
+    t.add_argument("--kl-bound", type=float, metavar="NATS",
+                   help="the bound of --probe kl, in nats per labelled token" + _d("kl_bound"))
     t.add_argument("--save-steps", type=int, help="checkpoint every N steps" + _d("save_steps"))
     t.add_argument("--threads", type=int,
                    help="torch CPU threads (default: half the usable cores, at most 4 — the rule of every "

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from sparselora.calibrate import DEFAULT_LOSS_BOUND
+from sparselora.calibrate import CRITERIA, DEFAULT_KL_BOUND, DEFAULT_LOSS_BOUND
 from sparselora.config import check_keys
 from sparselora.errors import SparseLoRAError
 from sparselora.models.registry import ATTN_PROJS, PROJS
@@ -68,9 +68,13 @@ class RunConfig:
     fast_kernels: bool | None = None  # fused RMSNorm/SiLU*up and a labelled-only LM head (dense and sparse alike)
     cuda_graphs: bool | None = None  # forward + backward replayed from CUDA graphs (sparselora.CUDAGraphTrainer)
     packing: bool | None = None  # rows packed to a fixed token budget, attention isolated per example
-    # before training, the frozen model's loss with the whole config on the first batches may rise at most this
-    # much (relative) over dense; the config is scaled down until it does (sparselora.calibrate). None: no probe.
+    # before training, the frozen model with the whole config on the first batches is compared with dense, and the
+    # config is scaled down until it is within the bound (sparselora.calibrate). probe "loss": the mean loss may rise
+    # at most loss_bound (relative); probe "kl": the mean KL(dense || sparse) over labelled tokens at most kl_bound
+    # nats. loss_bound None: no probe.
     loss_bound: float | None = DEFAULT_LOSS_BOUND
+    probe: str = "loss"
+    kl_bound: float = DEFAULT_KL_BOUND
 
     def __post_init__(self):
         if isinstance(self.lora_targets, str):
@@ -110,6 +114,11 @@ class RunConfig:
                 self.loss_bound, (int, float)) or self.loss_bound < 0):
             raise RunError(f"loss_bound (--loss-bound) must be >= 0 (a relative loss increase, e.g. 0.05) or off, "
                            f"got {self.loss_bound!r}")
+        if self.probe not in CRITERIA:
+            raise RunError(f"probe (--probe) must be one of {', '.join(CRITERIA)}, got {self.probe!r}")
+        if isinstance(self.kl_bound, bool) or not isinstance(self.kl_bound, (int, float)) or self.kl_bound < 0:
+            raise RunError(f"kl_bound (--kl-bound) must be >= 0 (nats per labelled token, e.g. 0.1), got "
+                           f"{self.kl_bound!r}")
         if isinstance(self.heldout, bool) or not isinstance(self.heldout, int) or self.heldout < 0:
             raise RunError(f"heldout (--heldout) must be a number of examples >= 0, got {self.heldout!r}")
         if self.learning_rate <= 0:
