@@ -269,7 +269,8 @@ def parse_args(argv=None):
     p.add_argument("--test-limit", type=int, default=None, help="seeded random subset of N examples per test set")
     p.add_argument("--sparsity", default=None, help="a preset name or YAML (default: the finetune default for the model)")
     p.add_argument("--loss-bound", type=float, default=0.05, help="the sparsity probe's bound (finetune's --loss-bound)")
-    p.add_argument("--probe", choices=("loss", "kl"), default="loss", help="the sparsity probe's criterion (finetune's --probe)")
+    p.add_argument("--probe", choices=("loss", "kl"), default="kl",
+                   help="the sparsity probe's criterion (finetune's --probe); tables made before it existed used loss")
     p.add_argument("--kl-bound", type=float, default=0.1, help="the bound of --probe kl, nats (finetune's --kl-bound)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=512)
@@ -302,7 +303,7 @@ SETTING_KEYS = ("task", "max_steps", "epochs", "test_limit", "sparsity", "loss_b
 
 def settings(args, test_info) -> dict:
     s = {k: getattr(args, k) for k in SETTING_KEYS}
-    if args.probe != "loss":  # added later: tables made with the loss probe keep their settings hash
+    if args.probe != "loss":  # added later: tables made with the loss probe (--probe loss) keep their settings hash
         s.update(probe=args.probe, kl_bound=args.kl_bound)
     s["tests"] = {k: v["lines_sha"] for k, v in test_info.items()}
     return s

@@ -90,9 +90,11 @@ def accuracy_section(doc: dict, path: Path) -> list[str]:
         f"{cfg.get('train_file')}, {cfg.get('heldout')} held out), lr {cfg.get('lr')}, LoRA dropout "
         f"{cfg.get('lora_dropout')}; path: {r0.get('training_path', '?')}. Tokens per example "
         f"{data.get('mean_tokens', 0):.0f} (labelled {data.get('mean_labelled', 0):.0f}). Sparsity: "
-        f"{cfg.get('sparsity') or 'the finetune default'}, probe bound +{100 * (cfg.get('loss_bound') or 0):.0f}% "
-        f"(svd/oracle/...: the same seed's calibrated sparselora config, selector swapped). Default selector: "
-        f"`{doc.get('default_selector')}`. Evaluation: greedy, max {cfg.get('max_new_tokens')} new tokens"
+        f"{cfg.get('sparsity') or 'the finetune default'}, "
+        + (f"probe KL <= {cfg.get('kl_bound')} nats/token " if cfg.get("probe") == "kl"
+           else f"probe: loss bound +{100 * (cfg.get('loss_bound') or 0):.0f}% (the default before the KL probe) ")
+        + "(svd/oracle/...: the same seed's calibrated sparselora config, selector swapped). Default selector: "
+        + f"`{doc.get('default_selector')}`. Evaluation: greedy, max {cfg.get('max_new_tokens')} new tokens"
         + ("; test subsets: " + ", ".join(f"{k} {v['n']}/{v['n_total']}" for k, v in tests.items() if v["n"] < v["n_total"])
            if any(v["n"] < v["n_total"] for v in tests.values()) else "; full test sets") + ".")
     lines.append("")
@@ -130,10 +132,12 @@ def goal_lines(doc: dict) -> list[str]:
         for seed, p in zip(s.get("seeds", []), s.get("probe") or []):
             if p and p.get("rounds"):
                 last = p["rounds"][-1]
+                kl = p.get("criterion") == "kl"
+                bound = f"KL {last['kl']:.3f}, bound {p['bound']:g}" if kl else f"bound +{100 * p['bound']:.0f}%"
                 out.append(f"  Seed {seed}: the sparsity probe (frozen model, first batches) measured dense loss "
                            f"{p['dense_loss']:.3f}; it trained with the default config x{last['scale']:.2f} "
-                           f"(sparse loss {last['sparse_loss']:.3f}, {100 * last['increase']:+.1f}%, bound "
-                           f"+{100 * p['bound']:.0f}%" + ("" if p.get("within_bound") else ", NOT within it") + ").")
+                           f"(sparse loss {last['sparse_loss']:.3f}, {100 * last['increase']:+.1f}%, {bound}"
+                           + ("" if p.get("within_bound") else ", NOT within it") + ").")
     if "oracle" in ms and ms["oracle"].get("average") and ms.get("dense", {}).get("average") and not (
             diverged(ms["oracle"]) or diverged(ms["dense"])):
         g = 100 * (statistics.fmean(ms["oracle"]["average"]) - statistics.fmean(ms["dense"]["average"]))

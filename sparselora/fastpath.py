@@ -111,3 +111,19 @@ def flop_cut_warning(speedup: float) -> str | None:
             f"below {MIN_PAYING_FLOP_CUT}x the sparse path's fixed costs usually make it no faster than dense "
             "(docs/performance.md). Expect little or no speed-up; a sparser config (if its loss allows) or --dense")
 
+
+
+# Below this hidden size the sparse path's fixed costs outweigh its FLOP cut on a GPU. Measured on an H200 through
+# `sparselora finetune` (benchmarks/results/accuracy-*.json, train_seconds): Qwen2.5-Coder-1.5B (hidden 1536), 600
+# commonsense steps, 54.7 s sparse (1.63x FLOP cut) vs 35.1 s dense; Qwen2.5-Coder-0.5B (896), 44.3 s vs 26.5 s;
+# the Llama-3-8B shape (4096) ran 1.05-1.22x faster than the best dense stack (docs/performance.md).
+MIN_PAYING_HIDDEN = 3072
+
+
+def small_model_warning(hidden_size: int, device_type: str) -> str | None:
+    """A warning when the model is too small for the sparse path to be faster than dense on a GPU."""
+    if device_type != "cuda" or hidden_size >= MIN_PAYING_HIDDEN:
+        return None
+    return (f"this model's hidden size ({hidden_size}) is below {MIN_PAYING_HIDDEN}: on a GPU its layers are too "
+            "small for the sparse path to pay (measured 1.5-1.7x slower than dense at hidden 896 and 1536, "
+            "docs/performance.md); train it --dense for speed, sparse to study the method")

@@ -43,7 +43,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from sparselora import SparseLoRACallback, apply_sparselora, remove_sparselora, set_enabled, use_packed_attention
 from sparselora.calibrate import calibrate, frozen_loss
 from sparselora.data import DataCollator, load_examples, tokenize_examples
-from sparselora.fastpath import choose_path, flop_cut_warning
+from sparselora.fastpath import choose_path, flop_cut_warning, small_model_warning
 from sparselora.flop_count import flops
 from sparselora.loading import load_model
 from sparselora.io import atomic_write_json
@@ -328,6 +328,9 @@ def _apply(cfg: RunConfig, run: _Loaded, path, use_cpu: bool, say):
         cut = run.flops["speedup"]
         warning = flop_cut_warning(cut)
         say(f"warning: {warning}" if warning else f"analytic FLOP cut of the sparsity config: {cut:.2f}x")
+        small = small_model_warning(_base_config(model).hidden_size, "cpu" if use_cpu else "cuda")
+        if small:
+            say(f"warning: {small}")
     if path.packed:
         use_packed_attention(model)
     return calibration

@@ -73,7 +73,7 @@ class RunConfig:
     # at most loss_bound (relative); probe "kl": the mean KL(dense || sparse) over labelled tokens at most kl_bound
     # nats. loss_bound None: no probe.
     loss_bound: float | None = DEFAULT_LOSS_BOUND
-    probe: str = "loss"
+    probe: str = "kl"
     kl_bound: float = DEFAULT_KL_BOUND
 
     def __post_init__(self):
