@@ -43,21 +43,28 @@ class _SplitLoRALinear(torch.autograd.Function):
         if lora_a is not None:
             xl = x.to(lora_a.dtype)
             if p_drop > 0:
-                keep = dropout_mask(xl, p_drop)
-                xl = xl * keep / (1.0 - p_drop)
+                keep = dropout_keep(xl, p_drop)  # saved as bool: a quarter of a float32 mask, the same values
+                xl = xl * keep.to(xl.dtype) / (1.0 - p_drop)
             h = (xl @ lora_a.t()) * scale
             if lora_b.dtype == y.dtype:
                 y.addmm_(h, lora_b.t())
             else:  # wider adapters (PEFT's default fp32 on a bf16 base): add in their dtype, round once, as PEFT
                 y.copy_(torch.addmm(y.to(lora_b.dtype), h, lora_b.t()))
-        ctx.save_for_backward(x, weight, w_ctx, idx, lora_a, lora_b, h, keep)
+        # the sliced weight is not saved: the backward selects it again from ``idx`` (a copy of a few MB per
+        # projection and layer would otherwise stay resident until the backward)
+        del w_ctx
+        ctx.save_for_backward(x, weight, idx, lora_a, lora_b, h, keep)
         ctx.n_ctx, ctx.mode, ctx.scale, ctx.p_drop = n_ctx, mode, scale, p_drop
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, w_ctx, idx, lora_a, lora_b, h, keep = ctx.saved_tensors
+        x, weight, idx, lora_a, lora_b, h, keep = ctx.saved_tensors
         n_ctx, mode, scale = ctx.n_ctx, ctx.mode, ctx.scale
+        if n_ctx:
+            w_ctx = weight.index_select(0 if mode == "out" else 1, idx)
+        if keep is not None:
+            keep = keep.to(lora_a.dtype)
         gy = gy.contiguous()
         N = gy.shape[0]
         gx = ga = gb = None
@@ -90,9 +97,14 @@ class _SplitLoRALinear(torch.autograd.Function):
         return gx, None, None, ga, gb, None, None, None, None, None
 
 
+def dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The kept entries of a dropout of ``x`` (same shape, bool), from torch's global RNG."""
+    return torch.rand_like(x) >= p
+
+
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """The kept entries of a dropout of ``x`` (same shape, x's dtype, 0/1), from torch's global RNG."""
-    return (torch.rand_like(x) >= p).to(x.dtype)
+    return dropout_keep(x, p).to(x.dtype)
 
 
 def split_lora_linear(parts, x: torch.Tensor, n_ctx: int = 0, mode: str | None = None, idx: torch.Tensor | None = None):
@@ -139,15 +151,17 @@ class _SplitFFN(torch.autograd.Function):
                           (wg.index_select(0, keep), pick(bg), wu.index_select(0, keep), pick(bu), wd.index_select(1, keep))),
                          (slice(n_ctx, N), None if N == n_ctx else (wg, bg, wu, bu, wd))):
             if ws is None:
-                saved += [None] * 5
+                saved += [None] * 2
                 continue
             g_w, g_b, u_w, u_b, d_w = ws
             xs = x[rows]
             g, u = _linear(xs, g_w, g_b), _linear(xs, u_w, u_b)
             h = liger[0](g, u)[2] if liger is not None else torch.nn.functional.silu(g) * u
             torch.addmm(bd, h, d_w.t(), out=y[rows]) if bd is not None else torch.mm(h, d_w.t(), out=y[rows])
-            saved += [g_w, u_w, d_w, g, u]
-        ctx.save_for_backward(*saved)
+            saved += [g, u]
+        # the full weights and ``keep``, not the context rows' sliced copies (three weight-sized copies per sparse
+        # layer held until the backward otherwise): the backward slices them again
+        ctx.save_for_backward(wg, wu, wd, keep if n_ctx else None, *saved)
         ctx.n_ctx, ctx.liger, ctx.width = n_ctx, liger is not None, x.shape[1]
         return y
 
@@ -156,13 +170,17 @@ class _SplitFFN(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 9
         gy = gy.contiguous()
-        saved = ctx.saved_tensors
+        wg, wu, wd, keep, *saved = ctx.saved_tensors
         n_ctx, N = ctx.n_ctx, gy.shape[0]
         gx = gy.new_empty(N, ctx.width)
         liger = _swiglu() if ctx.liger else None
-        for rows, (g_w, u_w, d_w, g, u) in ((slice(0, n_ctx), saved[:5]), (slice(n_ctx, N), saved[5:])):
-            if g_w is None:
+        for rows, (g, u) in ((slice(0, n_ctx), saved[:2]), (slice(n_ctx, N), saved[2:])):
+            if g is None:
                 continue
+            if rows.start == 0 and n_ctx:
+                g_w, u_w, d_w = wg.index_select(0, keep), wu.index_select(0, keep), wd.index_select(1, keep)
+            else:
+                g_w, u_w, d_w = wg, wu, wd
             gh = gy[rows] @ d_w
             if liger is not None:  # liger's backward overwrites g and u with their gradients (as its autograd node does)
                 gg, gu = liger[1](g, u, gh)

@@ -68,6 +68,53 @@ def labelled_cross_entropy(
     if fn is not None:
         loss = fn.apply(h, weight, target, None, None, IGNORE_INDEX, 0.0, 0.0, reduction)
         loss = loss[0] if isinstance(loss, tuple) else loss
-    else:
+    elif not weight.requires_grad and not torch.is_autocast_enabled(h.device.type):
+        loss = _ChunkedHeadCrossEntropy.apply(h, weight, target)  # the sum over rows (IGNORE_INDEX ones: 0)
+        if reduction == "mean":
+            loss = loss / (target != IGNORE_INDEX).sum()  # as F.cross_entropy (no host sync)
+    else:  # a trained head (its weight gradient needs the whole logits' gradient)
         loss = F.cross_entropy((h @ weight.t()).float(), target, reduction=reduction)
     return loss / num_items if num_items is not None else loss
+
+
+HEAD_CHUNK_BYTES = 32 << 20  # float32 logits of one chunk of rows: 32 MB (170 rows of a 49k vocabulary)
+
+
+def head_chunk_rows(vocab: int) -> int:
+    return max(1, HEAD_CHUNK_BYTES // (4 * vocab))
+
+
+class _ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(h @ W^T, target) for a frozen head W, a chunk of rows at a time: the full
+    (rows x vocabulary) logits, their log-softmax and its gradient are never held whole (with a 49k vocabulary a
+    batch's were three tensors of ~0.2-0.35 GB each at the step's peak). The input gradient of each chunk is
+    computed in the forward, from the chunk's logits, and only it (rows x hidden) is kept for the backward:
+    the same GEMMs as autograd's forward + backward of the head, no recomputation. Values agree with
+    F.cross_entropy to float rounding (the softmax gradient is formed as softmax - onehot and scaled by the
+    incoming gradient last; tested)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, target):
+        rows = head_chunk_rows(weight.shape[0])
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(h) if need_grad else None
+        acc = torch.promote_types(h.dtype, torch.float32)  # float32 logits, as the plain head's .float()
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for s in range(0, h.shape[0], rows):
+            logp = torch.log_softmax((h[s:s + rows] @ weight.t()).to(acc), dim=-1)  # as F.cross_entropy
+            t = target[s:s + rows].unsqueeze(1)
+            valid = t != IGNORE_INDEX  # rows a bucketed head adds (CUDAGraphStep) carry no label
+            t = t.clamp_min(0)
+            total -= logp.gather(1, t).masked_fill_(~valid, 0.0).sum()
+            if need_grad:  # d/dlogits of the rows' loss: softmax - onehot (in place, in the log-softmax's memory)
+                probs = logp.exp_()
+                probs.scatter_add_(1, t, torch.full(t.shape, -1.0, dtype=probs.dtype, device=probs.device))
+                probs.masked_fill_(~valid, 0.0)
+                torch.mm(probs.to(weight.dtype), weight, out=grad[s:s + rows])
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return (grad * g.to(grad.dtype) if grad is not None else None), None, None
