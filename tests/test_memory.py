@@ -120,3 +120,45 @@ def test_fused_ffn_saves_no_weight_slices():
     keep = torch.tensor([1, 5, 8, 20, 33, 60, 85])
     _, saved = saved_tensors(lambda: split_ffn((wg, None, wu, None, wd, None), x, 12, keep), exclude=[wg, wu, wd, keep])
     assert sorted(s[0] for s in saved) == [(12, 7), (12, 7), (18, 86), (18, 86)], saved
+
+
+@pytest.mark.parametrize("mode", ["ffn", "out", "in"])
+def test_kept_slices_branch_is_bitwise_the_resliced_one(monkeypatch, mode):
+    """On a GPU the fused ops keep the sliced weights for the backward instead of slicing again (`_save_slices`);
+    forced here on the CPU, that branch gives bitwise the same output and input gradient, and saves the slices."""
+    import sparselora.ops.fused as fused
+
+    g = torch.Generator().manual_seed(1)
+    if mode == "ffn":
+        ws = (torch.randn(86, 40, generator=g), torch.randn(86, 40, generator=g), torch.randn(40, 86, generator=g))
+        keep = torch.tensor([1, 5, 8, 20, 33, 60, 85])
+        run = lambda x: split_ffn((ws[0], None, ws[1], None, ws[2], None), x, 12, keep)  # noqa: E731
+        x0, excl = torch.randn(30, 40, generator=g), list(ws) + [keep]
+    else:
+        from peft import LoraConfig, get_peft_model
+        from torch import nn
+
+        from sparselora.ops.lora_layer import lora_parts
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.proj = nn.Linear(37, 53)
+
+        torch.manual_seed(0)
+        m = get_peft_model(Block(), LoraConfig(r=3, lora_alpha=5, target_modules=["proj"]))
+        proj = m.base_model.model.proj
+        idx = torch.tensor([0, 3, 4, 17, 36])
+        run = lambda x: split_lora_linear(lora_parts(proj, x), x, 7, mode, idx)  # noqa: E731
+        x0, excl = torch.randn(19, 37, generator=g), list(m.parameters()) + [idx]
+    outs = []
+    for keep_slices in (False, True):
+        monkeypatch.setattr(fused, "_save_slices", lambda x: keep_slices)
+        x = x0.clone().requires_grad_(True)
+        y = run(x)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), x.grad))
+        _, saved = saved_tensors(lambda: run(x0.clone().requires_grad_(True)), exclude=excl)
+        n_sliced = sum(s[0] in {(7, 40), (40, 7), (5, 37), (53, 5)} for s in saved)
+        assert (n_sliced > 0) == keep_slices, (keep_slices, saved)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

@@ -17,6 +17,12 @@ from __future__ import annotations
 import torch
 
 
+def _save_slices(x: torch.Tensor) -> bool:
+    """Whether the fused ops keep the context rows' sliced weights for the backward (GPU: time counts) or slice
+    them again there (CPU: host memory counts)."""
+    return x.is_cuda
+
+
 class _SplitLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, n_ctx, mode, idx, p_drop):
@@ -50,18 +56,20 @@ class _SplitLoRALinear(torch.autograd.Function):
                 y.addmm_(h, lora_b.t())
             else:  # wider adapters (PEFT's default fp32 on a bf16 base): add in their dtype, round once, as PEFT
                 y.copy_(torch.addmm(y.to(lora_b.dtype), h, lora_b.t()))
-        # the sliced weight is not saved: the backward selects it again from ``idx`` (a copy of a few MB per
-        # projection and layer would otherwise stay resident until the backward)
-        del w_ctx
-        ctx.save_for_backward(x, weight, idx, lora_a, lora_b, h, keep)
+        # on a CPU the sliced weight is not saved: the backward selects it again from ``idx`` (a copy of a few MB
+        # per projection and layer would otherwise stay resident until the backward; host memory is what limits
+        # CPU runs). On a GPU the saved slice spares the backward a gather (time is what limits GPU runs).
+        if not _save_slices(x):
+            w_ctx = None
+        ctx.save_for_backward(x, weight, idx, lora_a, lora_b, h, keep, w_ctx)
         ctx.n_ctx, ctx.mode, ctx.scale, ctx.p_drop = n_ctx, mode, scale, p_drop
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, idx, lora_a, lora_b, h, keep = ctx.saved_tensors
+        x, weight, idx, lora_a, lora_b, h, keep, w_ctx = ctx.saved_tensors
         n_ctx, mode, scale = ctx.n_ctx, ctx.mode, ctx.scale
-        if n_ctx:
+        if n_ctx and w_ctx is None:
             w_ctx = weight.index_select(0 if mode == "out" else 1, idx)
         if keep is not None:
             keep = keep.to(lora_a.dtype)
@@ -146,7 +154,7 @@ class _SplitFFN(torch.autograd.Function):
         y = x.new_empty(N, wd.shape[0])
         liger = _swiglu() if x.is_cuda else None
         pick = lambda b: None if b is None else b.index_select(0, keep)  # noqa: E731
-        saved = []
+        saved, sliced = [], (None, None, None)
         for rows, ws in ((slice(0, n_ctx), None if not n_ctx else
                           (wg.index_select(0, keep), pick(bg), wu.index_select(0, keep), pick(bu), wd.index_select(1, keep))),
                          (slice(n_ctx, N), None if N == n_ctx else (wg, bg, wu, bu, wd))):
@@ -159,9 +167,12 @@ class _SplitFFN(torch.autograd.Function):
             h = liger[0](g, u)[2] if liger is not None else torch.nn.functional.silu(g) * u
             torch.addmm(bd, h, d_w.t(), out=y[rows]) if bd is not None else torch.mm(h, d_w.t(), out=y[rows])
             saved += [g, u]
-        # the full weights and ``keep``, not the context rows' sliced copies (three weight-sized copies per sparse
-        # layer held until the backward otherwise): the backward slices them again
-        ctx.save_for_backward(wg, wu, wd, keep if n_ctx else None, *saved)
+            if ws is not None and rows.start == 0 and _save_slices(x):
+                sliced = (g_w, u_w, d_w)
+        # on a CPU the full weights and ``keep``, not the context rows' sliced copies (three weight-sized copies per
+        # sparse layer held until the backward otherwise): the backward slices them again; on a GPU the slices are
+        # kept (memory is ample there, a gather per weight is not free)
+        ctx.save_for_backward(wg, wu, wd, keep if n_ctx else None, *saved, *sliced)
         ctx.n_ctx, ctx.liger, ctx.width = n_ctx, liger is not None, x.shape[1]
         return y
 
@@ -171,6 +182,7 @@ class _SplitFFN(torch.autograd.Function):
             return (None,) * 9
         gy = gy.contiguous()
         wg, wu, wd, keep, *saved = ctx.saved_tensors
+        saved, sliced = saved[:4], saved[4:]
         n_ctx, N = ctx.n_ctx, gy.shape[0]
         gx = gy.new_empty(N, ctx.width)
         liger = _swiglu() if ctx.liger else None
@@ -178,7 +190,8 @@ class _SplitFFN(torch.autograd.Function):
             if g is None:
                 continue
             if rows.start == 0 and n_ctx:
-                g_w, u_w, d_w = wg.index_select(0, keep), wu.index_select(0, keep), wd.index_select(1, keep)
+                g_w, u_w, d_w = sliced if sliced[0] is not None else (
+                    wg.index_select(0, keep), wu.index_select(0, keep), wd.index_select(1, keep))
             else:
                 g_w, u_w, d_w = wg, wu, wd
             gh = gy[rows] @ d_w
