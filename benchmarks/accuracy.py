@@ -269,9 +269,11 @@ def parse_args(argv=None):
     p.add_argument("--test-limit", type=int, default=None, help="seeded random subset of N examples per test set")
     p.add_argument("--sparsity", default=None, help="a preset name or YAML (default: the finetune default for the model)")
     p.add_argument("--loss-bound", type=float, default=0.05, help="the sparsity probe's bound (finetune's --loss-bound)")
-    p.add_argument("--probe", choices=("loss", "kl"), default="kl",
-                   help="the sparsity probe's criterion (finetune's --probe); tables made before it existed used loss")
-    p.add_argument("--kl-bound", type=float, default=0.1, help="the bound of --probe kl, nats (finetune's --kl-bound)")
+    p.add_argument("--probe", choices=("loss", "kl"), default=None,
+                   help="the sparsity probe's criterion (default: finetune's --probe); tables made before it existed "
+                        "used loss")
+    p.add_argument("--kl-bound", type=float, default=None,
+                   help="the bound of --probe kl, nats (default: finetune's --kl-bound)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -285,10 +287,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_new_tokens is None:
         args.max_new_tokens = 256 if args.task == "math" else 32
-    if args.estimator_dir is None:
-        from sparselora.train import RunConfig
+    from sparselora.train import RunConfig
 
-        args.estimator_dir = RunConfig().estimator_dir
+    for name in ("estimator_dir", "probe", "kl_bound"):  # finetune's defaults, from one place
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(RunConfig(), name))
     return args
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -89,6 +90,21 @@ def assert_same_lora_grads(model, ref, dtype=torch.float32):
     assert g.keys() == rg.keys() and g, f"gradients of {sorted(rg)} expected, got {sorted(g)}"
     for n in g:
         assert_close(g[n], rg[n], f"grad {n}", dtype)
+
+
+def assert_step_matches_reference(model, ref, batch, loss, split=None):
+    """``loss`` and ``model``'s LoRA gradients from a step already run on ``batch`` against a plain forward +
+    backward of ``ref`` on it (pinned to ``split`` when given: the split a graph step used); clears both models'
+    gradients after."""
+    from sparselora.patch import get_state
+
+    with get_state(ref).pinned(split, None) if split is not None else contextlib.nullcontext():
+        ref_loss = ref(**batch).loss
+        ref_loss.backward()
+    assert_close(loss, ref_loss.detach(), "loss", torch.float32)
+    assert_same_lora_grads(model, ref)
+    for m in (model, ref):
+        m.zero_grad(set_to_none=True)
 
 
 def step_outputs(model, batch, embed_grad: bool = True):

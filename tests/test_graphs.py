@@ -9,7 +9,7 @@ import torch
 from sparselora import CUDAGraphStep, SparseLoRAConfig, apply_sparselora
 from sparselora.ops.fused_kernels import labelled_cross_entropy
 
-from helpers import assert_close, assert_same_lora_grads, clone, lora_grads, make_batch, tiny_peft
+from helpers import assert_close, assert_step_matches_reference, clone, lora_grads, make_batch, tiny_peft
 
 
 def _cfg(selector="svd"):
@@ -26,13 +26,7 @@ def test_pinned_path_matches_plain_step(padding_side, selector):
     step = CUDAGraphStep(model, capture=False, bucket=1)
     for seed, labelled in ((1, (3, 5, 1)), (2, (2, 4, 1)), (3, (3, 5, 1))):  # the third reuses the first's
         batch = make_batch(padding_side=padding_side, seed=seed, labelled=labelled)
-        loss = step(**batch)
-        ref_loss = ref(**batch).loss
-        ref_loss.backward()
-        assert_close(loss, ref_loss.detach(), "loss", torch.float32)
-        assert_same_lora_grads(model, ref)
-        for m in (model, ref):
-            m.zero_grad(set_to_none=True)
+        assert_step_matches_reference(model, ref, batch, step(**batch))
     assert len(step.graphs) == 2
 
 

@@ -13,7 +13,7 @@ from sparselora.ops.varlen import reference_packed_attention
 from sparselora.patch import get_state
 from sparselora.tokens import split_tokens
 
-from helpers import assert_close, assert_same_lora_grads, clone, lora_grads, tiny_peft
+from helpers import assert_close, assert_same_lora_grads, assert_step_matches_reference, clone, lora_grads, tiny_peft
 
 
 def _examples(lengths, labelled, vocab=101, seed=0):
@@ -162,16 +162,21 @@ def test_bucket_rounds_the_sparse_rows_down():
     assert split_tokens(labels, mask, (2, 20), bucket=64) is None  # less than one bucket: dense
 
 
+def _sparse_packed_pair(selector: str):
+    """A packed-attention model and its clone, both SparseLoRA-patched (fast kernels, sparse from step 0)."""
+    model = _packed_model("qwen2")
+    ref = clone(model)
+    for m in (model, ref):
+        apply_sparselora(m, SparseLoRAConfig(ffn_sparsity={"1-2": 0.6}, attn_sparsity={"1-2": 0.5},
+                                             selector=selector, start_step=0), fast_kernels=True)
+    return model, ref
+
+
 @pytest.mark.parametrize("selector", ["svd", "labelled"])
 def test_graph_path_on_packed_buckets_matches_plain_step(selector):
     """CUDAGraphStep's path on packed batches with bucketed counts against a plain forward + backward pinned to the
     same bucketed split (some context rows then run dense: the bucket must matter here)."""
-    cfg = lambda: SparseLoRAConfig(ffn_sparsity={"1-2": 0.6}, attn_sparsity={"1-2": 0.5}, selector=selector,  # noqa: E731
-                                   start_step=0)
-    model = _packed_model("qwen2")
-    ref = clone(model)
-    apply_sparselora(model, cfg(), fast_kernels=True)
-    apply_sparselora(ref, cfg(), fast_kernels=True)
+    model, ref = _sparse_packed_pair(selector)
     step = CUDAGraphStep(model, capture=False, bucket=8, slack=0)  # buckets only: no reuse of a neighbour
     coll = PackedCollator(pad_token_id=0, max_tokens=64, max_segments=4, max_segment_len=32)
     for seed in (1, 2, 1):
@@ -180,13 +185,7 @@ def test_graph_path_on_packed_buckets_matches_plain_step(selector):
         split = split_tokens(batch["labels"], batch["attention_mask"], tuple(batch["input_ids"].shape), True, 8)
         exact = split_tokens(batch["labels"], batch["attention_mask"], tuple(batch["input_ids"].shape))
         assert split.num_context < exact.num_context
-        with get_state(ref).pinned(split, None):
-            ref_loss = ref(**batch).loss
-            ref_loss.backward()
-        assert_close(loss, ref_loss.detach(), "loss", torch.float32)
-        assert_same_lora_grads(model, ref)
-        for m in (model, ref):
-            m.zero_grad(set_to_none=True)
+        assert_step_matches_reference(model, ref, batch, loss, split)
     assert get_state(model).split.num_context % 8 == 0
 
 
@@ -194,12 +193,7 @@ def test_graph_path_on_packed_buckets_matches_plain_step(selector):
 def test_graph_reuse_of_a_neighbour_matches_plain_step(selector):
     """Batches served by a neighbouring graph (fewer sparse rows, more head rows than their own bucket) train
     exactly as a plain forward + backward pinned to the split the step used; the counts stay within the slack."""
-    cfg = lambda: SparseLoRAConfig(ffn_sparsity={"1-2": 0.6}, attn_sparsity={"1-2": 0.5}, selector=selector,  # noqa: E731
-                                   start_step=0)
-    model = _packed_model("qwen2")
-    ref = clone(model)
-    apply_sparselora(model, cfg(), fast_kernels=True)
-    apply_sparselora(ref, cfg(), fast_kernels=True)
+    model, ref = _sparse_packed_pair(selector)
     step = CUDAGraphStep(model, capture=False, bucket=4, slack=12, promote_after=100)
     coll = PackedCollator(pad_token_id=0, max_tokens=64, max_segments=4, max_segment_len=32)
     buckets = set()
@@ -210,13 +204,7 @@ def test_graph_reuse_of_a_neighbour_matches_plain_step(selector):
         loss = step(**batch)
         used = get_state(model).split
         assert used.num_context % 4 == 0 and exact.num_context // 4 * 4 - 12 <= used.num_context <= exact.num_context
-        with get_state(ref).pinned(used, None):
-            ref_loss = ref(**batch).loss
-            ref_loss.backward()
-        assert_close(loss, ref_loss.detach(), "loss", torch.float32)
-        assert_same_lora_grads(model, ref)
-        for m in (model, ref):
-            m.zero_grad(set_to_none=True)
+        assert_step_matches_reference(model, ref, batch, loss, used)
     assert len(buckets) == 4 and len(step.graphs) < len(buckets)  # a neighbour served some batches
 
 
