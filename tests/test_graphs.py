@@ -54,6 +54,9 @@ def test_bad_input():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a CUDA device"):
             CUDAGraphStep(model)
+    for kw in ({"slack": -1}, {"promote_after": 0}):
+        with pytest.raises(ValueError, match="slack must be >= 0 .* promote_after >= 1"):
+            CUDAGraphStep(model, capture=False, **kw)
 
 
 def test_gradients_accumulate_and_scale():
