@@ -42,6 +42,37 @@ def test_cuda_sparse_matches_reference(arch, dtype, padding_side, selector):
     assert_bf16_close_to_reference(sparse, ref, kept, batch, run)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cuda_sparse_under_autocast_matches_reference(arch):
+    """What Trainer(bf16=True) runs on a GPU: a bf16 base with float32 adapters (PEFT's default) on q/k/v/o under
+    bf16 autocast, through the fused projections and the fused FFN, against the masked reference under the same
+    autocast (judged by the distance from float64, which autocast leaves alone, as every bf16 check)."""
+    import sparselora.ops.fused as fused
+    from sparselora.bench.lora import QKVO
+
+    model = tiny_peft(arch, dtype=torch.bfloat16, targets=QKVO, attn_implementation="sdpa").cuda()
+    assert next(p for n, p in model.named_parameters() if "lora_A" in n).dtype == torch.float32
+    ref = clone(model)
+    batch = {k: v.cuda() for k, v in make_batch(seed=4).items()}
+    apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={"0-3": 0.7}, attn_sparsity={"1-3": 0.5}, start_step=0))
+
+    def under_autocast(m, b):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return run(m, b)
+
+    calls = []
+    real = fused._apply_as_autocast
+    fused._apply_as_autocast = lambda fn, *a: calls.append(fn) or real(fn, *a)
+    try:
+        sparse = under_autocast(model, batch)
+    finally:
+        fused._apply_as_autocast = real
+    assert {fused._SplitLoRALinear, fused._SplitFFN} <= set(calls)
+    kept = kept_channels(model)
+    assert kept
+    assert_bf16_close_to_reference(sparse, ref, kept, batch, under_autocast)
+
+
 @pytest.mark.parametrize("n, i, r", [(3072, 14336, 8), (37, 1000, 4), (1, 129, 16), (700, 5, 8)])
 def test_triton_ffn_scores(n, i, r):
     import torch.nn.functional as F

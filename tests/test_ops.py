@@ -308,7 +308,99 @@ def test_fused_refuses_what_it_cannot_reproduce():
     x = torch.randn(2, 37)
     assert lora_parts(frozen.proj, x) is not None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert lora_parts(frozen.proj, x) is None  # autocast: PEFT's own forward
+        assert lora_parts(frozen.proj, x) is not None  # autocast: the fused op casts as a linear layer does
+
+
+def rel_err(a: torch.Tensor, truth: torch.Tensor) -> float:
+    return ((a.double() - truth.double()).norm() / truth.double().norm()).item()
+
+
+def assert_as_close_as_reference(fast: dict, ref: dict, truth: dict, what: str) -> None:
+    """bf16 rounding depends on the order of operations, so under autocast a fused op is judged by its distance
+    from the float64 truth: at most twice the reference's own (plus a hair), never O(1) as a wrong formula is."""
+    assert fast.keys() == ref.keys() == truth.keys(), what
+    for n in truth:
+        a, b = rel_err(fast[n], truth[n]), rel_err(ref[n], truth[n])
+        assert a <= 2 * b + 2e-3, f"{what} {n}: relative error {a:.3g} vs the reference's {b:.3g} (float64 truth)"
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", [None, "out", "in"])
+def test_fused_split_lora_linear_under_autocast(base_dtype, mode):
+    """Under bf16 autocast (what Trainer(bf16=True) turns on), with float32 adapters (PEFT's default) on a float32
+    or bf16 base: the fused projection matches the masked reference run under the same autocast, in the same
+    dtypes (output bf16, input gradient in the input's dtype, adapter gradients float32), forward and every
+    gradient."""
+    from sparselora.ops.fused import split_lora_linear
+    from sparselora.ops.lora_layer import lora_parts
+
+    m = lora_block(torch.float32)
+    m.proj.base_layer.to(base_dtype)
+    for n, p in m.named_parameters():
+        p.requires_grad_("lora_" in n)
+    n_ctx = 0 if mode is None else 7
+    idx = torch.tensor([0, 3, 4, 17, 36]) if mode == "in" else torch.tensor([0, 3, 4, 17, 52])
+    x = torch.randn(19, 37, dtype=base_dtype)
+    ctx = torch.zeros(19, 1)
+    ctx[:n_ctx] = 1
+
+    def ref(x, proj):
+        base = proj.base_layer
+        if mode == "out":
+            keep = torch.zeros(53)
+            keep[idx] = 1
+            y = F.linear(x, base.weight, base.bias)
+            return y * (1 - ctx * (1 - keep)).to(y.dtype) + full_lora(proj, x)
+        if mode == "in":
+            keep = torch.zeros(37, dtype=x.dtype)
+            keep[idx] = 1
+            return F.linear(x * (1 - ctx.to(x.dtype) * (1 - keep)), base.weight, base.bias) + full_lora(proj, x)
+        return proj(x)
+
+    def outs(model, x, fn):
+        y, gx, g = grads_of(model, x, fn)
+        return {"out": y, "input grad": gx, **g}
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = outs(m, x, lambda x: split_lora_linear(lora_parts(m.proj, x), x, n_ctx, mode, idx))
+        want = outs(m, x, lambda x: ref(x, m.proj))
+    m64 = m.double()
+    truth = outs(m64, x.double(), lambda x: ref(x, m64.proj))
+    assert fast["out"].dtype == want["out"].dtype == torch.bfloat16
+    assert fast["input grad"].dtype == want["input grad"].dtype == base_dtype
+    assert {n for n in fast if "lora_" in n} == {"proj.lora_A.default.weight", "proj.lora_B.default.weight"}
+    assert all(fast[n].dtype == torch.float32 for n in fast if "lora_" in n)
+    assert_as_close_as_reference(fast, want, truth, f"autocast/{mode}/{base_dtype}")
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_fused_ffn_under_autocast(base_dtype):
+    """The fused sparse FFN under bf16 autocast equals the unfused one under the same autocast, output in bf16."""
+    from sparselora.ops.fused import split_ffn
+
+    torch.manual_seed(1)
+    wg, wu, wd = (torch.randn(s, dtype=base_dtype) * 0.2 for s in ((53, 37), (53, 37), (37, 53)))
+    bg, bu, bd = (torch.randn(n, dtype=base_dtype) * 0.1 for n in (53, 53, 37))
+    keep = torch.tensor([1, 2, 8, 30, 52])
+    x = torch.randn(19, 37, dtype=base_dtype)
+
+    def ref(x):
+        def ffn(x, k):
+            g, u = F.linear(x, wg[k], bg[k]), F.linear(x, wu[k], bu[k])
+            return F.linear(F.silu(g) * u, wd[:, k], bd)
+        return torch.cat([ffn(x[:7], keep), ffn(x[7:], slice(None))])
+
+    outs = []
+    for fn in (lambda x: split_ffn((wg, bg, wu, bu, wd, bd), x, 7, keep), ref):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(xi)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), xi.grad))
+    (ya, ga), (yb, gb) = outs
+    assert ya.dtype == yb.dtype == torch.bfloat16 and ga.dtype == base_dtype
+    assert_close(ya, yb, "autocast ffn out", torch.bfloat16)
+    assert_close(ga, gb, "autocast ffn input grad", torch.bfloat16)
 
 
 def test_estimator_scores_without_full_activations():

@@ -219,3 +219,40 @@ def test_cuda_graph_trainer_refuses_what_it_cannot_capture(tmp_path):
 
     with pytest.raises(ValueError, match=r"also gave \['token_type_ids'\]"):
         trainer(with_extra).train()
+
+
+@pytest.mark.parametrize("graph_trainer", [False, True])
+def test_bf16_trainer_runs_the_fused_ops(tmp_path, monkeypatch, graph_trainer):
+    """Trainer(bf16=True) wraps the forward in autocast (accelerate); the fused projections and FFN must still run
+    there (they once stepped aside under autocast, so every Trainer run on a GPU took the unfused path), and
+    every step's loss must stay close to the float32 run."""
+    from transformers import Trainer, TrainingArguments
+
+    import sparselora.ops.fused as fused
+    from sparselora.bench.lora import QKVO
+    from sparselora.trainer import CUDAGraphTrainer
+
+    calls = {"proj": 0, "ffn": 0}
+    for name, fn in (("proj", fused._SplitLoRALinear), ("ffn", fused._SplitFFN)):
+        real = fn.apply
+        monkeypatch.setattr(fn, "apply", lambda *a, _r=real, _n=name: calls.__setitem__(_n, calls[_n] + 1) or _r(*a))
+    batches = [make_batch(seed=s) for s in range(3)]
+    rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(b["input_ids"].shape[0])]
+    losses = {}
+    for bf16 in (False, True):
+        # as on a GPU: a bf16 base with float32 adapters (PEFT's default) under bf16 autocast
+        model = tiny_peft("llama", dtype=torch.bfloat16 if bf16 else torch.float32, targets=QKVO, r=4)
+        apply_sparselora(model, SparseLoRAConfig(**CFG), fast_kernels=True)
+        args = TrainingArguments(output_dir=str(tmp_path / str(bf16)), max_steps=3, report_to=[], use_cpu=True,
+                                 per_device_train_batch_size=batches[0]["input_ids"].shape[0], bf16=bf16,
+                                 logging_steps=1, save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+                                 learning_rate=1e-3)
+        cls = CUDAGraphTrainer if graph_trainer else Trainer
+        calls.update(proj=0, ffn=0)
+        trainer = cls(model=model, args=args, train_dataset=rows, callbacks=[SparseLoRACallback()])
+        trainer.train()
+        assert calls["proj"] > 0 and calls["ffn"] > 0, f"bf16={bf16}: fused ops not used: {calls}"
+        losses[bf16] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses[True]) == 3
+    for a, b in zip(losses[True], losses[False]):
+        assert abs(a - b) < 0.03 * abs(b), f"bf16 autocast loss {a} vs float32 {b}"

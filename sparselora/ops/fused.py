@@ -115,10 +115,31 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return dropout_keep(x, p).to(x.dtype)
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a linear layer in on ``x``'s device, or None when autocast is off there."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def _apply_as_autocast(fn, x: torch.Tensor, *args):
+    """``fn.apply(x, *args)`` with autocast's rule for a linear layer replayed: every floating tensor argument
+    (input, frozen weights, LoRA factors) cast to the autocast dtype, the op itself run with autocast off. The
+    casts are ordinary autograd ops, so a float32 adapter's gradient comes back cast to float32, as under
+    autocast. This is what keeps the fused ops on under ``Trainer(bf16=True)``, whose forward accelerate wraps in
+    autocast (they used to step aside there, so every Trainer run on a GPU took the unfused path)."""
+    dt = _autocast_dtype(x)
+    if dt is None:
+        return fn.apply(x, *args)
+    cast = [a.to(dt) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in (x, *args)]
+    with torch.autocast(x.device.type, enabled=False):
+        return fn.apply(*cast)
+
+
 def split_lora_linear(parts, x: torch.Tensor, n_ctx: int = 0, mode: str | None = None, idx: torch.Tensor | None = None):
-    """The fused projection of 2-D ``x`` (rows permuted context-first when ``n_ctx`` > 0)."""
+    """The fused projection of 2-D ``x`` (rows permuted context-first when ``n_ctx`` > 0); under autocast it
+    computes in the autocast dtype, as the projection's own forward would."""
     weight, bias, a, b, scale, p = parts
-    return _SplitLoRALinear.apply(x, weight, bias, a, b, scale, n_ctx, mode, idx, p)
+    return _apply_as_autocast(_SplitLoRALinear, x, weight, bias, a, b, scale, n_ctx, mode, idx, p)
 
 
 def lora_linear(parts, x: torch.Tensor) -> torch.Tensor:
@@ -223,4 +244,4 @@ def ffn_parts(gate, up, down, x: torch.Tensor):
 def split_ffn(parts, x: torch.Tensor, n_ctx: int, keep: torch.Tensor) -> torch.Tensor:
     """The fused FFN of 2-D ``x`` (rows permuted context-first; ``n_ctx`` of them sparse on channels ``keep``)."""
     wg, bg, wu, bu, wd, bd = parts
-    return _SplitFFN.apply(x, wg, bg, wu, bu, wd, bd, n_ctx, keep)
+    return _apply_as_autocast(_SplitFFN, x, wg, bg, wu, bu, wd, bd, n_ctx, keep)

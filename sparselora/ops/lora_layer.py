@@ -52,11 +52,9 @@ def base_weight_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
 
 def lora_parts(module: nn.Module, x: torch.Tensor):
     """(weight, bias, A, B, scale, dropout p) when ``module`` is a frozen Linear or a plain single-adapter PEFT LoRA
-    layer the fused op reproduces for input ``x``; None otherwise (several adapters, LoRA bias, trainable base, or
-    autocast, whose per-op casting rules the fused op does not replay). Dropout is reproduced in distribution, not
-    draw for draw: its mask comes from `dropout_mask`, not from ``nn.Dropout``."""
-    if torch.is_autocast_enabled(x.device.type):
-        return None
+    layer the fused op reproduces for input ``x``; None otherwise (several adapters, LoRA bias, trainable base).
+    Under autocast the fused op casts as a linear layer does there (`ops.fused`). Dropout is reproduced in
+    distribution, not draw for draw: its mask comes from `dropout_mask`, not from ``nn.Dropout``."""
     base = getattr(module, "base_layer", module)
     if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return None
