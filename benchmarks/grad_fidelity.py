@@ -36,7 +36,7 @@ from sparselora.io import atomic_write_json  # noqa: E402
 from sparselora.loading import load_model  # noqa: E402
 from sparselora.ops.lora_layer import base_weight_bias  # noqa: E402
 from sparselora.patch import get_state  # noqa: E402
-from sparselora.selection import keep_count, select_ffn  # noqa: E402
+from sparselora.selection import ffn_keep_count, select_ffn  # noqa: E402
 
 SCORES = ("act", "act_wd", "jac", "mix")
 
@@ -59,7 +59,7 @@ def make_scorer(model, score: str):
         dsilu = torch.sigmoid(g) * (1 + g * (1 - torch.sigmoid(g)))
         grad_err = nd.pow(2) * ((dsilu * u).pow(2).sum(0) * ng.pow(2) + F.silu(g).pow(2).sum(0) * nu.pow(2))
         s = {"act_wd": out_err, "jac": grad_err, "mix": out_err / out_err.sum() + grad_err / grad_err.sum()}[score]
-        return s.topk(keep_count(n, sparsity)).indices.sort().values
+        return s.topk(ffn_keep_count(n, sparsity)).indices.sort().values
 
     return select
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from sparselora.config import SparseLoRAConfig
 from sparselora.models.registry import ATTN_PROJS, FFN_PROJS, PROJS, ArchInfo, arch_info
-from sparselora.selection import DEFAULT_SELECTOR, SAMPLE_ROWS, SELECTORS, keep_count
+from sparselora.selection import DEFAULT_SELECTOR, SAMPLE_ROWS, SELECTORS, ffn_keep_count, keep_count
 
 ALL_TARGETS = PROJS
 
@@ -107,7 +107,7 @@ def flops(
         cost = 0.0
         Nd = N - Nc
         if s_ffn > 0:
-            k = keep_count(I, s_ffn) / I
+            k = ffn_keep_count(I, s_ffn) / I
             cost += sum(base(p, Nd) + lora(p, Nd) for p in FFN_PROJS)
             cost += base("gate", Nc, k) + base("up", Nc, k) + base("down", Nc, k)
             cost += lora("gate", Nc, out_kept=k) + lora("up", Nc, out_kept=k) + lora("down", Nc, in_kept=k)

@@ -35,6 +35,20 @@ def keep_count(n: int, sparsity: float) -> int:
     return max(1, min(n, round((1.0 - sparsity) * n)))
 
 
+# Kept FFN channels come in multiples of this: the k-wide sliced weights and activations then have 16-byte aligned
+# rows in bf16, which cuBLAS's fast tensor-core kernels need (Llama-3-8B at 99% FFN sparsity keeps 143 of 14336
+# channels; an H200 profile ran those GEMMs on sm75-era fallback kernels).
+# Below 1024 channels the rounding would move the sparsity noticeably, so small FFNs keep the exact count.
+FFN_KEEP_MULTIPLE, FFN_ALIGN_FROM = 8, 1024
+
+
+def ffn_keep_count(n: int, sparsity: float) -> int:
+    """Kept intermediate channels of an FFN: `keep_count`, rounded up to a multiple of `FFN_KEEP_MULTIPLE` for
+    FFNs of at least `FFN_ALIGN_FROM` channels (at most 7 more channels, under 1%)."""
+    k = keep_count(n, sparsity)
+    return k if n < FFN_ALIGN_FROM else min(n, -(-k // FFN_KEEP_MULTIPLE) * FFN_KEEP_MULTIPLE)
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, sorted=False).indices.sort().values
 
@@ -106,7 +120,7 @@ DEFAULT_SELECTOR = "sampled"
 def select_ffn_from_activations(sparsity: float, h: torch.Tensor) -> torch.Tensor:
     """Kept FFN channels ranked by the norm of real activations silu(gate x) * (up x) (rows of ``h``): the
     labelled selector passes the labelled tokens' own, which the dense path computes anyway."""
-    return _top(h.float().norm(dim=0), keep_count(h.shape[-1], sparsity))
+    return _top(h.float().norm(dim=0), ffn_keep_count(h.shape[-1], sparsity))
 
 
 def _random(n: int, k: int, device) -> torch.Tensor:
@@ -135,7 +149,7 @@ def select_ffn(
 ) -> torch.Tensor:
     """Kept FFN intermediate channels, ranked by (an estimate of) the norm over the context rows ``x`` of
     silu(gate x) * (up x). ``rows``: the sample size of the sampled selector."""
-    k = keep_count(n, sparsity)
+    k = ffn_keep_count(n, sparsity)
     if selector == "random":
         return _random(n, k, x.device)
     if selector == "svd":

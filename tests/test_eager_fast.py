@@ -163,3 +163,40 @@ def _check_split_ffn(d, exact):
     parts64 = tuple(p.double() for p in parts)
     x = torch.randn(9, d, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: split_ffn(parts64, t, 5, keep), (x,))
+
+
+def test_fast_rope_swaps_the_modeling_function_while_in_use(monkeypatch):
+    """fast_kernels swaps the model's modeling-module RoPE function for the liger dispatcher while any model uses
+    it and restores it after the last `remove`; off CUDA the dispatcher runs the original (bitwise), on CUDA the
+    fused kernel (a stand-in here, to check the dispatch), and any other call form the original."""
+    import transformers.models.llama.modeling_llama as ml
+
+    import sparselora.modules.fast as fast
+    from sparselora import remove_sparselora
+
+    # a clean slate: models of earlier tests may still hold the swap (monkeypatch puts their state back after)
+    original = getattr(ml.apply_rotary_pos_emb, "sparselora_original", ml.apply_rotary_pos_emb)
+    monkeypatch.setattr(ml, "apply_rotary_pos_emb", original)
+    monkeypatch.setattr(fast.FastRoPE, "_installed", {})
+    calls = []
+    monkeypatch.setattr(fast, "rope_kernel", lambda: lambda q, k, cos, sin: calls.append(q.shape) or ("fused", k))
+    cfg = SparseLoRAConfig(ffn_sparsity={1: 0.5}, attn_sparsity={2: 0.5}, start_step=0)
+    a, b = tiny_peft("llama"), tiny_peft("llama")
+    apply_sparselora(a, cfg, fast_kernels=True)
+    apply_sparselora(b, cfg, fast_kernels=True)
+    swapped = ml.apply_rotary_pos_emb
+    assert swapped is not original and swapped.sparselora_original is original
+    g = torch.Generator().manual_seed(0)
+    q, k, cos, sin = (torch.randn(s, generator=g) for s in ((2, 4, 5, 8), (2, 2, 5, 8), (2, 5, 8), (2, 5, 8)))
+    for got, want in zip(swapped(q, k, cos, sin), original(q, k, cos, sin)):
+        assert torch.equal(got, want)
+    a(**make_batch(seed=2)).loss.backward()  # a training step through the swapped function
+    assert not calls
+    cuda_like = type("CudaLike", (), {"is_cuda": True, "shape": (9,)})()
+    assert swapped(cuda_like, k, cos, sin) == ("fused", k) and calls == [(9,)]
+    for got, want in zip(swapped(q, k, cos, sin, unsqueeze_dim=1), original(q, k, cos, sin)):
+        assert torch.equal(got, want)
+    remove_sparselora(a)
+    assert ml.apply_rotary_pos_emb is swapped  # b still uses it
+    remove_sparselora(b)
+    assert ml.apply_rotary_pos_emb is original

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sparselora import SparseLoRAConfig, apply_sparselora, kept_channels
 from sparselora.flop_count import flops
 from sparselora.models.registry import arch_info
-from sparselora.selection import LABELLED_ROWS_CAP, keep_count, labelled_rows, select_attention
+from sparselora.selection import LABELLED_ROWS_CAP, ffn_keep_count, labelled_rows, select_attention
 from sparselora.tokens import split_tokens
 
 from helpers import ARCHS, assert_close, clone, make_batch, step_outputs, tiny_peft
@@ -50,7 +50,7 @@ def test_kept_channels_are_the_labelled_tokens_top_channels(arch, padding_side):
             if kind == "ffn":
                 x = seen["mlp"][lab]
                 h = F.silu(blk.mlp.gate_proj(x)) * blk.mlp.up_proj(x)
-                assert torch.equal(kept["ffn"], h.norm(dim=0).topk(keep_count(h.shape[-1], 0.6)).indices.sort().values)
+                assert torch.equal(kept["ffn"], h.norm(dim=0).topk(ffn_keep_count(h.shape[-1], 0.6)).indices.sort().values)
             else:
                 a = blk.self_attn
                 want = select_attention("oracle", 0.6, seen["attn"][lab], arch_info(ref.config), True,

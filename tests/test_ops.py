@@ -135,6 +135,11 @@ def test_keep_count():
     assert keep_count(14336, 0.99) == 143
     assert keep_count(10, 0.999) == 1
     assert keep_count(86, 1e-9) == 86
+    from sparselora.selection import ffn_keep_count
+
+    assert ffn_keep_count(14336, 0.99) == 144  # 143 rounded up to aligned rows
+    assert ffn_keep_count(14336, 0.5) == 7168 and ffn_keep_count(1025, 0.999) == 8
+    assert ffn_keep_count(86, 0.8) == 17  # small FFNs: the exact count
 
 
 def test_gqa_expansion():

@@ -32,6 +32,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def rope_kernel():
+    """liger-kernel's fused RoPE of q and k, ``fn(q, k, cos, sin) -> (q, k)``, or None when it is not installed."""
+    try:
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    except ImportError:
+        return None
+    return liger_rotary_pos_emb
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     fn = _liger("silu_mul") if gate.is_cuda else None
     return fn.apply(gate, up) if fn is not None else F.silu(gate) * up
