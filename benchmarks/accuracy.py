@@ -201,7 +201,8 @@ def one_run(name: str, seed: int, ctx: dict) -> dict:
     from peft import PeftModel
 
     args = ctx["args"]
-    rec = {"seed": seed, "settings_hash": ctx["settings_hash"], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    rec = {"seed": seed, "settings_hash": ctx["settings_hash"], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "commit": git_commit()}  # the file's "commit" is its last writer's; a resumed table can span commits
     pred_dir = ctx["pred_root"] / f"{name}-s{seed}" if ctx["pred_root"] else None
     t0 = time.perf_counter()
     if name == "base":
