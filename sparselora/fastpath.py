@@ -120,9 +120,9 @@ def flop_cut_warning(speedup: float) -> str | None:
 
 # Below this hidden size the sparse path's fixed costs outweigh its FLOP cut on a GPU. Measured on an H200 through
 # `sparselora finetune` (benchmarks/accuracy.py, train_seconds, 600 commonsense steps): Qwen2.5-Coder-0.5B (hidden
-# 896) 28.0 s sparse (1.19x FLOP cut) vs 25.2 s dense at fc38568, the fused ops running under the Trainer's
-# autocast (before that fix, 44.3 s vs 26.5 s; Qwen2.5-Coder-1.5B, hidden 1536: 54.7 s vs 35.1 s); the Llama-3-8B
-# shape (4096) ran 1.11-1.37x faster than the best dense stack (docs/performance.md).
+# 896) 28.0 s sparse (1.19x FLOP cut) vs 25.2 s dense at fc38568, Qwen2.5-Coder-1.5B (1536) 40.6 s (1.20x cut) vs
+# 29.3 s at 3c717cd, the fused ops running under the Trainer's autocast (before that fix: 44.3 vs 26.5 s and 54.7
+# vs 35.1 s); the Llama-3-8B shape (4096) ran 1.11-1.37x faster than the best dense stack (docs/performance.md).
 MIN_PAYING_HIDDEN = 3072
 
 
@@ -131,5 +131,5 @@ def small_model_warning(hidden_size: int, device_type: str) -> str | None:
     if device_type != "cuda" or hidden_size >= MIN_PAYING_HIDDEN:
         return None
     return (f"this model's hidden size ({hidden_size}) is below {MIN_PAYING_HIDDEN}: on a GPU its layers are too "
-            "small for the sparse path to pay (measured 1.1x slower than dense at hidden 896, "
+            "small for the sparse path to pay (measured 1.1-1.4x slower than dense at hidden 896 and 1536, "
             "docs/performance.md); train it --dense for speed, sparse to study the method")
