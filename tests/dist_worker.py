@@ -8,6 +8,7 @@ gloo). Rank 0 writes what the test compares under OUT (the first argument after 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
@@ -209,6 +210,9 @@ def save(path: Path, obj) -> None:
 def main():
     scenarios, out = sys.argv[1].split(","), Path(sys.argv[2])
     torch.set_num_threads(1)
+    # evidence for the test that no rank runs interpreter teardown (see `shutdown`): atexit handlers run there
+    rank = os.environ.get("RANK", "?")
+    atexit.register(lambda: (out / f"finalized-rank{rank}").write_text("interpreter teardown ran\n"))
     if "loop" in scenarios:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
         scenario_loop(out)
