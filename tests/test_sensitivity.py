@@ -17,7 +17,7 @@ from sparselora.cli import sensitivity as cli
 from sparselora.data import DataCollator, Example, tokenize_examples
 from sparselora.models.registry import arch_info
 
-from sparselora.calibrate import DEFAULT_LOSS_BOUND
+from sparselora.calibrate import DEFAULT_KL_BOUND, DEFAULT_LOSS_BOUND
 from sparselora.selection import DEFAULT_SELECTOR
 
 from helpers import make_batch, tiny_model, tiny_peft
@@ -257,11 +257,12 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys):
     # the written config is the probed one: the choice, or its back-off
     assert cfg.to_dict() == ch["config"]
     assert flops(_arch(rec), cfg, tuple(f["batch_shape"]), f["labelled_tokens"])["ratio"] == pytest.approx(ch["ratio"])
-    probe = ch["probe"]
-    assert probe["bound"] == DEFAULT_LOSS_BOUND and probe["rounds"][0]["scale"] == 1.0
+    probe = ch["probe"]  # finetune's default criterion: the mean KL over labelled tokens
+    assert ch["probe_criterion"] == probe["criterion"] == "kl" and probe["bound"] == DEFAULT_KL_BOUND
+    assert probe["rounds"][0]["scale"] == 1.0 and all("kl" in r for r in probe["rounds"])
     assert ch["measured_increase"] == pytest.approx(probe["rounds"][0]["increase"])
     assert ch["predicted_delta"] is not None and ch["measured_delta"] is not None
-    assert probe["within_bound"] == (probe["rounds"][-1]["increase"] <= DEFAULT_LOSS_BOUND)
+    assert probe["within_bound"] == (probe["rounds"][-1]["kl"] <= DEFAULT_KL_BOUND)
     printed = capsys.readouterr().out
     assert "FLOP ratio" in printed and "predicted (additive)" in printed and "sparsity probe" in printed
     assert "dense loss" in printed and "sparsity x1.00" in printed
@@ -316,7 +317,8 @@ def test_cli_backs_off_a_config_over_the_bound(model_dir, tmp_path, capsys, monk
     path, data = model_dir
     _fake_probe(monkeypatch)
     out = tmp_path / "backed"
-    code = run_cli("--model", str(path), "--data", str(data), *COMMON, "--loss-bound", "0.3", "--output", str(out))
+    code = run_cli("--model", str(path), "--data", str(data), *COMMON, "--probe", "loss", "--loss-bound", "0.3",
+                   "--output", str(out))
     assert code == 0
     printed = capsys.readouterr()
     rec = json.loads((out / "sensitivity.json").read_text())
@@ -348,7 +350,8 @@ def test_cli_warns_when_the_bound_cannot_be_met(model_dir, tmp_path, capsys, mon
     path, data = model_dir
     _fake_probe(monkeypatch)
     out = tmp_path / "unmet"
-    code = run_cli("--model", str(path), "--data", str(data), *COMMON, "--loss-bound", "0.01", "--output", str(out))
+    code = run_cli("--model", str(path), "--data", str(data), *COMMON, "--probe", "loss", "--loss-bound", "0.01",
+                   "--output", str(out))
     assert code == 0
     err = capsys.readouterr().err
     assert "WARNING: even x0.17 raises the loss" in err and "above the bound" in err
@@ -362,7 +365,7 @@ def test_cli_warns_when_the_bound_cannot_be_met(model_dir, tmp_path, capsys, mon
 def test_cli_real_probe_backs_off(model_dir, tmp_path, capsys):
     """Without fakes: a bound below the chosen config's measured joint increase makes the command back off."""
     path, data = model_dir
-    args = ["--model", str(path), "--data", str(data), *COMMON]
+    args = ["--model", str(path), "--data", str(data), *COMMON, "--probe", "loss"]
     assert run_cli(*args, "--loss-bound", "off", "--output", str(tmp_path / "off")) == 0
     off = json.loads((tmp_path / "off" / "sensitivity.json").read_text())["choice"]
     assert off["config"] == off["chosen_config"] and len(off["probe"]["rounds"]) == 1 and off["loss_bound"] is None
@@ -376,14 +379,43 @@ def test_cli_real_probe_backs_off(model_dir, tmp_path, capsys):
     assert SparseLoRAConfig.from_yaml(tmp_path / "half" / "sparsity.yaml").to_dict() == half["config"]
 
 
+def test_cli_kl_probe_backs_off_and_says_so(model_dir, tmp_path, capsys):
+    """The default criterion, without fakes: a KL bound below the chosen config's measured KL backs it off until
+    within (or says it could not), and the YAML header states the KL bound; --loss-bound off still turns the
+    back-off off."""
+    path, data = model_dir
+    args = ["--model", str(path), "--data", str(data), *COMMON]
+    assert run_cli(*args, "--loss-bound", "off", "--output", str(tmp_path / "off")) == 0
+    off = json.loads((tmp_path / "off" / "sensitivity.json").read_text())["choice"]
+    assert off["config"] == off["chosen_config"] and len(off["probe"]["rounds"]) == 1
+    kl = off["probe"]["rounds"][0]["kl"]
+    assert kl > 0
+    assert run_cli(*args, "--kl-bound", f"{kl / 3}", "--output", str(tmp_path / "kl")) == 0
+    rec = json.loads((tmp_path / "kl" / "sensitivity.json").read_text())["choice"]
+    probe = rec["probe"]
+    assert probe["criterion"] == "kl" and probe["bound"] == pytest.approx(kl / 3)
+    assert probe["rounds"][0]["kl"] == pytest.approx(kl)  # the same batches, the same config
+    assert len(probe["rounds"]) > 1 and rec["config"] != rec["chosen_config"]
+    assert probe["within_bound"] == (probe["rounds"][-1]["kl"] <= kl / 3)
+    header = (tmp_path / "kl" / "sparsity.yaml").read_text()
+    assert f"bound KL <= {kl / 3:g} nats/token: backed off" in header
+    assert "bound KL(dense || sparse) <=" in capsys.readouterr().out
+
+
 def test_cli_loss_bound_validates(model_dir, tmp_path, capsys):
     from sparselora.train import RunConfig
 
     path, data = model_dir
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="command"))
-    default = parser.parse_args(["sensitivity", "--budget", "0.5"]).loss_bound
-    assert default == DEFAULT_LOSS_BOUND == RunConfig().loss_bound  # finetune's, from one place
+    defaults = parser.parse_args(["sensitivity", "--budget", "0.5"])
+    assert defaults.loss_bound == DEFAULT_LOSS_BOUND == RunConfig().loss_bound  # finetune's, from one place
+    assert defaults.probe == RunConfig().probe and defaults.kl_bound == DEFAULT_KL_BOUND == RunConfig().kl_bound
+    for bad in ("-0.1", "nan"):
+        assert run_cli("--model", str(path), "--data", str(data), "--budget", "0.93", "--kl-bound", bad,
+                       "--output", str(tmp_path / "negkl")) == cli.EXIT_ERROR
+        err = capsys.readouterr().err
+        assert "--kl-bound" in err and ">= 0" in err and "loading" not in err, err
     for bad in ("-0.1", "nan", "inf"):
         out = tmp_path / "neg"
         assert run_cli("--model", str(path), "--data", str(data), "--budget", "0.93", "--loss-bound", bad,

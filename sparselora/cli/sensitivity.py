@@ -13,13 +13,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparselora.calibrate import DEFAULT_LOSS_BOUND
+from sparselora.calibrate import CRITERIA, DEFAULT_KL_BOUND, DEFAULT_LOSS_BOUND
 from sparselora.cli.finetune import loss_bound_type  # off: None, no back-off (the range: _check_args)
 from sparselora.config import SELECTORS
 from sparselora.models.registry import ATTN_PROJS, PROJS
 from sparselora.selection import DEFAULT_SELECTOR
 
 EXIT_OK, EXIT_ERROR, EXIT_INFEASIBLE = 0, 1, 3
+
+
+def _bound_name(args) -> str:
+    return "KL bound" if getattr(args, "probe", "loss") == "kl" else "loss bound"
 
 HELP = "measure each layer's loss sensitivity to sparsity and choose a layer-wise config for a FLOP budget"
 
@@ -32,8 +36,10 @@ with the least predicted (additive) loss increase whose analytic FLOPs per train
 
 The additive prediction is a ranking, not a loss estimate (layers interact; the joint increase has been
 4-30x the prediction), so the chosen config is then probed as a whole on the same batches, as `sparselora
-finetune` does before training (sparselora.calibrate): when its loss rises more than --loss-bound (relative)
-over dense, every layer's sparsity is scaled down round by round until it does not, and the backed-off
+finetune` does before training (sparselora.calibrate): when it changes the model more than the bound over
+dense (--probe kl, the default as in finetune: the mean KL(dense || sparse) over labelled tokens above
+--kl-bound nats; --probe loss: the loss rising more than --loss-bound, relative), every layer's sparsity is
+scaled down round by round until it does not, and the backed-off
 config is written (its FLOPs can then exceed --budget: the bound wins, and the command says so). The result
 is a SparseLoRAConfig YAML for `sparselora finetune --sparsity`.
 
@@ -83,6 +89,9 @@ def _levels(text: str) -> list[float]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from sparselora.train import RunConfig
+
+    run_probe = RunConfig().probe  # the back-off criterion finetune uses by default
     src = p.add_argument_group("what to measure")
     src.add_argument("--model", help="model alias (smollm2-135m, qwen2.5-coder-0.5b, ...), HF folder or GGUF file")
     src.add_argument("--data", help="training data file (.json/.jsonl: GSM8K, LLM-Adapters, prompt/completion, chat)")
@@ -123,9 +132,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     ch.add_argument(
         "--loss-bound", type=loss_bound_type(None), default=DEFAULT_LOSS_BOUND, metavar="X|off",
-        help="after choosing, scale the sparsity down until the whole config's frozen loss on the calibration "
-             "batches rises at most X (relative) over dense, as `finetune --loss-bound` does; 'off' writes the "
-             f"choice as is, still measured (default {DEFAULT_LOSS_BOUND:g}, the same as finetune's)",
+        help="the bound of --probe loss: after choosing, scale the sparsity down until the whole config's frozen "
+             "loss on the calibration batches rises at most X (relative) over dense, as `finetune --loss-bound` "
+             "does; 'off' writes the choice as is, still measured, whatever --probe says "
+             f"(default {DEFAULT_LOSS_BOUND:g}, the same as finetune's)",
+    )
+    ch.add_argument(
+        "--probe", choices=CRITERIA, default=run_probe,
+        help="what the back-off bounds, as `finetune --probe`: 'kl', the mean KL(dense || sparse) of the "
+             "next-token distributions over the labelled tokens (--kl-bound), which also sees the changes to "
+             "short answers that the mean loss hides; 'loss', the relative rise of the mean loss (--loss-bound) "
+             f"(default {run_probe}, the same as finetune's)",
+    )
+    ch.add_argument(
+        "--kl-bound", type=float, default=DEFAULT_KL_BOUND, metavar="NATS",
+        help=f"the bound of --probe kl, in nats per labelled token (default {DEFAULT_KL_BOUND:g}, finetune's)",
     )
     ch.add_argument("--start-step", type=float, default=0.05, help="dense warm-up written into the config (default 0.05)")
     ch.add_argument("--output", "-o", help="output folder (default: sensitivity-<model name>)")
@@ -244,6 +265,10 @@ def _check_args(args):
     if bound is not None and not (math.isfinite(bound) and bound >= 0):
         raise _user_error(f"--loss-bound {bound:g} must be >= 0: the largest relative rise of the frozen loss over "
                           f"dense that the written config may cause (e.g. {DEFAULT_LOSS_BOUND:g}), or 'off'")
+    kl = getattr(args, "kl_bound", DEFAULT_KL_BOUND)
+    if not (math.isfinite(kl) and kl >= 0):
+        raise _user_error(f"--kl-bound {kl:g} must be >= 0: the largest mean KL(dense || sparse), in nats per "
+                          f"labelled token, that the written config may cause (e.g. {DEFAULT_KL_BOUND:g})")
     if not 0.0 < args.budget <= 1.0:
         raise _user_error(f"--budget {args.budget} must be in (0, 1]: the FLOPs of a sparse step as a fraction of dense")
     with _reported(ValueError):
@@ -406,7 +431,7 @@ def _run(args) -> int:
     probe = None
     if args.from_json:
         print("note: not probed (--from-json has no model): the written config is the additive choice; "
-              "`sparselora finetune` probes it before training (--loss-bound)", file=sys.stderr)
+              "`sparselora finetune` probes it before training (--probe)", file=sys.stderr)
     elif choice.config.is_sparse:
         probe = _probe(args, run, choice.config)
         probe.update(_final_cost(probe["calibration"].config, arch, batch_shape, labelled, flop_kw))
@@ -414,9 +439,9 @@ def _run(args) -> int:
 
 
 def _probe(args, run: _Inputs, cfg) -> dict:
-    """The chosen config's real (joint) loss on the calibration batches, backed off by `sparselora.calibrate`
-    (the mechanism `finetune` uses) until the relative increase is within --loss-bound; with the lines that
-    say so."""
+    """The chosen config measured whole on the calibration batches, backed off by `sparselora.calibrate` (the
+    mechanism `finetune` uses) until --probe's criterion is within its bound (--kl-bound or --loss-bound; none
+    with --loss-bound off); with the lines that say so."""
     import warnings
 
     import torch
@@ -424,7 +449,8 @@ def _probe(args, run: _Inputs, cfg) -> dict:
     from sparselora.calibrate import calibrate
     from sparselora.patch import apply_sparselora, remove_sparselora
 
-    bound = args.loss_bound
+    criterion = getattr(args, "probe", "loss")
+    bound = None if args.loss_bound is None else (args.kl_bound if criterion == "kl" else args.loss_bound)
     model = run.model
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in run.batches]
@@ -434,17 +460,18 @@ def _probe(args, run: _Inputs, cfg) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the lines below say it, the warning included
-            cal = calibrate(model, batches, bound=math.inf if bound is None else bound)
+            cal = calibrate(model, batches, bound=math.inf if bound is None else bound, criterion=criterion)
     finally:
         remove_sparselora(model)
     where = f"the {len(batches)} calibration batches"
     if bound is None:
         r = cal.rounds[0]
+        kl = f", KL {r['kl']:.4f}" if "kl" in r else ""
         lines = [f"joint probe (frozen model, {where}): dense loss {cal.dense_loss:.4f}, the whole config "
-                 f"{r['sparse_loss']:.4f} ({r['increase']:+.1%}); --loss-bound off: written as chosen"]
+                 f"{r['sparse_loss']:.4f} ({r['increase']:+.1%}{kl}); --loss-bound off: written as chosen"]
     else:
         lines = cal.lines(batches=where, using="writing")
-    return {"calibration": cal, "bound": bound, "lines": lines}
+    return {"calibration": cal, "bound": bound, "criterion": criterion, "lines": lines}
 
 
 def _final_cost(cfg, arch, batch_shape, labelled, flop_kw) -> dict:
@@ -466,6 +493,8 @@ def _outcome(args, sens, choice, probe) -> dict:
         "measured_delta": None if args.from_json else 0.0,  # the choice applied whole, absolute
         "measured_increase": None if args.from_json else 0.0,  # relative, as --loss-bound counts it
         "loss_bound": None if args.from_json else args.loss_bound,
+        "probe_criterion": None if args.from_json else args.probe,
+        "kl_bound": None if args.from_json else args.kl_bound,
         "probe": None,
         "config": chosen.to_dict(),
         "chosen_config": chosen.to_dict(),
@@ -478,7 +507,8 @@ def _outcome(args, sens, choice, probe) -> dict:
             measured_delta=first["sparse_loss"] - cal.dense_loss,
             measured_increase=first["increase"],
             config=cal.config.to_dict(),
-            probe={"dense_loss": cal.dense_loss, "bound": probe["bound"], "rounds": cal.rounds,
+            probe={"dense_loss": cal.dense_loss, "bound": probe["bound"], "criterion": probe["criterion"],
+                   "rounds": cal.rounds,
                    "scale": cal.rounds[-1]["scale"], "within_bound": probe["bound"] is None or cal.within_bound},
         )
     return out
@@ -517,12 +547,13 @@ def _write_outputs(args, run: _Inputs, sens, choice, probe, batch_shape, labelle
             over = outcome["ratio"] > args.budget + 1e-12
             summary.append(
                 f"written: the choice's sparsity x{scale:.2f}, FLOP ratio {outcome['ratio']:.4f}"
-                + (f" (above the budget {args.budget:g}: the loss bound wins; --loss-bound off keeps the choice)"
+                + (f" (above the budget {args.budget:g}: the {_bound_name(args)} wins; --loss-bound off keeps "
+                   "the choice)"
                    if over else "")
             )
             if outcome["ratio"] >= 1.0:
                 summary.append("WARNING: at these levels a sparse step costs more than a dense one (the selector "
-                               "costs more than they save): train dense (finetune --dense), or raise --loss-bound")
+                               "costs more than they save): train dense (finetune --dense), or raise --{args.probe}-bound")
     for line in summary:
         print(line, file=sys.stderr if "WARNING" in line else sys.stdout)
     print(f"FFN sparsity:  {cfg.to_dict()['ffn_sparsity'] or '{} (all dense)'}")
@@ -547,12 +578,17 @@ def _write_outputs(args, run: _Inputs, sens, choice, probe, batch_shape, labelle
                       f" over dense {p['dense_loss']:.4f})")
         if p["bound"] is None:
             header.append("  --loss-bound off: written as chosen")
-        elif len(p["rounds"]) == 1 and p["within_bound"]:
-            header.append(f"  within the bound +{p['bound'] * 100:g}% as chosen: not backed off")
         else:
-            header.append(f"  bound +{p['bound'] * 100:g}%: backed off (sparselora.calibrate) in {len(p['rounds'])} "
-                          f"rounds to x{scale:.2f}: increase {p['rounds'][-1]['increase']:+.1%}, FLOP ratio "
-                          f"{outcome['ratio']:.4f}" + ("" if p["within_bound"] else "; WARNING: above the bound"))
+            kl = p["criterion"] == "kl"
+            bound = f"KL <= {p['bound']:g} nats/token" if kl else f"+{p['bound'] * 100:g}%"
+            last = p["rounds"][-1]
+            got = f"KL {last['kl']:.4f}" if kl else f"increase {last['increase']:+.1%}"
+            if len(p["rounds"]) == 1 and p["within_bound"]:
+                header.append(f"  within the bound {bound} as chosen ({got}): not backed off")
+            else:
+                header.append(f"  bound {bound}: backed off (sparselora.calibrate) in {len(p['rounds'])} rounds to "
+                              f"x{scale:.2f}: {got}, FLOP ratio {outcome['ratio']:.4f}"
+                              + ("" if p["within_bound"] else "; WARNING: above the bound"))
     elif args.from_json:
         header.append("not probed (--from-json, no model): finetune probes it before training")
     header += [
