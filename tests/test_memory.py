@@ -105,7 +105,7 @@ def test_fused_projection_saves_a_bool_mask_and_no_weight_slice(mode):
     proj = m.base_model.model.proj
     x = torch.randn(19, 37, requires_grad=True)
     idx = torch.tensor([0, 3, 4, 17, 36])
-    _, saved = saved_tensors(lambda: split_lora_linear(lora_parts(proj, x), x, 7, mode, idx),
+    _, saved = saved_tensors(lambda: split_lora_linear(lora_parts(proj), x, 7, mode, idx),
                              exclude=list(m.parameters()) + [x, idx])
     shapes = {(s[0], s[1]) for s in saved}
     assert ((19, 37), torch.bool) in shapes, saved  # the dropout mask
@@ -149,7 +149,7 @@ def test_kept_slices_branch_is_bitwise_the_resliced_one(monkeypatch, mode):
         m = get_peft_model(Block(), LoraConfig(r=3, lora_alpha=5, target_modules=["proj"]))
         proj = m.base_model.model.proj
         idx = torch.tensor([0, 3, 4, 17, 36])
-        run = lambda x: split_lora_linear(lora_parts(proj, x), x, 7, mode, idx)  # noqa: E731
+        run = lambda x: split_lora_linear(lora_parts(proj), x, 7, mode, idx)  # noqa: E731
         x0, excl = torch.randn(19, 37, generator=g), list(m.parameters()) + [idx]
     outs = []
     for keep_slices in (False, True):

@@ -74,7 +74,7 @@ class SparseAttention:
     def _make_forward(self, p: str):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             inputs = self._inputs
-            parts = None if (args or kwargs) else lora_parts(self.projs[p], x)
+            parts = None if (args or kwargs) else lora_parts(self.projs[p])
             if inputs is None:
                 return self.swaps[p].original(x, *args, **kwargs) if parts is None else lora_linear(parts, x)
             split = self.state.split

@@ -20,7 +20,7 @@ class FusedLoRALinear:
         self.swap = ForwardSwap(module, self.forward)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        parts = None if (args or kwargs) else lora_parts(self.module, x)
+        parts = None if (args or kwargs) else lora_parts(self.module)
         if parts is None:  # dropout, several adapters, adapter_names=...: PEFT's own forward
             return self.swap.original(x, *args, **kwargs)
         return lora_linear(parts, x)

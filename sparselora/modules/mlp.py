@@ -41,7 +41,7 @@ class SparseMLP:
         n = base_weight_bias(mlp.gate_proj)[0].shape[0]
         keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n, cfg.sample_rows)
         self.kept = keep
-        parts = ffn_parts(mlp.gate_proj, mlp.up_proj, mlp.down_proj, x)
+        parts = ffn_parts(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if parts is not None:  # no adapter on the FFN (LoRA on attention only): one fused node for all rows
             return split.unpermute(split_ffn(parts, xp, split.num_context, keep))
         yc = ffn_context(mlp.gate_proj, mlp.up_proj, mlp.down_proj, xc, keep)

@@ -227,14 +227,14 @@ class _SplitFFN(torch.autograd.Function):
         return gx, None, None, None, None, None, None, None, None
 
 
-def ffn_parts(gate, up, down, x: torch.Tensor):
+def ffn_parts(gate, up, down):
     """(wg, bg, wu, bu, wd, bd) when gate/up/down are frozen projections without an active adapter (plain Linear,
-    or PEFT layers whose adapters are off) that the fused FFN reproduces for input ``x``; None otherwise."""
+    or PEFT layers whose adapters are off) that the fused FFN reproduces; None otherwise."""
     from sparselora.ops.lora_layer import lora_parts
 
     out = []
     for m in (gate, up, down):
-        parts = lora_parts(m, x)
+        parts = lora_parts(m)
         if parts is None or parts[2] is not None:
             return None
         out += [parts[0], parts[1]]

@@ -50,9 +50,9 @@ def base_weight_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     return base.weight, base.bias
 
 
-def lora_parts(module: nn.Module, x: torch.Tensor):
+def lora_parts(module: nn.Module):
     """(weight, bias, A, B, scale, dropout p) when ``module`` is a frozen Linear or a plain single-adapter PEFT LoRA
-    layer the fused op reproduces for input ``x``; None otherwise (several adapters, LoRA bias, trainable base).
+    layer the fused op reproduces; None otherwise (several adapters, LoRA bias, trainable base).
     Under autocast the fused op casts as a linear layer does there (`ops.fused`). Dropout is reproduced in
     distribution, not draw for draw: its mask comes from `dropout_mask`, not from ``nn.Dropout``."""
     base = getattr(module, "base_layer", module)
