@@ -89,7 +89,12 @@ def test_lora_dropout_train_mode(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_several_active_adapters(arch):
+def test_several_active_adapters(arch, caplog, monkeypatch):
+    """Two active adapters: PEFT's own forward on gathered rows (the reference's numbers), and the run says once,
+    with the reason, that projections left the fused op."""
+    import sparselora.modules.base as base
+
+    monkeypatch.setattr(base, "_said", set())
     model = tiny_peft(arch)
     model.add_adapter("second", LoraConfig(r=3, lora_alpha=5, lora_dropout=0.0,
                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
@@ -102,9 +107,12 @@ def test_several_active_adapters(arch):
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.requires_grad_(True)
-    sparse, want = _sparse_vs_reference(model, make_batch(seed=6))
+    with caplog.at_level("WARNING", logger="sparselora"):
+        sparse, want = _sparse_vs_reference(model, make_batch(seed=6))
     assert any("second" in n for n in want[2])
     _compare(sparse, want, f"{arch}/two-adapters")
+    said = [r.getMessage() for r in caplog.records if "instead of the fused op" in r.getMessage()]
+    assert len(said) == 1 and "2 adapters are active at once (default, second)" in said[0], said
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

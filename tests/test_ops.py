@@ -408,6 +408,33 @@ def test_fused_ffn_under_autocast(base_dtype):
     assert_close(ga, gb, "autocast ffn input grad", torch.bfloat16)
 
 
+def test_unfused_reasons_name_the_cause():
+    """Every case the fused op cannot reproduce has a reason (what `note_unfused` says); a layer whose adapters
+    are all off runs fused as its plain base linear."""
+    from sparselora.ops.lora_layer import lora_parts, unfused_reason
+
+    torch.manual_seed(0)
+    m = get_peft_model(Block(), LoraConfig(r=3, target_modules=["proj"])).base_model.model
+    assert unfused_reason(m.proj) is None
+    assert "trainable" in unfused_reason(nn.Linear(3, 4))
+    m.proj.lora_dropout["default"] = FeatureDropout()
+    assert "FeatureDropout, not nn.Dropout" in unfused_reason(m.proj) and lora_parts(m.proj) is None
+    m.proj.lora_dropout["default"] = nn.Dropout(1.0)
+    assert "drops everything" in unfused_reason(m.proj)
+    m.proj.lora_dropout["default"] = nn.Identity()
+    m.proj.merged_adapters = ["default"]
+    assert "merged" in unfused_reason(m.proj)
+    m.proj.merged_adapters = []
+    m.proj.enable_adapters(False)
+    w, b, a, bb, scale, p = lora_parts(m.proj)
+    assert w is m.proj.base_layer.weight and a is None and bb is None and p == 0.0
+
+
+class FeatureDropout(nn.Module):
+    def forward(self, x):
+        return x
+
+
 def test_estimator_scores_without_full_activations():
     from sparselora.ops.scores import col_norms_sq, ffn_scores_sq
 

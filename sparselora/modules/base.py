@@ -1,8 +1,22 @@
-"""Swapping ``forward`` on one module instance, reversibly."""
+"""Swapping ``forward`` on one module instance, reversibly; saying once when a projection leaves the fused op."""
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
+
+logger = logging.getLogger("sparselora")
+_said: set[str] = set()
+
+
+def note_unfused(reason: str) -> None:
+    """Say once per reason and process that projections run PEFT's own forward instead of the fused op: the same
+    numbers, several times the kernels (a path that silently stayed unfused once cost every GPU run its speed)."""
+    if reason not in _said:
+        _said.add(reason)
+        logger.warning("sparselora: a projection runs its own (PEFT) forward instead of the fused op, which is "
+                       "slower: %s", reason)
 
 
 class ForwardSwap:

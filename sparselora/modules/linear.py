@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparselora.modules.base import ForwardSwap
+from sparselora.modules.base import ForwardSwap, note_unfused
 from sparselora.ops.fused import lora_linear
-from sparselora.ops.lora_layer import lora_parts
+from sparselora.ops.lora_layer import lora_parts, unfused_reason
 
 
 class FusedLoRALinear:
@@ -21,7 +21,8 @@ class FusedLoRALinear:
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         parts = None if (args or kwargs) else lora_parts(self.module)
-        if parts is None:  # dropout, several adapters, adapter_names=...: PEFT's own forward
+        if parts is None:  # several adapters, adapter_names=..., a trainable base: PEFT's own forward
+            note_unfused(unfused_reason(self.module) or "it was called with extra arguments (e.g. adapter_names)")
             return self.swap.original(x, *args, **kwargs)
         return lora_linear(parts, x)
 

@@ -52,19 +52,32 @@ def base_weight_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
 
 def lora_parts(module: nn.Module):
     """(weight, bias, A, B, scale, dropout p) when ``module`` is a frozen Linear or a plain single-adapter PEFT LoRA
-    layer the fused op reproduces; None otherwise (several adapters, LoRA bias, trainable base).
-    Under autocast the fused op casts as a linear layer does there (`ops.fused`). Dropout is reproduced in
-    distribution, not draw for draw: its mask comes from `dropout_mask`, not from ``nn.Dropout``."""
+    layer the fused op reproduces (A, B None: no active adapter); None otherwise, with the reason in
+    `unfused_reason`. Under autocast the fused op casts as a linear layer does there (`ops.fused`). Dropout is
+    reproduced in distribution, not draw for draw: its mask comes from `dropout_mask`, not from ``nn.Dropout``."""
+    return _parts(module)[0]
+
+
+def unfused_reason(module: nn.Module) -> str | None:
+    """Why the fused op cannot reproduce ``module`` (None: it can)."""
+    return _parts(module)[1]
+
+
+def _parts(module: nn.Module):
     base = getattr(module, "base_layer", module)
-    if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return None
+    if type(base) is not nn.Linear:
+        return None, f"its base layer is a {type(base).__name__}, not a plain nn.Linear"
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return None, "its base weight or bias is trainable (the fused op gives frozen weights no gradient)"
     if not hasattr(module, "lora_A"):
-        return base.weight, base.bias, None, None, 1.0, 0.0
+        return (base.weight, base.bias, None, None, 1.0, 0.0), None
     if getattr(module, "merged", False):
-        return None
+        return None, "a LoRA adapter is merged into it"
     active = active_adapters(module)
-    if len(active) != 1:
-        return None
+    if not active:
+        return (base.weight, base.bias, None, None, 1.0, 0.0), None
+    if len(active) > 1:
+        return None, f"{len(active)} adapters are active at once ({', '.join(active)})"
     name = active[0]
     drop = module.lora_dropout[name]
     if isinstance(drop, nn.Identity):
@@ -72,10 +85,12 @@ def lora_parts(module: nn.Module):
     elif type(drop) is nn.Dropout:
         p = float(drop.p) if drop.training else 0.0
     else:
-        return None
-    if module.lora_B[name].bias is not None or p >= 1.0:
-        return None
+        return None, f"its LoRA dropout is a {type(drop).__name__}, not nn.Dropout"
+    if module.lora_B[name].bias is not None:
+        return None, "its LoRA B has a bias (lora_bias=True)"
+    if p >= 1.0:
+        return None, f"its LoRA dropout drops everything (p={p:g})"
     if getattr(module, "use_dora", {}).get(name, False) or name in getattr(module, "lora_variant", {}):
-        return None
+        return None, f"adapter {name!r} is DoRA or another LoRA variant"
     return (base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
-            float(module.scaling[name]), p)
+            float(module.scaling[name]), p), None
