@@ -178,9 +178,14 @@ def test_fast_rope_swaps_the_modeling_function_while_in_use(monkeypatch):
     original = getattr(ml.apply_rotary_pos_emb, "sparselora_original", ml.apply_rotary_pos_emb)
     monkeypatch.setattr(ml, "apply_rotary_pos_emb", original)
     monkeypatch.setattr(fast.FastRoPE, "_installed", {})
+    cfg = SparseLoRAConfig(ffn_sparsity={1: 0.5}, attn_sparsity={2: 0.5}, start_step=0)
+    no_liger = tiny_peft("llama")
+    monkeypatch.setattr(fast, "rope_kernel", lambda: None)  # liger-kernel not installed: nothing to swap in
+    apply_sparselora(no_liger, cfg, fast_kernels=True)
+    assert ml.apply_rotary_pos_emb is original
+    remove_sparselora(no_liger)
     calls = []
     monkeypatch.setattr(fast, "rope_kernel", lambda: lambda q, k, cos, sin: calls.append(q.shape) or ("fused", k))
-    cfg = SparseLoRAConfig(ffn_sparsity={1: 0.5}, attn_sparsity={2: 0.5}, start_step=0)
     a, b = tiny_peft("llama"), tiny_peft("llama")
     apply_sparselora(a, cfg, fast_kernels=True)
     apply_sparselora(b, cfg, fast_kernels=True)

@@ -98,7 +98,10 @@ class FastRoPE:
 
     @classmethod
     def supports(cls, hf: nn.Module) -> str | None:
-        """The modeling module whose RoPE function `FastRoPE` can swap for this model, or None."""
+        """The modeling module whose RoPE function `FastRoPE` can swap for this model, or None (also when
+        liger-kernel is not installed: nothing to swap in)."""
+        if rope_kernel() is None:
+            return None
         name = type(hf).__module__
         mod = sys.modules.get(name)
         fn = getattr(mod, "apply_rotary_pos_emb", None)
