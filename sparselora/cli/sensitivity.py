@@ -21,10 +21,6 @@ from sparselora.selection import DEFAULT_SELECTOR
 
 EXIT_OK, EXIT_ERROR, EXIT_INFEASIBLE = 0, 1, 3
 
-
-def _bound_name(args) -> str:
-    return "KL bound" if getattr(args, "probe", "loss") == "kl" else "loss bound"
-
 HELP = "measure each layer's loss sensitivity to sparsity and choose a layer-wise config for a FLOP budget"
 
 DESCRIPTION = """\
@@ -449,7 +445,7 @@ def _probe(args, run: _Inputs, cfg) -> dict:
     from sparselora.calibrate import calibrate
     from sparselora.patch import apply_sparselora, remove_sparselora
 
-    criterion = getattr(args, "probe", "loss")
+    criterion = args.probe
     bound = None if args.loss_bound is None else (args.kl_bound if criterion == "kl" else args.loss_bound)
     model = run.model
     device = next(model.parameters()).device
@@ -547,7 +543,7 @@ def _write_outputs(args, run: _Inputs, sens, choice, probe, batch_shape, labelle
             over = outcome["ratio"] > args.budget + 1e-12
             summary.append(
                 f"written: the choice's sparsity x{scale:.2f}, FLOP ratio {outcome['ratio']:.4f}"
-                + (f" (above the budget {args.budget:g}: the {_bound_name(args)} wins; --loss-bound off keeps "
+                + (f" (above the budget {args.budget:g}: the {'KL' if args.probe == 'kl' else 'loss'} bound wins; --loss-bound off keeps "
                    "the choice)"
                    if over else "")
             )

@@ -16,7 +16,7 @@ from sparselora.models.registry import ATTN_PROJS, module_name
 from sparselora.modules.base import ForwardSwap, note_unfused
 from sparselora.ops import proj_in_sparse, proj_out_sparse
 from sparselora.ops.fused import lora_linear, split_lora_linear
-from sparselora.ops.lora_layer import base_weight_bias, check_lora_module, lora_parts, unfused_reason
+from sparselora.ops.lora_layer import base_weight_bias, check_lora_module, lora_parts
 from sparselora.selection import SELECTORS, labelled_rows, select_attention
 
 class _Inputs(NamedTuple):
@@ -76,7 +76,7 @@ class SparseAttention:
             inputs = self._inputs
             parts = None if (args or kwargs) else lora_parts(self.projs[p])
             if parts is None:
-                note_unfused(unfused_reason(self.projs[p]) or "it was called with extra arguments (e.g. adapter_names)")
+                note_unfused(self.projs[p])
             if inputs is None:
                 return self.swaps[p].original(x, *args, **kwargs) if parts is None else lora_linear(parts, x)
             split = self.state.split

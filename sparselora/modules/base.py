@@ -10,9 +10,13 @@ logger = logging.getLogger("sparselora")
 _said: set[str] = set()
 
 
-def note_unfused(reason: str) -> None:
-    """Say once per reason and process that projections run PEFT's own forward instead of the fused op: the same
-    numbers, several times the kernels (a path that silently stayed unfused once cost every GPU run its speed)."""
+def note_unfused(module: nn.Module) -> None:
+    """Say once per reason and process that projections run PEFT's own forward instead of the fused op (call it
+    when `lora_parts` gave None or the call had extra arguments): the same numbers, several times the kernels (a
+    path that silently stayed unfused once cost every GPU run its speed)."""
+    from sparselora.ops.lora_layer import unfused_reason
+
+    reason = unfused_reason(module) or "it was called with extra arguments (e.g. adapter_names)"
     if reason not in _said:
         _said.add(reason)
         logger.warning("sparselora: a projection runs its own (PEFT) forward instead of the fused op, which is "

@@ -11,7 +11,7 @@ from torch import nn
 
 from sparselora.modules.base import ForwardSwap, note_unfused
 from sparselora.ops.fused import lora_linear
-from sparselora.ops.lora_layer import lora_parts, unfused_reason
+from sparselora.ops.lora_layer import lora_parts
 
 
 class FusedLoRALinear:
@@ -22,7 +22,7 @@ class FusedLoRALinear:
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         parts = None if (args or kwargs) else lora_parts(self.module)
         if parts is None:  # several adapters, adapter_names=..., a trainable base: PEFT's own forward
-            note_unfused(unfused_reason(self.module) or "it was called with extra arguments (e.g. adapter_names)")
+            note_unfused(self.module)
             return self.swap.original(x, *args, **kwargs)
         return lora_linear(parts, x)
 

@@ -15,6 +15,8 @@ def _liger(name: str):
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction as fn
         elif name == "silu_mul":
             from liger_kernel.ops.swiglu import LigerSiLUMulFunction as fn
+        elif name == "rope":
+            from liger_kernel.transformers.rope import liger_rotary_pos_emb as fn
         else:
             from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as fn
     except ImportError:
@@ -34,11 +36,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope_kernel():
     """liger-kernel's fused RoPE of q and k, ``fn(q, k, cos, sin) -> (q, k)``, or None when it is not installed."""
-    try:
-        from liger_kernel.transformers.rope import liger_rotary_pos_emb
-    except ImportError:
-        return None
-    return liger_rotary_pos_emb
+    return _liger("rope")
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
