@@ -1,7 +1,10 @@
-"""GPU time of SparseLoRA's channel selection (SVD estimate + top-k) per layer, without host overhead: each call is
-captured in a CUDA graph and replayed, as inside `CUDAGraphStep`. Reports the estimator's share of a step.
+"""GPU time of SparseLoRA's channel selection per layer and selector, without host overhead: each call is captured
+in a CUDA graph and replayed, as inside `CUDAGraphStep`. Reports each selector's share of a step.
 
-    python benchmarks/bench_estimator.py --shape llama3-8b --batch-preset math --step-ms 184.9
+    python benchmarks/bench_estimator.py --shape llama3-8b --batch-preset math --step-ms 184.9 --selectors svd,sampled
+
+svd: the rank-r estimate and its scores; sampled (the default): the real projections (random bf16 weights of the
+shape) on the sampled rows, and their scores; both include the top-k and the channel mapping.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 
 import torch
 
@@ -17,7 +21,7 @@ from sparselora.io import atomic_write_json
 from sparselora import SparseLoRAConfig
 from sparselora.estimator import low_rank_factors, stack_factors
 from sparselora.models.registry import ArchInfo
-from sparselora.selection import select_attention, select_ffn
+from sparselora.selection import SELECTORS, select_attention, select_ffn
 
 
 def graph_ms(fn, reps: int) -> float:
@@ -43,6 +47,7 @@ def main(argv=None):
     p.add_argument("--batch-preset", default="math", choices=sorted(BATCH_PRESETS))
     p.add_argument("--preset", default=None)
     p.add_argument("--step-ms", type=float, default=None, help="the sparse step's time, for the share column")
+    p.add_argument("--selectors", default="svd,sampled", help=f"comma list of {', '.join(SELECTORS)}")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -58,29 +63,46 @@ def main(argv=None):
     torch.manual_seed(0)
     x = torch.randn(B * (T - L), H, device=dev, dtype=torch.bfloat16)  # the context rows of one batch
 
+    selectors = [n.strip() for n in a.selectors.split(",") if n.strip()]
+    unknown = [n for n in selectors if n not in SELECTORS or SELECTORS[n].scores_labelled]
+    if unknown:
+        p.error(f"selectors {unknown} cannot be timed here (unknown, or they rank by labelled rows)")
+
     def factors(out_dims):
         return stack_factors([low_rank_factors(torch.randn(o, H, device=dev) / H**0.5, cfg.estimator_rank)
                               for o in out_dims])
 
+    def proj(out_dim):  # a frozen bf16 projection of the shape (the sampled/oracle selectors run the real ones)
+        w = torch.randn(out_dim, H, device=dev, dtype=torch.bfloat16) / H**0.5
+        return lambda t: t @ w.t()
+
     ffn_f, attn_f = factors([I, I]), factors([Hq * D, Hkv * D, Hkv * D])
-    rows = {}
-    ffn_levels = sorted(set(cfg.ffn_sparsity.values()))
-    attn_levels = sorted(set(cfg.attn_sparsity.values()))
-    for s in ffn_levels:
-        rows[f"ffn@{s}"] = graph_ms(lambda: select_ffn("svd", s, x, None, None, ffn_f, I), a.reps)
-    for s in attn_levels:
-        rows[f"attn@{s}"] = graph_ms(
-            lambda: select_attention("svd", s, x, arch, cfg.rope_pairs, None, None, None, attn_f), a.reps)
-    total = sum(rows[f"ffn@{s}"] for s in cfg.ffn_sparsity.values()) + \
-        sum(rows[f"attn@{s}"] for s in cfg.attn_sparsity.values())
-    print(f"{a.shape} {a.batch_preset} ({B}x{T}, {B * (T - L)} context rows), preset {preset}, rank {cfg.estimator_rank}")
-    for k, v in rows.items():
-        print(f"  {k:<12} {v:7.3f} ms per layer")
-    share = f" = {100 * total / a.step_ms:.1f}% of a {a.step_ms} ms step" if a.step_ms else ""
-    print(f"  all sparse layers ({len(cfg.ffn_sparsity)} FFN, {len(cfg.attn_sparsity)} attention): {total:.2f} ms{share}")
+    gate, up, q, k, v = proj(I), proj(I), proj(Hq * D), proj(Hkv * D), proj(Hkv * D)
+    table, totals = {}, {}
+    for sel in selectors:
+        rows = table[sel] = {}
+        for s in sorted(set(cfg.ffn_sparsity.values())):
+            rows[f"ffn@{s}"] = graph_ms(
+                lambda: select_ffn(sel, s, x, gate, up, ffn_f, I, cfg.sample_rows), a.reps)
+        for s in sorted(set(cfg.attn_sparsity.values())):
+            rows[f"attn@{s}"] = graph_ms(
+                lambda: select_attention(sel, s, x, arch, cfg.rope_pairs, q, k, v, attn_f, None, cfg.sample_rows),
+                a.reps)
+        totals[sel] = sum(rows[f"ffn@{s}"] for s in cfg.ffn_sparsity.values()) + \
+            sum(rows[f"attn@{s}"] for s in cfg.attn_sparsity.values())
+    print(f"{a.shape} {a.batch_preset} ({B}x{T}, {B * (T - L)} context rows), preset {preset}, "
+          f"rank {cfg.estimator_rank}, sample rows {cfg.sample_rows}")
+    for sel in selectors:
+        for k_, v_ in table[sel].items():
+            print(f"  {sel:<8} {k_:<12} {v_:7.3f} ms per layer")
+        share = f" = {100 * totals[sel] / a.step_ms:.1f}% of a {a.step_ms} ms step" if a.step_ms else ""
+        print(f"  {sel:<8} all sparse layers ({len(cfg.ffn_sparsity)} FFN, {len(cfg.attn_sparsity)} attention): "
+              f"{totals[sel]:.2f} ms{share}")
     doc = {"gpu": torch.cuda.get_device_name(), "shape": a.shape, "batch_preset": a.batch_preset, "preset": preset,
-           "context_rows": B * (T - L), "per_layer_ms": rows, "total_ms": total, "step_ms": a.step_ms,
-           "share": total / a.step_ms if a.step_ms else None, "versions": versions(), "commit": git_commit()}
+           "context_rows": B * (T - L), "sample_rows": cfg.sample_rows, "per_layer_ms": table, "total_ms": totals,
+           "step_ms": a.step_ms, "share": {k_: t / a.step_ms for k_, t in totals.items()} if a.step_ms else None,
+           "versions": versions(), "commit": git_commit(),
+           "command": "python benchmarks/bench_estimator.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = a.out or f"benchmarks/results/estimator-{a.shape}-{a.batch_preset}.json"
     atomic_write_json(out, doc)
     print(f"wrote {out}")

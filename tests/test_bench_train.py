@@ -21,7 +21,8 @@ def test_lengths_are_real_and_shipped():
 def test_bench_trainer_smoke(tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = main(["bench", "--trainer", "--shape", "tiny", "--mix", "code", "--methods",
-               "peft,sparselora_trainer,sparselora_fast,dense_graph_packed", "--steps", "2", "--warmup", "1",
+               "peft,sparselora_trainer,sparselora_fast,sparselora_fast@svd,dense_graph_packed", "--steps", "2",
+               "--warmup", "1",
                "--tokens-per-step", "512", "--scratch", str(tmp_path / "s"), "--out", str(out)])
     assert rc == 0
     rec = json.loads(out.read_text())
@@ -31,6 +32,9 @@ def test_bench_trainer_smoke(tmp_path, capsys):
         assert {"kind", "tokens_per_s", "step_ms", "mean_step_ms", "peak_gib", "captures", "batching"} <= set(m)
         assert m["tokens_per_s"] > 0 and m["steps_measured"] == 2
     assert rec["methods"]["sparselora_fast"]["kind"] == "sparse" and rec["methods"]["peft"]["kind"] == "dense"
+    # the preset's selector is the library default; method@selector runs the same method with another one
+    assert rec["methods"]["sparselora_fast"]["selector"] == "sampled"
+    assert rec["methods"]["sparselora_fast@svd"]["selector"] == "svd" and rec["methods"]["peft"]["selector"] is None
     assert "vs best dense" in capsys.readouterr().out
 
 
@@ -42,3 +46,9 @@ def test_bench_exit_code_when_the_benchmark_returns_its_record(monkeypatch):
     assert main(["bench", "--shape", "tiny"]) == 0
     monkeypatch.setattr(step, "main", lambda argv: 3)
     assert main(["bench"]) == 3
+
+
+def test_bench_trainer_refuses_a_selector_on_a_dense_method(tmp_path, capsys):
+    for bad in ("peft@svd", "sparselora_fast@nope"):
+        assert main(["bench", "--trainer", "--shape", "tiny", "--methods", bad, "--scratch", str(tmp_path)]) == 2
+        assert "'@selector' takes a sparse method" in capsys.readouterr().err  # the reason is printed, not lost

@@ -129,7 +129,8 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
     from sparselora.fastpath import choose_path, packed_data
     from sparselora.trainer import CUDAGraphTrainer
 
-    kind, batching, _ = METHODS[name]
+    method, _, selector = name.partition("@")  # "sparselora_fast@svd": that method with another selector
+    kind, batching, _ = METHODS[method]
     base = build_base_model(args.shape, args.model, device, seed=args.seed)
     model = get_peft_model(base, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=QKVO))
     packed = batching == "packed"
@@ -140,16 +141,16 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
     else:
         data, collator = examples, DataCollator(pad_token_id=0)
     trainer_cls, callbacks = Trainer, []
-    if name.startswith("sparselora") or name == "dense_graph_packed":
+    if method.startswith("sparselora") or method == "dense_graph_packed":
         if kind == "sparse":
             layers = {"num_layers": base.config.num_hidden_layers} if args.preset == "scaled" else {}
-            cfg = SparseLoRAConfig.from_preset(args.preset, **layers)
+            cfg = SparseLoRAConfig.from_preset(args.preset, **layers, **({"selector": selector} if selector else {}))
             cfg.start_step = 0  # sparse from the first step: the steady state is what is timed
         else:
             cfg = SparseLoRAConfig(ffn_sparsity={}, attn_sparsity={})
-        apply_sparselora(model, cfg, fast_kernels=name != "sparselora_trainer")
+        apply_sparselora(model, cfg, fast_kernels=method != "sparselora_trainer")
         callbacks.append(SparseLoRACallback())
-    if name in ("sparselora_fast", "dense_graph_packed"):
+    if method in ("sparselora_fast", "dense_graph_packed"):
         trainer_cls = CUDAGraphTrainer
     prof = None
     if name in (args.profile or "").split(","):  # kernel table of two measured steps (after the captures of the warm-up)
@@ -163,8 +164,8 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
         per_device_train_batch_size=1 if packed else args.rows, learning_rate=3e-4, lr_scheduler_type="cosine",
         warmup_steps=2, max_grad_norm=1.0, bf16=device.type == "cuda", use_cpu=device.type == "cpu", logging_steps=1, save_strategy="no", report_to=[],
         disable_tqdm=True, remove_unused_columns=False, dataloader_drop_last=True, seed=args.seed, data_seed=args.seed,
-        use_liger_kernel=name.startswith("peft_liger"),
-        train_sampling_strategy="group_by_length" if name == "peft_liger_grouped" else "sequential")
+        use_liger_kernel=method.startswith("peft_liger"),
+        train_sampling_strategy="group_by_length" if method == "peft_liger_grouped" else "sequential")
     trainer = trainer_cls(model=model, args=targs, train_dataset=data, data_collator=rec,
                           callbacks=callbacks + [rec.callback()])
     rec.time_training_step(trainer)
@@ -187,7 +188,8 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
     meas_t, meas_n = times[args.warmup:], toks[args.warmup:]
     step = getattr(trainer, "_graph_step", None)
     out = {
-        "kind": kind, "batching": batching, "what": METHODS[name][2],
+        "kind": kind, "batching": batching, "what": METHODS[method][2],
+        "selector": cfg.selector if kind == "sparse" else None,
         "tokens_per_s": sum(meas_n) / sum(meas_t), "step_ms": statistics.median(meas_t) * 1e3,
         "mean_step_ms": statistics.mean(times) * 1e3, "tokens_per_step": statistics.mean(meas_n),
         "peak_gib": peak, "captures": step.captures if step is not None else 0,
@@ -213,7 +215,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="a real model folder instead of --shape")
     ap.add_argument("--mix", default="math", choices=["math", "commonsense", "code"])
     ap.add_argument("--preset", default=None, help="SparseLoRA preset (default: the paper's for shape and mix)")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma list of {', '.join(METHODS)}; a sparse method@selector (e.g. sparselora_fast@svd) "
+                         "runs that method with another selector than the preset's")
     ap.add_argument("--tokens-per-step", type=int, default=4096, help="real-token budget of a step (packed row size)")
     ap.add_argument("--steps", type=int, default=40, help="measured steps")
     ap.add_argument("--warmup", type=int, default=10, help="steps before measuring (captures happen here and later)")
@@ -229,9 +233,15 @@ def main(argv=None) -> int:
     shape = args.shape if not args.model else Path(args.model).name
     args.preset = args.preset or paper_preset(args.shape, args.mix)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m.partition("@")[0] not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    from sparselora.selection import SELECTORS
+
+    bad = [m for m in methods if "@" in m and (METHODS[m.partition("@")[0]][0] != "sparse"
+                                               or m.partition("@")[2] not in SELECTORS)]
+    if bad:
+        raise SystemExit(f"{bad}: '@selector' takes a sparse method and one of {', '.join(SELECTORS)}")
     lengths = load_lengths(args.mix)
     mean_len = statistics.mean(p + a for p, a in zip(lengths["prompt"], lengths["answer"]))
     args.rows = max(1, round(args.tokens_per_step / mean_len))  # padded batches: the same real tokens per step
@@ -255,11 +265,11 @@ def main(argv=None) -> int:
                           "mean_answer": statistics.mean(lengths["answer"])},
               "vocab": vocab, "flops": _flop_bound(args, lengths), "methods": {}}
     for name in methods:
-        print(f"-- {name}: {METHODS[name][2]}", flush=True)
+        print(f"-- {name}: {METHODS[name.partition('@')[0]][2]}", flush=True)
         try:
             record["methods"][name] = run_method(name, args, examples, ex_lengths, device)
         except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others' numbers
-            record["methods"][name] = {"kind": METHODS[name][0], "error": f"{type(exc).__name__}: {exc}"}
+            record["methods"][name] = {"kind": METHODS[name.partition("@")[0]][0], "error": f"{type(exc).__name__}: {exc}"}
             print(f"   failed: {type(exc).__name__}: {exc}", flush=True)
         atomic_write_json(out_path, record)  # after every method: a crash keeps what was measured
     _table(record)

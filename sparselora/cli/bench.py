@@ -6,6 +6,7 @@ benchmark. Neither needs a source checkout."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "benchmarks: --trainer (training throughput on real data lengths), else one step on a fixed batch"
 
@@ -22,7 +23,9 @@ def register(subparsers) -> None:
 def _exit_code(fn, argv) -> int:
     try:
         rc = fn(argv)
-    except SystemExit as exc:  # argparse --help / usage errors
+    except SystemExit as exc:  # argparse --help / usage errors, or the benchmark's own refusal (a message)
+        if isinstance(exc.code, str):
+            print(f"sparselora bench: {exc.code}", file=sys.stderr)
         rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     return rc if isinstance(rc, int) else 0  # a benchmark's main may return its record
 
