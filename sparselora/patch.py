@@ -164,7 +164,12 @@ def schedule(model: nn.Module, step: int, total_steps: int | None = None) -> boo
 
 
 def kept_channels(model: nn.Module) -> dict[int, dict[str, torch.Tensor]]:
-    """Channels kept by each sparse layer in its last sparse forward: {layer: {"ffn"|"q"|"k"|"v"|"o": idx}}."""
+    """Channels kept by each sparse layer in its last sparse forward: {layer: {"ffn"|"q"|"k"|"v"|"o": idx}},
+    each sorted (the sparse path itself keeps some unsorted: its ops take indices in any order)."""
+    return {i: {kind: idx.sort().values for kind, idx in entry.items()} for i, entry in _kept(model).items()}
+
+
+def _kept(model: nn.Module) -> dict[int, dict[str, torch.Tensor]]:
     out: dict[int, dict[str, torch.Tensor]] = {}
     for i, wrappers in get_state(model).layers.items():
         entry: dict[str, torch.Tensor] = {}
@@ -187,7 +192,7 @@ def sparsity_stats(model: nn.Module) -> dict[str, float]:
     if split is not None:
         stats["sparselora/context_fraction"] = split.num_context / (split.shape[0] * split.shape[1])
     ffn, attn = [], []
-    for entry in kept_channels(model).values():
+    for entry in _kept(model).values():  # counts only: no sort per logging step
         if "ffn" in entry:
             ffn.append(entry["ffn"].numel() / arch.intermediate_size)
         if "k" in entry:

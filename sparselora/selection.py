@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from sparselora.models.registry import ArchInfo
+from sparselora.ops.fused_kernels import silu_mul
 from sparselora.ops.scores import col_norms_sq, ffn_scores_sq
+from sparselora.ops.topk import top_indices
 
 Proj = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,7 +52,12 @@ def ffn_keep_count(n: int, sparsity: float) -> int:
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return scores.topk(k, sorted=False).indices.sort().values
+    return top_indices(scores, k)
+
+
+def _col_norms(y: torch.Tensor) -> torch.Tensor:
+    """Column norms accumulated in (at least) float32 without a float32 copy of ``y`` (one kernel)."""
+    return torch.linalg.vector_norm(y, dim=0, dtype=torch.promote_types(y.dtype, torch.float32))
 
 
 # Attention under the labelled selector runs the true q/k/v on at most this many labelled rows (evenly spaced):
@@ -157,10 +164,10 @@ def select_ffn(
         return _top(ffn_scores_sq(zg, zu, *factors[1]), k)  # squared norms: same order
     if selector == "sampled":
         x = sample_rows(x, rows)
-    g, u = gate(x).float(), up(x).float()
+    g, u = gate(x), up(x)
     if selector == "l2":  # the two factors' norms apart: an upper bound of the product's norm
-        return _top(F.silu(g).norm(dim=0) * u.norm(dim=0), k)
-    return _top((F.silu(g) * u).norm(dim=0), k)
+        return _top(_col_norms(F.silu(g)) * _col_norms(u), k)
+    return _top(_col_norms(silu_mul(g, u)), k)  # the activation the forward computes, in its dtype
 
 
 @functools.lru_cache(maxsize=64)
@@ -190,8 +197,9 @@ def _tables(arch: ArchInfo, pairs: bool, device) -> tuple[torch.Tensor, torch.Te
 
 
 def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The sorted union of the table rows ``idx`` (the rows' entries are distinct across rows)."""
-    return table.index_select(0, idx).reshape(-1).sort().values
+    """The union of the table rows ``idx`` (the rows' entries are distinct across rows), unsorted: every
+    consumer slices or scatters by index, in any order, and a sort costs a kernel as long as the top-k."""
+    return table.index_select(0, idx).reshape(-1)
 
 
 def _unit_channels(units: torch.Tensor, head_dim: int, pairs: bool) -> torch.Tensor:
@@ -212,7 +220,7 @@ def _to_units(score: torch.Tensor, pairs: bool) -> torch.Tensor:
 
 
 def expand_to_query_heads(kv_channels: torch.Tensor, arch: ArchInfo) -> torch.Tensor:
-    """Channel (g, d) of the kv heads -> channels (h, d) for every query head h of group g (sorted)."""
+    """Channel (g, d) of the kv heads -> channels (h, d) for every query head h of group g (unsorted)."""
     return _lookup(_tables(arch, False, kv_channels.device)[2], kv_channels)
 
 
@@ -255,7 +263,7 @@ def select_attention(
         qn, kn, vn = (col_norms_sq(z, b, c).sqrt() for z, b, c in zip(_project(x, factors), factors[1], biases))
     else:
         xs = sample_rows(x, rows) if selector == "sampled" else x
-        qn, kn, vn = (f(xs).float().norm(dim=0) for f in (q, k, v))
+        qn, kn, vn = (_col_norms(f(xs)) for f in (q, k, v))
     qn, kn = qn.view(Hq, D), kn.view(Hkv, D)
     v_ch = _top(vn, v_keep)
     if selector == "l2":
@@ -267,7 +275,7 @@ def select_attention(
 
 
 def _attention_from_units(units: torch.Tensor, v_ch: torch.Tensor, arch: ArchInfo, pairs: bool) -> dict[str, torch.Tensor]:
-    """q/k/v/o channels from the kept kv units (sorted) and v channels: one table gather each."""
+    """q/k/v/o channels from the kept kv units and v channels: one table gather each (q, o and paired k unsorted)."""
     unit_k, unit_q, kv_q = _tables(arch, pairs, units.device)
     k_ch = units if not pairs else _lookup(unit_k, units)
     return {"q": _lookup(unit_q, units), "k": k_ch, "v": v_ch, "o": _lookup(kv_q, v_ch)}

@@ -263,3 +263,47 @@ def test_model_moved_to_cuda_after_apply_matches_one_applied_there(selector):
     assert_close(la, lb, "logits", torch.float32)
     for n in gb:
         assert_close(ga[n], gb[n], f"grad {n}", torch.float32)
+
+
+def _check_top_indices(got, scores, k, what):
+    """``got``: k distinct ascending indices whose scores are the k largest, ties taken from the lowest index."""
+    assert got.dtype == torch.long and got.shape == (k,), f"{what}: {got.dtype} {tuple(got.shape)}"
+    assert bool((got[1:] > got[:-1]).all()), f"{what}: not strictly ascending"
+    want = scores.topk(k).values
+    assert torch.equal(scores[got].sort().values, want.sort().values), f"{what}: kept scores differ from torch.topk's"
+    t = want.min()
+    above, ties = (scores > t).nonzero().flatten(), (scores == t).nonzero().flatten()
+    assert torch.equal(got, torch.cat([above, ties[: k - above.numel()]]).sort().values), f"{what}: ties"
+
+
+@pytest.mark.parametrize("n", [1, 7, 512, 1000, 8960, 14336, 18944, 32768])
+def test_top_indices_kernel_matches_torch_topk(n):
+    """The one-launch top-k against torch.topk on random, negative, tied and constant scores, k from 1 to n."""
+    from sparselora.ops.topk import top_indices
+
+    g = torch.Generator(device="cuda").manual_seed(n)
+    for kind in ("uniform", "normal", "ties", "constant", "bf16"):
+        s = {"uniform": lambda: torch.rand(n, device="cuda", generator=g),
+             "normal": lambda: torch.randn(n, device="cuda", generator=g),
+             "ties": lambda: torch.randint(0, 7, (n,), device="cuda", generator=g).float(),
+             "constant": lambda: torch.zeros(n, device="cuda"),
+             "bf16": lambda: torch.randn(n, device="cuda", generator=g).bfloat16()}[kind]()
+        for k in sorted({1, max(1, n // 100), max(1, n // 4), n}):
+            _check_top_indices(top_indices(s, k), s.float(), k, f"n={n} k={k} {kind}")
+
+
+def test_top_indices_in_a_cuda_graph_and_past_the_fused_length():
+    """Captured, the kernel recomputes from the replayed input; vectors longer than FUSED_MAX take torch.topk."""
+    from sparselora.ops.topk import FUSED_MAX, top_indices
+
+    s = torch.rand(14336, device="cuda")
+    top_indices(s, 144)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = top_indices(s, 144)
+    for seed in range(3):
+        s.copy_(torch.rand(14336, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)))
+        graph.replay()
+        _check_top_indices(out, s, 144, f"replay {seed}")
+    big = torch.rand(FUSED_MAX + 5, device="cuda")
+    _check_top_indices(top_indices(big, 300), big, 300, "fallback")

@@ -56,7 +56,7 @@ def test_kept_channels_are_the_labelled_tokens_top_channels(arch, padding_side):
                 want = select_attention("oracle", 0.6, seen["attn"][lab], arch_info(ref.config), True,
                                         a.q_proj, a.k_proj, a.v_proj, None)
                 for p in "qkvo":
-                    assert torch.equal(kept[p], want[p]), p
+                    assert torch.equal(kept[p], want[p].sort().values), p
 
 
 def test_batch_without_labels_runs_dense():

@@ -494,7 +494,8 @@ def _expand_formula(kv_channels, arch):
 @pytest.mark.parametrize("heads,kv,dim", [(6, 2, 8), (4, 4, 10), (8, 1, 6), (6, 3, 5)])
 @pytest.mark.parametrize("pairs", [True, False])
 def test_channel_tables_match_the_formulas(heads, kv, dim, pairs):
-    """The cached index tables give exactly the channels of the per-call formulas (sorted, distinct)."""
+    """The cached index tables give exactly the channels of the per-call formulas (distinct; in any order:
+    every consumer slices or scatters by index)."""
     from sparselora.selection import _attention_from_units, _unit_channels
 
     arch = ArchInfo("llama", 1, 40, 86, num_heads=heads, num_kv_heads=kv, head_dim=dim, vocab_size=10)
@@ -506,8 +507,17 @@ def test_channel_tables_match_the_formulas(heads, kv, dim, pairs):
         v_ch = torch.randperm(kv * dim, generator=g)[:k].sort().values
         sel = _attention_from_units(units, v_ch, arch, pairs)
         k_ch = _unit_channels(units, dim, pairs)
-        assert torch.equal(sel["k"], k_ch)
-        assert torch.equal(sel["q"], _expand_formula(k_ch, arch))
-        assert torch.equal(sel["v"], v_ch)
-        assert torch.equal(sel["o"], _expand_formula(v_ch, arch))
-        assert torch.equal(expand_to_query_heads(k_ch, arch), _expand_formula(k_ch, arch))
+        for got, want in ((sel["k"], k_ch), (sel["q"], _expand_formula(k_ch, arch)), (sel["v"], v_ch),
+                          (sel["o"], _expand_formula(v_ch, arch)), (expand_to_query_heads(k_ch, arch), _expand_formula(k_ch, arch))):
+            assert got.unique().numel() == got.numel(), f"repeated channels in {got.tolist()}"
+            assert torch.equal(got.sort().values, want), (got.tolist(), want.tolist())
+
+
+def test_top_indices_on_cpu_and_its_errors():
+    from sparselora.ops.topk import top_indices
+
+    s = torch.tensor([0.3, -1.0, 2.0, 0.5, 2.5])
+    assert top_indices(s, 2).tolist() == [2, 4] and top_indices(s, 5).tolist() == [0, 1, 2, 3, 4]
+    for bad, k in ((s, 0), (s, 6), (s.view(1, 5), 2)):
+        with pytest.raises(ValueError, match="1-D score vector and 0 < k"):
+            top_indices(bad, k)
