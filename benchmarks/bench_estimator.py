@@ -4,7 +4,8 @@ in a CUDA graph and replayed, as inside `CUDAGraphStep`. Reports each selector's
     python benchmarks/bench_estimator.py --shape llama3-8b --batch-preset math --step-ms 184.9 --selectors svd,sampled
 
 svd: the rank-r estimate and its scores; sampled (the default): the real projections (random bf16 weights of the
-shape) on the sampled rows, and their scores; both include the top-k and the channel mapping.
+shape) on the sampled rows, and their scores; both include the top-k and the channel mapping. Also the top-k
+alone at the preset's sizes: the library's one-launch kernel against torch.topk + sort.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from sparselora.io import atomic_write_json
 from sparselora import SparseLoRAConfig
 from sparselora.estimator import low_rank_factors, stack_factors
 from sparselora.models.registry import ArchInfo
-from sparselora.selection import SELECTORS, select_attention, select_ffn
+from sparselora.ops.topk import top_indices
+from sparselora.selection import SELECTORS, ffn_keep_count, keep_count, select_attention, select_ffn
 
 
 def graph_ms(fn, reps: int) -> float:
@@ -90,6 +92,14 @@ def main(argv=None):
                 a.reps)
         totals[sel] = sum(rows[f"ffn@{s}"] for s in cfg.ffn_sparsity.values()) + \
             sum(rows[f"attn@{s}"] for s in cfg.attn_sparsity.values())
+    units = Hkv * (D // 2 if cfg.rope_pairs else D)
+    sizes = sorted({(I, ffn_keep_count(I, s)) for s in cfg.ffn_sparsity.values()}
+                   | {(n, keep_count(n, s)) for s in cfg.attn_sparsity.values() for n in (units, Hkv * D)})
+    topk = {}
+    for n, k_ in sizes:
+        sc = torch.rand(n, device=dev)
+        topk[f"{n}/{k_}"] = {"library": graph_ms(lambda: top_indices(sc, k_), a.reps),
+                             "torch": graph_ms(lambda: sc.topk(k_, sorted=False).indices.sort().values, a.reps)}
     print(f"{a.shape} {a.batch_preset} ({B}x{T}, {B * (T - L)} context rows), preset {preset}, "
           f"rank {cfg.estimator_rank}, sample rows {cfg.sample_rows}")
     for sel in selectors:
@@ -98,8 +108,10 @@ def main(argv=None):
         share = f" = {100 * totals[sel] / a.step_ms:.1f}% of a {a.step_ms} ms step" if a.step_ms else ""
         print(f"  {sel:<8} all sparse layers ({len(cfg.ffn_sparsity)} FFN, {len(cfg.attn_sparsity)} attention): "
               f"{totals[sel]:.2f} ms{share}")
+    for nk, t in topk.items():
+        print(f"  top-k {nk:<12} library {1000 * t['library']:6.1f} us   torch.topk + sort {1000 * t['torch']:6.1f} us")
     doc = {"gpu": torch.cuda.get_device_name(), "shape": a.shape, "batch_preset": a.batch_preset, "preset": preset,
-           "context_rows": B * (T - L), "sample_rows": cfg.sample_rows, "per_layer_ms": table, "total_ms": totals,
+           "context_rows": B * (T - L), "sample_rows": cfg.sample_rows, "per_layer_ms": table, "total_ms": totals, "topk_ms": topk,
            "step_ms": a.step_ms, "share": {k_: t / a.step_ms for k_, t in totals.items()} if a.step_ms else None,
            "versions": versions(), "commit": git_commit(),
            "command": "python benchmarks/bench_estimator.py " + " ".join(argv if argv is not None else sys.argv[1:])}
