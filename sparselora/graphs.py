@@ -38,6 +38,19 @@ INT_KEYS = ("max_length_q", "max_length_k")  # packed batches' segment bound: pa
 BATCH_KEYS = TENSOR_KEYS + INT_KEYS
 
 
+def batch_counts(labels: torch.Tensor, attention_mask: torch.Tensor | None,
+                 dense_output_tokens: bool = True) -> tuple[int, int, int, bool]:
+    """(context tokens, labelled tokens, labelled positions after the first, no padding): the host values a graphed
+    step's shapes depend on. Computed on the collator's CPU tensors they cost no device sync (`HostCounts`);
+    `CUDAGraphStep` computes them itself, with one sync, when a batch does not bring them."""
+    context, labelled = split_masks(labels, attention_mask, tuple(labels.shape), dense_output_tokens)
+    n_ctx, n_lab, head_rows, all_real = torch.stack([
+        context.sum(), labelled.sum(), (labels[:, 1:] != IGNORE_INDEX).sum(),
+        attention_mask.all() if attention_mask is not None else labels.new_ones(()),
+    ]).tolist()
+    return int(n_ctx), int(n_lab), int(head_rows), bool(all_real)
+
+
 def auto_bucket(num_tokens: int) -> int:
     """Bucket size for token counts: the power of two nearest below 1/32 of the batch's slots (128 for 4096).
     At most 1/32 of the context runs dense, and a run of packed rows sees a handful of signatures."""
@@ -90,7 +103,7 @@ class CUDAGraphStep:
         self.graph_peak_bytes = 0
 
     # ------------------------------------------------------------------------------------------ batch signature
-    def _prepare(self, batch: dict):
+    def _prepare(self, batch: dict, counts: tuple[int, int, int, bool] | None):
         unknown = set(batch) - set(BATCH_KEYS)
         if unknown or "input_ids" not in batch or "labels" not in batch:
             raise ValueError(
@@ -102,15 +115,15 @@ class CUDAGraphStep:
         bucket = self.bucket or (auto_bucket(ids.numel()) if self.capture else 1)
         slack = self.slack if self.slack is not None else (3 * bucket if bucket > 1 else 0)
         active = self.state.active
+        dense_output_tokens = self.state.config.dense_output_tokens
+        if counts is None:  # the step's one host sync: shapes depend on the counts; whether the mask can be dropped
+            counts = batch_counts(labels, mask, dense_output_tokens)
+        n_ctx, n_lab, head_rows, all_real = counts
         context = labelled = None
         if active:
-            context, labelled = split_masks(labels, mask, tuple(ids.shape), self.state.config.dense_output_tokens)
-        # the step's one host sync: shapes depend on the counts; whether the mask can be dropped
-        zero = labels.new_zeros(())
-        n_ctx, n_lab, head_rows, all_real = torch.stack([
-            context.sum() if active else zero, labelled.sum() if active else zero,
-            (labels[:, 1:] != IGNORE_INDEX).sum(), mask.all() if mask is not None else labels.new_ones(()),
-        ]).tolist()
+            context, labelled = split_masks(labels, mask, tuple(ids.shape), dense_output_tokens)
+        else:
+            n_ctx = n_lab = 0
         packed = "cu_seq_lens_q" in batch
         if mask is not None and all_real and not packed:
             mask = None  # no padding: the causal kernel needs no mask (and reads none)
@@ -199,10 +212,12 @@ class CUDAGraphStep:
             for p, g in zip(self.params, saved):
                 p.grad = g
 
-    def __call__(self, grad_scale: float = 1.0, **batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, grad_scale: float = 1.0, counts: tuple[int, int, int, bool] | None = None,
+                 **batch: torch.Tensor) -> torch.Tensor:
         """Forward + backward of ``batch``; the new gradients, times ``grad_scale`` (1 / accumulation steps under
-        gradient accumulation), are added to any ``p.grad`` already set. Returns the (unscaled) loss."""
-        key, inputs, ints, split, head_rows = self._prepare(batch)
+        gradient accumulation), are added to any ``p.grad`` already set. Returns the (unscaled) loss. ``counts``:
+        `batch_counts` of the batch computed on the host before it moved to the GPU (no device sync here then)."""
+        key, inputs, ints, split, head_rows = self._prepare(batch, counts)
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._new_entry(inputs, ints, split)

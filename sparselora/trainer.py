@@ -12,9 +12,29 @@ machine without CUDA the same path runs eagerly (for tests and CPU runs).
 
 from __future__ import annotations
 
+import torch
 from transformers import Trainer
 
-from sparselora.graphs import BATCH_KEYS, CUDAGraphStep
+from sparselora.graphs import BATCH_KEYS, CUDAGraphStep, batch_counts
+from sparselora.patch import get_state
+
+COUNTS_KEY = "sparselora_counts"  # HostCounts' entry in a batch: plain ints, so the Trainer leaves them on the host
+
+
+class HostCounts:
+    """Collator wrapper: adds the batch's `batch_counts`, computed on its CPU tensors before the batch moves to the
+    GPU, so that the graphed step learns its shapes without waiting for the device (with non-blocking copies of
+    pinned batches the host then prepares the next step while the GPU runs this one)."""
+
+    def __init__(self, collator, dense_output_tokens: bool):
+        self.collator, self.dense_output_tokens = collator, dense_output_tokens
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        labels = batch.get("labels")
+        if torch.is_tensor(labels) and labels.device.type == "cpu":
+            batch[COUNTS_KEY] = batch_counts(labels, batch.get("attention_mask"), self.dense_output_tokens)
+        return batch
 
 
 class CUDAGraphTrainingMixin:
@@ -27,6 +47,11 @@ class CUDAGraphTrainingMixin:
     def __init__(self, *args, graph_bucket: int | None = None, **kwargs):
         self._graph_bucket = graph_bucket
         super().__init__(*args, **kwargs)
+        if self.data_collator is not None and not isinstance(self.data_collator, HostCounts):
+            self.data_collator = HostCounts(self.data_collator, get_state(self.model).config.dense_output_tokens)
+        if self.args.dataloader_pin_memory and torch.cuda.is_available():
+            # pinned batches copied without a stream sync: nothing in the step then waits for the GPU
+            self.accelerator.dataloader_config.non_blocking = True
 
     def _graph_checks(self) -> None:
         a = self.args
@@ -43,6 +68,7 @@ class CUDAGraphTrainingMixin:
             self._graph_step = CUDAGraphStep(self.model, capture=next(self.model.parameters()).is_cuda,
                                              bucket=self._graph_bucket)
         model.train()
+        counts = inputs.pop(COUNTS_KEY, None)
         inputs = self._prepare_inputs(inputs)
         extra = set(inputs) - set(BATCH_KEYS)
         if extra:
@@ -51,7 +77,7 @@ class CUDAGraphTrainingMixin:
             )
         ga = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         with self.compute_loss_context_manager():
-            loss = self._graph_step(grad_scale=1.0 / ga, **inputs)
+            loss = self._graph_step(grad_scale=1.0 / ga, counts=counts, **inputs)
         return loss.detach() / ga
 
 
@@ -59,4 +85,4 @@ class CUDAGraphTrainer(CUDAGraphTrainingMixin, Trainer):
     pass
 
 
-__all__ = ["CUDAGraphTrainer", "CUDAGraphTrainingMixin"]
+__all__ = ["CUDAGraphTrainer", "CUDAGraphTrainingMixin", "HostCounts"]

@@ -256,3 +256,41 @@ def test_bf16_trainer_runs_the_fused_ops(tmp_path, monkeypatch, graph_trainer):
     assert len(losses[True]) == 3
     for a, b in zip(losses[True], losses[False]):
         assert abs(a - b) < 0.03 * abs(b), f"bf16 autocast loss {a} vs float32 {b}"
+
+
+def test_graph_trainer_step_takes_its_counts_from_the_host(tmp_path, monkeypatch):
+    """The collator's host-side token counts reach the graphed step, which then counts nothing itself (on a GPU
+    that count was a device sync per step), and the trained weights equal those of a step that counts itself."""
+    from transformers import TrainingArguments
+
+    import sparselora.graphs as graphs
+    from sparselora import CUDAGraphTrainer
+    from sparselora.data import DataCollator, Example, tokenize_examples
+    from sparselora.trainer import COUNTS_KEY, HostCounts
+
+    tok = tiny_tokenizer()
+    base = tiny_peft("llama", vocab_size=len(tok), r=4)
+    feats, _ = tokenize_examples([Example(r["prompt"], r["completion"]) for r in _rows(8)], tok, max_length=128)
+    batch = HostCounts(DataCollator(tok), True)(feats[:2])
+    assert batch[COUNTS_KEY] == graphs.batch_counts(batch["labels"], batch["attention_mask"])
+    in_step = []
+    real = graphs.batch_counts
+    monkeypatch.setattr(graphs, "batch_counts", lambda *a, **k: in_step.append(1) or real(*a, **k))
+    weights = {}
+    for host in (True, False):
+        model = clone(base)
+        apply_sparselora(model, SparseLoRAConfig(**CFG), fast_kernels=True)
+        args = TrainingArguments(output_dir=str(tmp_path / str(host)), max_steps=3, per_device_train_batch_size=2,
+                                 learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                                 disable_tqdm=True, remove_unused_columns=False, seed=0, data_seed=0)
+        trainer = CUDAGraphTrainer(model=model, args=args, train_dataset=feats, data_collator=DataCollator(tok),
+                                   graph_bucket=1)
+        assert isinstance(trainer.data_collator, HostCounts)
+        if not host:  # a collator that brings no counts: the step counts them itself
+            trainer.data_collator = trainer.data_collator.collator
+        in_step.clear()
+        trainer.train()
+        assert len(in_step) == (0 if host else 3), f"host counts {host}: the step counted {len(in_step)} times"
+        weights[host] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for n in weights[True]:
+        assert_close(weights[True][n], weights[False][n], f"weight {n}", torch.float32)

@@ -70,12 +70,14 @@ def _sync():
 
 
 class _Recorder:
-    """Per-step wall time (synchronized at step boundaries), real tokens per batch, losses, and on CUDA the GPU
-    timeline of each forward + backward (`Trainer.training_step`, events, no extra sync): the rest of a step is
-    clipping, the optimizer and the Trainer's own work."""
+    """Per-step time, real tokens per batch, and on CUDA the GPU timeline of each forward + backward
+    (`Trainer.training_step`). On CUDA a step's time is the distance between CUDA events recorded at consecutive
+    step begins: no sync of its own, so the host may run ahead as in a user's run (the Trainer syncs where it logs),
+    and host work the GPU waits for still counts. The rest of a step beyond forward + backward is clipping, the
+    optimizer and the Trainer's own work."""
 
     def __init__(self, collator, prof=None):
-        self.collator, self.tokens, self.times, self.prof, self.events = collator, [], [], prof, []
+        self.collator, self.tokens, self.prof, self.events, self.marks, self.wall = collator, [], prof, [], [], []
 
     def time_training_step(self, trainer) -> None:
         if not torch.cuda.is_available():
@@ -96,6 +98,22 @@ class _Recorder:
         _sync()
         return [s.elapsed_time(e) for s, e in self.events]
 
+    @property
+    def times(self) -> list[float]:
+        """Seconds per step."""
+        if not self.marks:
+            return [b - a for a, b in zip(self.wall, self.wall[1:])]
+        _sync()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+    def _mark(self) -> None:
+        if torch.cuda.is_available():
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.wall.append(time.perf_counter())
+
     def __call__(self, features):
         batch = self.collator(features)
         self.tokens.append(int(batch["attention_mask"].sum()))
@@ -108,14 +126,14 @@ class _Recorder:
 
         class Timer(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                _sync()
-                rec.t0 = time.perf_counter()
+                rec._mark()
 
             def on_step_end(self, args, state, control, **kw):
-                _sync()
-                rec.times.append(time.perf_counter() - rec.t0)
                 if rec.prof is not None:
                     rec.prof.step()
+
+            def on_train_end(self, args, state, control, **kw):
+                rec._mark()  # the end of the last step
 
         return Timer()
 
@@ -162,7 +180,7 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
     targs = TrainingArguments(
         output_dir=str(Path(args.scratch) / name), max_steps=args.warmup + args.steps,
         per_device_train_batch_size=1 if packed else args.rows, learning_rate=3e-4, lr_scheduler_type="cosine",
-        warmup_steps=2, max_grad_norm=1.0, bf16=device.type == "cuda", use_cpu=device.type == "cpu", logging_steps=1, save_strategy="no", report_to=[],
+        warmup_steps=2, max_grad_norm=1.0, bf16=device.type == "cuda", use_cpu=device.type == "cpu", logging_steps=args.logging_steps, save_strategy="no", report_to=[],
         disable_tqdm=True, remove_unused_columns=False, dataloader_drop_last=True, seed=args.seed, data_seed=args.seed,
         use_liger_kernel=method.startswith("peft_liger"),
         train_sampling_strategy="group_by_length" if method == "peft_liger_grouped" else "sequential")
@@ -184,7 +202,8 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
         trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    times, toks = rec.times, rec.tokens[: len(rec.times)]
+    times = rec.times
+    toks = rec.tokens[: len(times)]
     meas_t, meas_n = times[args.warmup:], toks[args.warmup:]
     step = getattr(trainer, "_graph_step", None)
     out = {
@@ -222,6 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40, help="measured steps")
     ap.add_argument("--warmup", type=int, default=10, help="steps before measuring (captures happen here and later)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--logging-steps", type=int, default=1,
+                    help="the Trainer's logging interval (each log reads the loss: a host sync); 1 as `sparselora finetune`")
     ap.add_argument("--profile", default=None, help="methods to profile, comma list (kernel table of two steps)")
     ap.add_argument("--profile-out", default=".", help="folder for profile-<method>.txt")
     ap.add_argument("--scratch", default="/tmp/sparselora-bench-train")
@@ -260,6 +281,7 @@ def main(argv=None) -> int:
               "versions": versions(), "commit": git_commit(), "command": "sparselora bench --trainer " +
               " ".join(argv if argv is not None else __import__("sys").argv[1:]),
               "rows_per_padded_batch": args.rows, "tokens_per_step": args.tokens_per_step,
+              "logging_steps": args.logging_steps,
               "lengths": {"tokenizer": lengths["tokenizer"], "sources": lengths["sources"],
                           "mean_prompt": statistics.mean(lengths["prompt"]),
                           "mean_answer": statistics.mean(lengths["answer"])},

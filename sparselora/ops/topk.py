@@ -4,8 +4,9 @@ Every sparse layer runs a top-k over one score vector per batch (14,336 FFN chan
 attention units). On an H200, in a CUDA graph, torch.topk (a multi-pass radix select) took 34 us and the sort of
 its indices 27 us: over the 42 sparse layers of a Llama-3-8B preset a few ms per step, for a vector that fits
 in one thread block's registers. Here one program loads the whole vector, finds the k-th largest score exactly
-by bisection on the bits of an order-preserving integer key (32 block-wide counts), and writes the indices above
-it, plus the first ties by index, at their prefix-sum positions: sorted by construction, no sort kernel.
+by a radix select on an order-preserving integer key (four 256-bin histograms, a byte a pass), and writes the
+indices above it, plus the first ties by index, at their prefix-sum positions: sorted by construction, no sort
+kernel.
 Vectors longer than `FUSED_MAX` and CPU tensors take torch.topk + sort (same set up to ties).
 """
 
@@ -32,10 +33,21 @@ if triton is not None:
         # float order as integer order, in [0, 2^32): non-negative floats above every negative one; -1 = padding
         key = tl.where(bits >= 0, bits + 2147483648, -1 - bits)
         key = tl.where(inside, key, -1)
-        t = tl.zeros((), dtype=tl.int64)  # the largest t with count(key >= t) >= K, built from the top bit down
-        for i in tl.static_range(32):
-            cand = t | (1 << (31 - i))
-            t = tl.where(tl.sum((key >= cand).to(tl.int32), 0) >= K, cand, t)
+        # radix select, 8 bits a pass: the histogram of the next byte among the keys sharing the bytes found so
+        # far gives the byte of the k-th largest key and how many keys lie above it
+        bins = tl.arange(0, 256)
+        t = tl.zeros((), dtype=tl.int64)
+        need = K
+        for p in tl.static_range(4):
+            shift: tl.constexpr = 24 - 8 * p
+            match = inside
+            if p > 0:
+                match = inside & ((key >> (shift + 8)) == t)
+            hist = tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
+            at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # matching keys with this byte or a larger one
+            byte = tl.max(tl.where(at_or_above >= need, bins, 0), 0)
+            need -= tl.sum(tl.where(bins > byte, hist, 0), 0)
+            t = (t << 8) | byte.to(tl.int64)
         above = key > t
         ties = key == t
         need = K - tl.sum(above.to(tl.int32), 0)
