@@ -307,3 +307,36 @@ def test_top_indices_in_a_cuda_graph_and_past_the_fused_length():
         _check_top_indices(out, s, 144, f"replay {seed}")
     big = torch.rand(FUSED_MAX + 5, device="cuda")
     _check_top_indices(top_indices(big, 300), big, 300, "fallback")
+
+
+def test_cuda_graph_trainer_on_the_gpu_matches_the_trainer(tmp_path):
+    """CUDAGraphTrainer on a GPU (host-side counts, non-blocking pinned copies, graphs) logs the losses of the plain
+    Trainer's eager steps and ends with the same adapter weights."""
+    from transformers import Trainer, TrainingArguments
+
+    from sparselora import CUDAGraphTrainer, SparseLoRACallback
+
+    batches = [make_batch(seed=s) for s in range(4)]
+    rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(b["input_ids"].shape[0])]
+    base = tiny_peft("llama", attn_implementation="sdpa")
+    runs = {}
+    for cls in (Trainer, CUDAGraphTrainer):
+        model = clone(base).cuda()
+        apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={"0-3": 0.7}, attn_sparsity={"1-3": 0.5}, start_step=0),
+                         fast_kernels=True)
+        args = TrainingArguments(output_dir=str(tmp_path / cls.__name__), max_steps=4, report_to=[],
+                                 per_device_train_batch_size=batches[0]["input_ids"].shape[0], learning_rate=1e-3,
+                                 logging_steps=1, save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+                                 seed=0, data_seed=0)
+        trainer = cls(model=model, args=args, train_dataset=rows, callbacks=[SparseLoRACallback()],
+                      **({"graph_bucket": 1} if cls is CUDAGraphTrainer else {}))
+        if cls is Trainer:
+            trainer.model_accepts_loss_kwargs = False  # micro-batches weigh the same, as in the graph trainer
+        trainer.train()
+        runs[cls.__name__] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
+                              {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad})
+    (la, wa), (lb, wb) = runs["Trainer"], runs["CUDAGraphTrainer"]
+    assert len(la) == len(lb) == 4
+    assert_close(torch.tensor(lb), torch.tensor(la), "logged losses", torch.float32, rtol=1e-3, atol=1e-3)
+    for n in wa:
+        assert_close(wb[n], wa[n], f"weight {n}", torch.float32, rtol=1e-3, atol=1e-3)
