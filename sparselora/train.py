@@ -336,6 +336,11 @@ def _apply(cfg: RunConfig, run: _Loaded, path, use_cpu: bool, say):
     return calibration
 
 
+# Each log reads the loss back from the GPU (a host sync): logging every step there leaves the GPU idle while the
+# host prepares the next step. On CPU a log costs nothing and every step's loss is shown.
+GPU_LOGGING_STEPS = 10
+
+
 def _training_arguments(cfg: RunConfig, output: Path, path, dtype, use_cpu: bool):
     """Phase 6a: the Trainer's arguments."""
     return TrainingArguments(
@@ -348,7 +353,7 @@ def _training_arguments(cfg: RunConfig, output: Path, path, dtype, use_cpu: bool
         weight_decay=cfg.weight_decay,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         num_train_epochs=cfg.epochs,
-        logging_steps=cfg.logging_steps,
+        logging_steps=cfg.logging_steps or (1 if use_cpu else GPU_LOGGING_STEPS),
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,

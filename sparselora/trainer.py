@@ -12,12 +12,15 @@ machine without CUDA the same path runs eagerly (for tests and CPU runs).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import Trainer
 
 from sparselora.graphs import BATCH_KEYS, CUDAGraphStep, batch_counts
 from sparselora.patch import get_state
 
+logger = logging.getLogger("sparselora")
 COUNTS_KEY = "sparselora_counts"  # HostCounts' entry in a batch: plain ints, so the Trainer leaves them on the host
 
 
@@ -49,9 +52,15 @@ class CUDAGraphTrainingMixin:
         super().__init__(*args, **kwargs)
         if self.data_collator is not None and not isinstance(self.data_collator, HostCounts):
             self.data_collator = HostCounts(self.data_collator, get_state(self.model).config.dense_output_tokens)
-        if self.args.dataloader_pin_memory and torch.cuda.is_available():
-            # pinned batches copied without a stream sync: nothing in the step then waits for the GPU
-            self.accelerator.dataloader_config.non_blocking = True
+        if torch.cuda.is_available():
+            if self.args.dataloader_pin_memory:  # pinned batches copied without a stream sync
+                self.accelerator.dataloader_config.non_blocking = True
+            if self.args.logging_nan_inf_filter:
+                # the filter reads every step's loss on the host: a sync per step that idles the GPU while the host
+                # prepares the next one. Without it a non-finite loss shows in the logged mean instead of being dropped.
+                logger.info("CUDAGraphTrainer: logging_nan_inf_filter off (it syncs every step); non-finite losses "
+                            "show in the logs")
+                self.args.logging_nan_inf_filter = False
 
     def _graph_checks(self) -> None:
         a = self.args

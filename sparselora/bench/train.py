@@ -241,8 +241,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40, help="measured steps")
     ap.add_argument("--warmup", type=int, default=10, help="steps before measuring (captures happen here and later)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--logging-steps", type=int, default=1,
-                    help="the Trainer's logging interval (each log reads the loss: a host sync); 1 as `sparselora finetune`")
+    ap.add_argument("--logging-steps", type=int, default=10,
+                    help="the Trainer's logging interval (each log reads the loss: a host sync); 10 as `sparselora "
+                         "finetune` on a GPU")
     ap.add_argument("--profile", default=None, help="methods to profile, comma list (kernel table of two steps)")
     ap.add_argument("--profile-out", default=".", help="folder for profile-<method>.txt")
     ap.add_argument("--scratch", default="/tmp/sparselora-bench-train")

@@ -12,7 +12,7 @@ _FLAGS = {
     "lora_r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "lora_targets": "lora_targets",
     "lr": "learning_rate", "lr_scheduler": "lr_scheduler", "warmup": "warmup", "batch_size": "batch_size",
     "grad_accum": "grad_accum", "max_steps": "max_steps", "epochs": "epochs", "max_length": "max_length",
-    "seed": "seed", "dtype": "dtype", "save_steps": "save_steps", "data_format": "data_format",
+    "seed": "seed", "dtype": "dtype", "save_steps": "save_steps", "logging_steps": "logging_steps", "data_format": "data_format",
     "limit": "limit", "estimator_dir": "estimator_dir", "threads": "threads", "loss_bound": "loss_bound",
     "probe": "probe", "kl_bound": "kl_bound",
     "heldout": "heldout",
@@ -117,6 +117,9 @@ def add_run_arguments(p: argparse.ArgumentParser, required: bool = True) -> None
     t.add_argument("--kl-bound", type=float, metavar="NATS",
                    help="the bound of --probe kl, in nats per labelled token" + _d("kl_bound"))
     t.add_argument("--save-steps", type=int, help="checkpoint every N steps" + _d("save_steps"))
+    t.add_argument("--logging-steps", type=int,
+                   help="log the loss every N steps (default: every step on CPU, every 10 on a GPU, where each log "
+                        "is a host sync)")
     t.add_argument("--threads", type=int,
                    help="torch CPU threads (default: half the usable cores, at most 4 — the rule of every "
                         "sparselora command)")

@@ -39,11 +39,10 @@ if triton is not None:
         t = tl.zeros((), dtype=tl.int64)
         need = K
         for p in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * p
             match = inside
             if p > 0:
-                match = inside & ((key >> (shift + 8)) == t)
-            hist = tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
+                match = inside & ((key >> (32 - 8 * p)) == t)
+            hist = tl.histogram(((key >> (24 - 8 * p)) & 255).to(tl.int32), 256, mask=match)
             at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # matching keys with this byte or a larger one
             byte = tl.max(tl.where(at_or_above >= need, bins, 0), 0)
             need -= tl.sum(tl.where(bins > byte, hist, 0), 0)
