@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -36,19 +37,29 @@ from sparselora.tokens import IGNORE_INDEX, TokenSplit, check_labels, split_from
 TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
 INT_KEYS = ("max_length_q", "max_length_k")  # packed batches' segment bound: part of the signature
 BATCH_KEYS = TENSOR_KEYS + INT_KEYS
+COUNTS_KEY = "sparselora_counts"  # `HostCounts`' entry in a batch: plain ints, so the Trainer leaves them on the host
+
+
+class BatchCounts(NamedTuple):
+    """The host values a graphed step's shapes depend on, and what a run logs of a batch."""
+
+    context: int  # context tokens (may run sparse)
+    labelled: int  # labelled tokens that stay dense
+    head_rows: int  # labelled positions after the first (rows of the labelled-only head)
+    all_real: bool  # no padding
+    real_tokens: int  # attention_mask == 1
 
 
 def batch_counts(labels: torch.Tensor, attention_mask: torch.Tensor | None,
-                 dense_output_tokens: bool = True) -> tuple[int, int, int, bool]:
-    """(context tokens, labelled tokens, labelled positions after the first, no padding): the host values a graphed
-    step's shapes depend on. Computed on the collator's CPU tensors they cost no device sync (`HostCounts`);
+                 dense_output_tokens: bool = True) -> BatchCounts:
+    """`BatchCounts` of a batch. Computed on the collator's CPU tensors they cost no device sync (`HostCounts`);
     `CUDAGraphStep` computes them itself, with one sync, when a batch does not bring them."""
     context, labelled = split_masks(labels, attention_mask, tuple(labels.shape), dense_output_tokens)
-    n_ctx, n_lab, head_rows, all_real = torch.stack([
-        context.sum(), labelled.sum(), (labels[:, 1:] != IGNORE_INDEX).sum(),
-        attention_mask.all() if attention_mask is not None else labels.new_ones(()),
+    real = attention_mask.sum() if attention_mask is not None else labels.new_tensor(labels.numel())
+    n_ctx, n_lab, head_rows, n_real = torch.stack([
+        context.sum(), labelled.sum(), (labels[:, 1:] != IGNORE_INDEX).sum(), real,
     ]).tolist()
-    return int(n_ctx), int(n_lab), int(head_rows), bool(all_real)
+    return BatchCounts(int(n_ctx), int(n_lab), int(head_rows), int(n_real) == labels.numel(), int(n_real))
 
 
 def auto_bucket(num_tokens: int) -> int:
@@ -103,7 +114,7 @@ class CUDAGraphStep:
         self.graph_peak_bytes = 0
 
     # ------------------------------------------------------------------------------------------ batch signature
-    def _prepare(self, batch: dict, counts: tuple[int, int, int, bool] | None):
+    def _prepare(self, batch: dict, counts: BatchCounts | None):
         unknown = set(batch) - set(BATCH_KEYS)
         if unknown or "input_ids" not in batch or "labels" not in batch:
             raise ValueError(
@@ -118,7 +129,7 @@ class CUDAGraphStep:
         dense_output_tokens = self.state.config.dense_output_tokens
         if counts is None:  # the step's one host sync: shapes depend on the counts; whether the mask can be dropped
             counts = batch_counts(labels, mask, dense_output_tokens)
-        n_ctx, n_lab, head_rows, all_real = counts
+        n_ctx, n_lab, head_rows, all_real = counts.context, counts.labelled, counts.head_rows, counts.all_real
         context = labelled = None
         if active:
             context, labelled = split_masks(labels, mask, tuple(ids.shape), dense_output_tokens)
@@ -212,7 +223,7 @@ class CUDAGraphStep:
             for p, g in zip(self.params, saved):
                 p.grad = g
 
-    def __call__(self, grad_scale: float = 1.0, counts: tuple[int, int, int, bool] | None = None,
+    def __call__(self, grad_scale: float = 1.0, counts: BatchCounts | None = None,
                  **batch: torch.Tensor) -> torch.Tensor:
         """Forward + backward of ``batch``; the new gradients, times ``grad_scale`` (1 / accumulation steps under
         gradient accumulation), are added to any ``p.grad`` already set. Returns the (unscaled) loss. ``counts``:

@@ -17,11 +17,10 @@ import logging
 import torch
 from transformers import Trainer
 
-from sparselora.graphs import BATCH_KEYS, CUDAGraphStep, batch_counts
+from sparselora.graphs import BATCH_KEYS, COUNTS_KEY, CUDAGraphStep, batch_counts
 from sparselora.patch import get_state
 
 logger = logging.getLogger("sparselora")
-COUNTS_KEY = "sparselora_counts"  # HostCounts' entry in a batch: plain ints, so the Trainer leaves them on the host
 
 
 class HostCounts:

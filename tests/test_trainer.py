@@ -266,7 +266,8 @@ def test_graph_trainer_step_takes_its_counts_from_the_host(tmp_path, monkeypatch
     import sparselora.graphs as graphs
     from sparselora import CUDAGraphTrainer
     from sparselora.data import DataCollator, Example, tokenize_examples
-    from sparselora.trainer import COUNTS_KEY, HostCounts
+    from sparselora.graphs import COUNTS_KEY
+    from sparselora.trainer import HostCounts
 
     tok = tiny_tokenizer()
     base = tiny_peft("llama", vocab_size=len(tok), r=4)
@@ -294,3 +295,18 @@ def test_graph_trainer_step_takes_its_counts_from_the_host(tmp_path, monkeypatch
         weights[host] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for n in weights[True]:
         assert_close(weights[True][n], weights[False][n], f"weight {n}", torch.float32)
+
+
+def test_token_counter_reads_the_host_counts():
+    """finetune's per-step token count takes the host counts when the batch brings them (reading the GPU mask was
+    two device syncs per step), and still warns on a batch without a labelled token."""
+    from sparselora.graphs import COUNTS_KEY, BatchCounts
+    from sparselora.run.callbacks import TokenCounter
+
+    c = TokenCounter()
+    never = type("Never", (), {"sum": lambda self: 1 / 0, "__getitem__": lambda self, k: 1 / 0})()
+    c.add({COUNTS_KEY: BatchCounts(5, 3, 3, False, 9), "attention_mask": never, "labels": never})
+    c.add({COUNTS_KEY: BatchCounts(4, 0, 0, True, 4), "attention_mask": never, "labels": never})
+    assert (c.tokens, c.unlabelled_batches) == (13, 1)
+    c.add({"attention_mask": torch.ones(2, 3, dtype=torch.long), "labels": torch.full((2, 3), -100)})
+    assert (c.tokens, c.unlabelled_batches) == (19, 2)

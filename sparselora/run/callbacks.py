@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any
 
+from sparselora.graphs import COUNTS_KEY
 from sparselora.tokens import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -23,11 +24,15 @@ class TokenCounter:
         self.unlabelled_batches = 0
 
     def add(self, inputs) -> None:
-        mask = inputs.get("attention_mask")
-        ids = inputs.get("input_ids")
-        self.tokens += int(mask.sum()) if mask is not None else int(ids.numel()) if ids is not None else 0
-        labels = inputs.get("labels")
-        if labels is not None and not bool((labels[..., 1:] != IGNORE_INDEX).any()):
+        counts = inputs.get(COUNTS_KEY)  # counted on the host by the graph trainer's collator: no device sync
+        mask, ids, labels = inputs.get("attention_mask"), inputs.get("input_ids"), inputs.get("labels")
+        if counts is not None:
+            self.tokens += counts.real_tokens
+            unlabelled = counts.head_rows == 0
+        else:
+            self.tokens += int(mask.sum()) if mask is not None else int(ids.numel()) if ids is not None else 0
+            unlabelled = labels is not None and not bool((labels[..., 1:] != IGNORE_INDEX).any())
+        if unlabelled:
             self.unlabelled_batches += 1
             if self.unlabelled_batches == 1:
                 logger.warning(
