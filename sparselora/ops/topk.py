@@ -4,9 +4,10 @@ Every sparse layer runs a top-k over one score vector per batch (14,336 FFN chan
 attention units). On an H200, in a CUDA graph, torch.topk (a multi-pass radix select) took 34 us and the sort of
 its indices 27 us: over the 42 sparse layers of a Llama-3-8B preset a few ms per step, for a vector that fits
 in one thread block's registers. Here one program loads the whole vector, finds the k-th largest score exactly
-by a radix select on an order-preserving integer key (four 256-bin histograms, a byte a pass), and writes the
-indices above it, plus the first ties by index, at their prefix-sum positions: sorted by construction, no sort
-kernel.
+on an order-preserving integer key, two bits a step (16 block-wide sums, each counting three candidates at once),
+and writes the indices above it, plus the first ties by index, at their prefix-sum positions: sorted by
+construction, no sort kernel. (A radix select by byte histograms was slower on real scores: they share their top
+byte, the exponent, and the first histogram serialized on one bin's atomics.)
 Vectors longer than `FUSED_MAX` and CPU tensors take torch.topk + sort (same set up to ties).
 """
 
@@ -33,20 +34,16 @@ if triton is not None:
         # float order as integer order, in [0, 2^32): non-negative floats above every negative one; -1 = padding
         key = tl.where(bits >= 0, bits + 2147483648, -1 - bits)
         key = tl.where(inside, key, -1)
-        # radix select, 8 bits a pass: the histogram of the next byte among the keys sharing the bytes found so
-        # far gives the byte of the k-th largest key and how many keys lie above it
-        bins = tl.arange(0, 256)
+        # the k-th largest key, two bits a step from the top: count the keys at or above the three candidates
+        # t + 1/2/3 * 2^shift in one block-wide sum (three 16-bit counts packed in an int64; N <= 32768)
         t = tl.zeros((), dtype=tl.int64)
-        need = K
-        for p in tl.static_range(4):
-            match = inside
-            if p > 0:
-                match = inside & ((key >> (32 - 8 * p)) == t)
-            hist = tl.histogram(((key >> (24 - 8 * p)) & 255).to(tl.int32), 256, mask=match)
-            at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # matching keys with this byte or a larger one
-            byte = tl.max(tl.where(at_or_above >= need, bins, 0), 0)
-            need -= tl.sum(tl.where(bins > byte, hist, 0), 0)
-            t = (t << 8) | byte.to(tl.int64)
+        for i in tl.static_range(16):
+            step = t * 0 + (1 << (30 - 2 * i))  # an int64 scalar: 3 * step overflows int32
+            packed = ((key >= (t | step)).to(tl.int64) + ((key >= (t | (2 * step))).to(tl.int64) << 16)
+                      + ((key >= (t | (3 * step))).to(tl.int64) << 32))
+            c = tl.sum(packed, 0)
+            j = ((c & 65535) >= K).to(tl.int64) + (((c >> 16) & 65535) >= K).to(tl.int64) + ((c >> 32) >= K).to(tl.int64)
+            t = t | (j * step)
         above = key > t
         ties = key == t
         need = K - tl.sum(above.to(tl.int32), 0)
