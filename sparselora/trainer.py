@@ -57,8 +57,8 @@ class CUDAGraphTrainingMixin:
             if self.args.logging_nan_inf_filter:
                 # the filter reads every step's loss on the host: a sync per step that idles the GPU while the host
                 # prepares the next one. Without it a non-finite loss shows in the logged mean instead of being dropped.
-                logger.info("CUDAGraphTrainer: logging_nan_inf_filter off (it syncs every step); non-finite losses "
-                            "show in the logs")
+                logger.warning("sparselora: CUDAGraphTrainer turns logging_nan_inf_filter off (it reads every step's "
+                               "loss on the host, which idles the GPU); a non-finite loss shows in the logged mean")
                 self.args.logging_nan_inf_filter = False
 
     def _graph_checks(self) -> None:
