@@ -126,8 +126,10 @@ def load_tests(task: str, data_dir: Path, limit: int | None) -> tuple[dict, dict
 
 
 # ------------------------------------------------------------------------------------------------- runs
-def run_config(name: str, seed: int, args, model: str, data: Path, work: Path):
-    """The `RunConfig` of one trained (method, seed): the finetune defaults except the protocol's settings."""
+def run_config(name: str, seed: int, args, model: str, data: Path, work: Path, recorded: dict | None = None):
+    """The `RunConfig` of one trained (method, seed): the finetune defaults except the protocol's settings.
+    ``recorded``: the table's record of that seed's sparselora run, whose calibrated config a swapped selector
+    takes when the run folder is gone (a table resumed on another machine)."""
     from sparselora import SparseLoRAConfig
     from sparselora.train import RunConfig
 
@@ -135,7 +137,8 @@ def run_config(name: str, seed: int, args, model: str, data: Path, work: Path):
                   max_steps=args.max_steps or -1, epochs=args.epochs, batch_size=args.batch_size,
                   learning_rate=args.lr, max_length=args.max_length, lora_dropout=args.lora_dropout,
                   heldout=args.heldout, save_steps=args.save_steps, save_total_limit=1,
-                  estimator_dir=args.estimator_dir)
+                  estimator_dir=args.estimator_dir,
+                  logging_steps=1)  # every step's loss, as the tables made before finetune's GPU default of 10
     if name == "dense":
         return RunConfig(dense=True, sparsity=args.sparsity, loss_bound=None, **common)
     if name == "sparselora":
@@ -143,21 +146,25 @@ def run_config(name: str, seed: int, args, model: str, data: Path, work: Path):
                          kl_bound=args.kl_bound, **common)
     # a swapped selector: the same seed's calibrated sparselora config, only the selector changed, no probe
     calibrated = work / f"sparselora-s{seed}" / "sparsity.yaml"
-    if not calibrated.exists():
-        raise RuntimeError(f"{calibrated} missing: the sparselora run of seed {seed} must run first")
-    cfg = SparseLoRAConfig.from_yaml(calibrated)
+    if calibrated.exists():
+        cfg = SparseLoRAConfig.from_yaml(calibrated)
+    elif recorded and recorded.get("sparsity_config"):
+        cfg = SparseLoRAConfig(**recorded["sparsity_config"])
+    else:
+        raise RuntimeError(f"{calibrated} missing and the table records no sparselora run of seed {seed}: that run "
+                           "must run first")
     cfg.selector = name
     path = work / f"{name}-s{seed}.sparsity.yaml"
     cfg.to_yaml(path)
     return RunConfig(sparsity=str(path), loss_bound=None, **common)
 
 
-def train(name: str, seed: int, args, model: str, data: Path, work: Path) -> dict:
+def train(name: str, seed: int, args, model: str, data: Path, work: Path, recorded: dict | None = None) -> dict:
     """One finetune run (resumed if a previous call was cut short; reused if finished)."""
     from sparselora.run.folder import is_run_dir
     from sparselora.train import finetune
 
-    cfg = run_config(name, seed, args, model, data, work)
+    cfg = run_config(name, seed, args, model, data, work, recorded)
     resume = is_run_dir(Path(cfg.output))
     summary = finetune(cfg, resume=resume, progress=False, label=f"{name} s{seed}", echo=lambda s: log("  " + s))
     fl = summary["flops"]
@@ -208,7 +215,10 @@ def one_run(name: str, seed: int, ctx: dict) -> dict:
     if name == "base":
         rec["eval"] = evaluate_all(ctx["base"], ctx["tokenizer"], ctx["tests"], args.task, args, pred_dir)
     else:
-        rec.update(train(name, seed, args, ctx["model"], ctx["data"], ctx["work"]))
+        recorded = ctx["doc"]["methods"].get("sparselora", {}).get("runs", {}).get(str(seed))
+        if recorded is not None and (recorded.get("settings_hash") != ctx["settings_hash"] or "error" in recorded):
+            recorded = None  # only a finished run of these settings
+        rec.update(train(name, seed, args, ctx["model"], ctx["data"], ctx["work"], recorded))
         log(f"  trained {rec['steps']} steps in {rec['train_seconds']:.0f}s ({rec['training_path']}); loss "
             f"{rec['first_loss']:.3f} -> {rec['final_loss']:.3f}; FLOPs {rec['flops']['ratio']:.1%} of dense")
         gc.collect()  # the run's own model copy goes before the adapter is loaded onto the shared base
@@ -365,7 +375,7 @@ def main(argv=None):
                    "tests": test_info, "base_checksum": checksum, "eval_batch_size": args.eval_batch_size},
     })
     ctx = {"args": args, "base": base, "tokenizer": tokenizer, "tests": tests, "settings_hash": sh,
-           "model": str(folder), "data": data, "work": work,
+           "model": str(folder), "data": data, "work": work, "doc": doc,
            "pred_root": None if args.pred_dir == "none" else Path(args.pred_dir or out.with_suffix("").as_posix() + ".preds")}
     durations = []
     for name, seed in runs:

@@ -51,6 +51,20 @@ def test_swapped_selector_reuses_the_calibrated_config(tmp_path):
     assert used.selector == "oracle" and used.ffn_sparsity == {2: 0.3, 3: 0.3, 4: 0.3, 5: 0.3} and cfg.loss_bound is None
     dense = acc.run_config("dense", 1, args, "m", tmp_path / "d.jsonl", tmp_path)
     assert dense.dense and dense.seed == 1 and dense.max_steps == 3 and dense.output.endswith("dense-s1")
+    assert dense.logging_steps == 1  # every step's loss, as the earlier tables
+
+
+def test_swapped_selector_takes_the_tables_record_when_the_run_folder_is_gone(tmp_path):
+    """A table resumed on a fresh machine: the seed's sparselora run folder is gone, its JSON record is not."""
+    from sparselora import SparseLoRAConfig
+
+    args = acc.parse_args(["--model", "m", "--task", "math", "--max-steps", "3"])
+    recorded = {"sparsity_config": {"ffn_sparsity": {"3-4": 0.63}, "attn_sparsity": {"4": 0.35}, "selector": "sampled",
+                                    "sample_rows": 256, "start_step": 0.05}}
+    cfg = acc.run_config("svd", 0, args, "m", tmp_path / "d.jsonl", tmp_path, recorded)
+    used = SparseLoRAConfig.from_yaml(cfg.sparsity)
+    assert used.selector == "svd" and used.ffn_sparsity == {3: 0.63, 4: 0.63} and used.attn_sparsity == {4: 0.35}
+    assert used.start_step == 0.05 and cfg.loss_bound is None
 
 
 def test_aggregate_and_markdown(tmp_path):
