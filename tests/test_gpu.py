@@ -340,3 +340,17 @@ def test_cuda_graph_trainer_on_the_gpu_matches_the_trainer(tmp_path):
     assert_close(torch.tensor(lb), torch.tensor(la), "logged losses", torch.float32, rtol=1e-3, atol=1e-3)
     for n in wa:
         assert_close(wb[n], wa[n], f"weight {n}", torch.float32, rtol=1e-3, atol=1e-3)
+
+
+def test_step_clock_on_the_device_timeline():
+    """On CUDA the clock reads events: an interval whose end the GPU has not reached stays out until it has."""
+    from sparselora.run.callbacks import StepClock
+
+    clock = StepClock(cuda=True)
+    clock.mark()
+    a = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        a = a @ a / 64
+    clock.mark()
+    got = clock.seconds(wait=True)
+    assert len(got) == 1 and got[0] > 0

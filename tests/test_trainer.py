@@ -310,3 +310,20 @@ def test_token_counter_reads_the_host_counts():
     assert (c.tokens, c.unlabelled_batches) == (13, 1)
     c.add({"attention_mask": torch.ones(2, 3, dtype=torch.long), "labels": torch.full((2, 3), -100)})
     assert (c.tokens, c.unlabelled_batches) == (19, 2)
+
+
+def test_step_clock_times_begin_to_begin(monkeypatch):
+    """A step's time runs from its begin to the next step's (what happens between steps, logging and loading the
+    next batch, counts); the last one closes at the last mark."""
+    import sparselora.run.callbacks as cb
+
+    now = iter([0.0, 1.5, 4.0, 4.5])
+    monkeypatch.setattr(cb.time, "perf_counter", lambda: next(now))
+    clock = cb.StepClock(cuda=False)
+    clock.mark()
+    assert clock.seconds() == []
+    clock.mark()
+    clock.mark()
+    assert clock.seconds() == [1.5, 2.5]
+    clock.mark()
+    assert clock.seconds(wait=True) == [1.5, 2.5, 0.5]

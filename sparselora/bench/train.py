@@ -17,7 +17,6 @@ import argparse
 import json
 import random
 import statistics
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from sparselora.bench.lora import QKVO
 from sparselora.bench.shapes import SHAPES, build_base_model, git_commit, gpu_slug, paper_preset, results_dir, versions
 from sparselora.io import atomic_write_json
+from sparselora.run.callbacks import StepClock
 from sparselora.tokens import IGNORE_INDEX
 
 # name: (kind, batching, what it is)
@@ -70,14 +70,14 @@ def _sync():
 
 
 class _Recorder:
-    """Per-step time, real tokens per batch, and on CUDA the GPU timeline of each forward + backward
-    (`Trainer.training_step`). On CUDA a step's time is the distance between CUDA events recorded at consecutive
-    step begins: no sync of its own, so the host may run ahead as in a user's run (the Trainer syncs where it logs),
-    and host work the GPU waits for still counts. The rest of a step beyond forward + backward is clipping, the
-    optimizer and the Trainer's own work."""
+    """Per-step time (`StepClock`: on CUDA by events at step begins, no sync of its own, so the host may run ahead
+    as in a user's run and the waits still count), real tokens per batch, and on CUDA the GPU timeline of each
+    forward + backward (`Trainer.training_step`); the rest of a step is clipping, the optimizer and the Trainer's
+    own work."""
 
     def __init__(self, collator, prof=None):
-        self.collator, self.tokens, self.prof, self.events, self.marks, self.wall = collator, [], prof, [], [], []
+        self.collator, self.tokens, self.prof, self.events = collator, [], prof, []
+        self.clock = StepClock(cuda=torch.cuda.is_available())
 
     def time_training_step(self, trainer) -> None:
         if not torch.cuda.is_available():
@@ -98,22 +98,6 @@ class _Recorder:
         _sync()
         return [s.elapsed_time(e) for s, e in self.events]
 
-    @property
-    def times(self) -> list[float]:
-        """Seconds per step."""
-        if not self.marks:
-            return [b - a for a, b in zip(self.wall, self.wall[1:])]
-        _sync()
-        return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
-
-    def _mark(self) -> None:
-        if torch.cuda.is_available():
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.marks.append(e)
-        else:
-            self.wall.append(time.perf_counter())
-
     def __call__(self, features):
         batch = self.collator(features)
         self.tokens.append(int(batch["attention_mask"].sum()))
@@ -126,14 +110,14 @@ class _Recorder:
 
         class Timer(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                rec._mark()
+                rec.clock.mark()
 
             def on_step_end(self, args, state, control, **kw):
                 if rec.prof is not None:
                     rec.prof.step()
 
             def on_train_end(self, args, state, control, **kw):
-                rec._mark()  # the end of the last step
+                rec.clock.mark()  # the end of the last step
 
         return Timer()
 
@@ -202,7 +186,7 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
         trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    times = rec.times
+    times = rec.clock.seconds(wait=True)
     toks = rec.tokens[: len(times)]
     meas_t, meas_n = times[args.warmup:], toks[args.warmup:]
     step = getattr(trainer, "_graph_step", None)

@@ -42,40 +42,93 @@ class TokenCounter:
                 )
 
 
+class StepClock:
+    """Marks at step begins, read back as per-step seconds (mark i to mark i + 1). On a GPU by CUDA events on the
+    device's timeline: between the Trainer's logs nothing syncs, the host runs ahead of the device, and its own clock
+    would miss the waits; else by the host clock. ``seconds()`` gives the intervals whose end has been reached,
+    without waiting (``wait=True``: all of them, one sync)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.marks, self.done = cuda, [], []
+
+    def mark(self) -> None:
+        if self.cuda:
+            import torch
+
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self, wait: bool = False) -> list[float]:
+        if wait and self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        while len(self.done) + 1 < len(self.marks):
+            a, b = self.marks[len(self.done)], self.marks[len(self.done) + 1]
+            if not self.cuda:
+                self.done.append(b - a)
+            elif b.query():
+                self.done.append(a.elapsed_time(b) / 1e3)
+            else:
+                break
+        return self.done
+
+
 def callbacks():
     """Trainer callbacks, built lazily (transformers is imported only when a run starts)."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        """Wall time and tokens of each optimizer step; whether sparsity was on; RNG at each step start."""
+        """Time and tokens of each optimizer step, from its begin to the next step's (the last one's to the end of
+        training: data loading, logging and checkpoints count; `StepClock`); whether sparsity was on; RNG at each
+        step start. ``steps``: the steps whose time is known so far (all of them once training has ended)."""
 
         def __init__(self, counter: TokenCounter, model):
             self.counter, self.model = counter, model
-            self.steps: list[dict[str, float]] = []
-            self._t0 = None
+            self._records: list[dict[str, float]] = []
+            self._clock: StepClock | None = None
             self._tok0 = 0
             self.rng = None
 
+        @property
+        def steps(self) -> list[dict[str, float]]:
+            if self._clock is None:
+                return []
+            secs = self._clock.seconds()
+            for rec, t in zip(self._records, secs):
+                rec["seconds"] = t
+            return self._records[: len(secs)]
+
         def on_step_begin(self, args, state, control, **kw):
+            if self._clock is None:
+                self._clock = StepClock(cuda=next(self.model.parameters()).is_cuda)
+            self._clock.mark()
             self.rng = rng_state()
-            self._t0 = time.perf_counter()
             self._tok0 = self.counter.tokens
 
         def on_step_end(self, args, state, control, **kw):
-            if self._t0 is None:
+            if self._clock is None:
                 return
             from sparselora.patch import get_state
 
             st = get_state(self.model, required=False)
-            self.steps.append(
+            self._records.append(
                 {
                     "step": state.global_step,
-                    "seconds": time.perf_counter() - self._t0,
+                    "seconds": None,  # known when the next step begins
                     "tokens": self.counter.tokens - self._tok0,  # counted in training_step: this step's batches
                     "sparse": bool(st is not None and st.active),
                 }
             )
             self.rng = None
+
+        def on_train_end(self, args, state, control, **kw):
+            if self._clock is not None and len(self._clock.marks) == len(self._records):
+                self._clock.mark()  # the end of the last step
+                self._clock.seconds(wait=True)
 
     class SparsityGuard(TrainerCallback):
         """Warns once when sparsity is scheduled on but a step's forward ran dense because it got no labels
