@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -37,11 +36,13 @@ from sparselora.tokens import IGNORE_INDEX, TokenSplit, check_labels, split_from
 TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
 INT_KEYS = ("max_length_q", "max_length_k")  # packed batches' segment bound: part of the signature
 BATCH_KEYS = TENSOR_KEYS + INT_KEYS
-COUNTS_KEY = "sparselora_counts"  # `HostCounts`' entry in a batch: plain ints, so the Trainer leaves them on the host
+COUNTS_KEY = "sparselora_counts"  # `HostCounts`' entry in a batch (a `BatchCounts`: no tensor, it stays on the host)
 
 
-class BatchCounts(NamedTuple):
-    """The host values a graphed step's shapes depend on, and what a run logs of a batch."""
+@dataclass(frozen=True)
+class BatchCounts:
+    """The host values a graphed step's shapes depend on, and what a run logs of a batch. Not a tuple: the
+    Trainer's and accelerate's batch movers pass other objects through untouched."""
 
     context: int  # context tokens (may run sparse)
     labelled: int  # labelled tokens that stay dense

@@ -89,6 +89,11 @@ class CUDAGraphTrainingMixin:
         return loss.detach() / ga
 
 
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        inputs.pop(COUNTS_KEY, None)  # evaluation batches come through the same collator; the model takes no counts
+        return super().prediction_step(model, inputs, *args, **kwargs)
+
+
 class CUDAGraphTrainer(CUDAGraphTrainingMixin, Trainer):
     pass
 

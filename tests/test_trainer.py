@@ -327,3 +327,24 @@ def test_step_clock_times_begin_to_begin(monkeypatch):
     assert clock.seconds() == [1.5, 2.5]
     clock.mark()
     assert clock.seconds(wait=True) == [1.5, 2.5, 0.5]
+
+
+def test_graph_trainer_evaluates_with_the_wrapped_collator(tmp_path):
+    """Evaluation batches come through the same (HostCounts-wrapped) collator: their counts must not reach the model."""
+    from transformers import TrainingArguments
+
+    from sparselora import CUDAGraphTrainer
+    from sparselora.data import DataCollator, Example, tokenize_examples
+
+    tok = tiny_tokenizer()
+    model = tiny_peft("llama", vocab_size=len(tok), r=4)
+    apply_sparselora(model, SparseLoRAConfig(**CFG), fast_kernels=True)
+    feats, _ = tokenize_examples([Example(r["prompt"], r["completion"]) for r in _rows(6)], tok, max_length=128)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                             per_device_eval_batch_size=2, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, remove_unused_columns=False)
+    trainer = CUDAGraphTrainer(model=model, args=args, train_dataset=feats, eval_dataset=feats[:4],
+                               data_collator=DataCollator(tok))
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == metrics["eval_loss"] and metrics["eval_loss"] > 0  # finite, not NaN
