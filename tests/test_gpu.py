@@ -344,9 +344,9 @@ def test_cuda_graph_trainer_on_the_gpu_matches_the_trainer(tmp_path):
 
 def test_step_clock_on_the_device_timeline():
     """On CUDA the clock reads events: an interval whose end the GPU has not reached stays out until it has."""
-    from sparselora.run.callbacks import StepClock
+    from sparselora.bench.timing import Clock
 
-    clock = StepClock(cuda=True)
+    clock = Clock(torch.device("cuda"))
     clock.mark()
     a = torch.randn(4096, 4096, device="cuda")
     for _ in range(20):

@@ -314,12 +314,12 @@ def test_token_counter_reads_the_host_counts():
 
 def test_step_clock_times_begin_to_begin(monkeypatch):
     """A step's time runs from its begin to the next step's (what happens between steps, logging and loading the
-    next batch, counts); the last one closes at the last mark."""
-    import sparselora.run.callbacks as cb
+    next batch, counts); the last one closes at the last mark. Read incrementally, and from scratch after reset."""
+    import sparselora.bench.timing as timing
 
-    now = iter([0.0, 1.5, 4.0, 4.5])
-    monkeypatch.setattr(cb.time, "perf_counter", lambda: next(now))
-    clock = cb.StepClock(cuda=False)
+    now = iter([0.0, 1.5, 4.0, 4.5, 10.0, 10.25])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(now))
+    clock = timing.Clock(torch.device("cpu"))
     clock.mark()
     assert clock.seconds() == []
     clock.mark()
@@ -327,6 +327,11 @@ def test_step_clock_times_begin_to_begin(monkeypatch):
     assert clock.seconds() == [1.5, 2.5]
     clock.mark()
     assert clock.seconds(wait=True) == [1.5, 2.5, 0.5]
+    assert clock.intervals_ms() == [1500.0, 2500.0, 500.0]
+    clock.reset()
+    clock.mark()
+    clock.mark()
+    assert clock.intervals_ms() == [250.0]
 
 
 def test_graph_trainer_evaluates_with_the_wrapped_collator(tmp_path):

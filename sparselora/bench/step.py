@@ -347,7 +347,7 @@ class SelectionTimer:
         if not self.wrapped:
             return None
         iv = self.clock.intervals_ms()
-        self.clock.marks = []
+        self.clock.reset()
         return float(sum(iv[0::2]))  # (start, end) pairs; odd intervals are the gaps between calls
 
 

@@ -9,11 +9,13 @@ import torch
 
 
 class Clock:
-    """Marks points in a step; CUDA events on a GPU (no host sync inside the step), wall clock on CPU."""
+    """Marks points in a step; CUDA events on a GPU (no host sync inside the step: the host may run ahead of the
+    device, and the waits still count), wall clock on CPU."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.marks: list = []
+        self.done: list[float] = []  # seconds of the intervals read so far
 
     def mark(self) -> None:
         if self.cuda:
@@ -23,12 +25,27 @@ class Clock:
         else:
             self.marks.append(time.perf_counter())
 
+    def seconds(self, wait: bool = False) -> list[float]:
+        """Seconds between consecutive marks whose end the device has reached, without waiting (``wait``: all of
+        them, one sync)."""
+        if wait and self.cuda:
+            torch.cuda.synchronize()
+        while len(self.done) + 1 < len(self.marks):
+            a, b = self.marks[len(self.done)], self.marks[len(self.done) + 1]
+            if not self.cuda:
+                self.done.append(b - a)
+            elif b.query():
+                self.done.append(a.elapsed_time(b) / 1e3)
+            else:
+                break
+        return self.done
+
     def intervals_ms(self) -> list[float]:
         """Milliseconds between consecutive marks (synchronizes the device once)."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [1e3 * t for t in self.seconds(wait=True)]
+
+    def reset(self) -> None:
+        self.marks, self.done = [], []
 
 
 def cuda_ms(fn) -> float:

@@ -24,8 +24,8 @@ import torch
 
 from sparselora.bench.lora import QKVO
 from sparselora.bench.shapes import SHAPES, build_base_model, git_commit, gpu_slug, paper_preset, results_dir, versions
+from sparselora.bench.timing import Clock
 from sparselora.io import atomic_write_json
-from sparselora.run.callbacks import StepClock
 from sparselora.tokens import IGNORE_INDEX
 
 # name: (kind, batching, what it is)
@@ -70,14 +70,14 @@ def _sync():
 
 
 class _Recorder:
-    """Per-step time (`StepClock`: on CUDA by events at step begins, no sync of its own, so the host may run ahead
-    as in a user's run and the waits still count), real tokens per batch, and on CUDA the GPU timeline of each
+    """Per-step time (`Clock` marks at step begins: on CUDA events, no sync of its own, so the host may run ahead as
+    in a user's run and the waits still count), real tokens per batch, and on CUDA the GPU timeline of each
     forward + backward (`Trainer.training_step`); the rest of a step is clipping, the optimizer and the Trainer's
     own work."""
 
     def __init__(self, collator, prof=None):
         self.collator, self.tokens, self.prof, self.events = collator, [], prof, []
-        self.clock = StepClock(cuda=torch.cuda.is_available())
+        self.clock = Clock(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def time_training_step(self, trainer) -> None:
         if not torch.cuda.is_available():

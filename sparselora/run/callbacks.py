@@ -1,4 +1,4 @@
-"""The Trainer callbacks of a run: `StepTimer` (wall time, tokens and sparsity of each optimizer step; the RNG
+"""The Trainer callbacks of a run: `StepTimer` (time, tokens and sparsity of each optimizer step; the RNG
 at each step's start, for the interrupt checkpoint), `SparsityGuard` (sparsity on but a forward got no labels),
 `Progress` (one progress bar), and `TokenCounter` (the real tokens of the batches trained on)."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import random
 import sys
-import time
 from typing import Any
 
 from sparselora.graphs import COUNTS_KEY
@@ -42,54 +41,20 @@ class TokenCounter:
                 )
 
 
-class StepClock:
-    """Marks at step begins, read back as per-step seconds (mark i to mark i + 1). On a GPU by CUDA events on the
-    device's timeline: between the Trainer's logs nothing syncs, the host runs ahead of the device, and its own clock
-    would miss the waits; else by the host clock. ``seconds()`` gives the intervals whose end has been reached,
-    without waiting (``wait=True``: all of them, one sync)."""
-
-    def __init__(self, cuda: bool):
-        self.cuda, self.marks, self.done = cuda, [], []
-
-    def mark(self) -> None:
-        if self.cuda:
-            import torch
-
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.marks.append(e)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def seconds(self, wait: bool = False) -> list[float]:
-        if wait and self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-        while len(self.done) + 1 < len(self.marks):
-            a, b = self.marks[len(self.done)], self.marks[len(self.done) + 1]
-            if not self.cuda:
-                self.done.append(b - a)
-            elif b.query():
-                self.done.append(a.elapsed_time(b) / 1e3)
-            else:
-                break
-        return self.done
-
-
 def callbacks():
     """Trainer callbacks, built lazily (transformers is imported only when a run starts)."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         """Time and tokens of each optimizer step, from its begin to the next step's (the last one's to the end of
-        training: data loading, logging and checkpoints count; `StepClock`); whether sparsity was on; RNG at each
+        training: data loading, logging and checkpoints count; on a GPU by CUDA events, `bench.timing.Clock`: between
+        the Trainer's logs nothing syncs and the host clock would miss the waits); whether sparsity was on; RNG at each
         step start. ``steps``: the steps whose time is known so far (all of them once training has ended)."""
 
         def __init__(self, counter: TokenCounter, model):
             self.counter, self.model = counter, model
             self._records: list[dict[str, float]] = []
-            self._clock: StepClock | None = None
+            self._clock = None  # a bench.timing.Clock, on the model's device once training starts
             self._tok0 = 0
             self.rng = None
 
@@ -104,7 +69,9 @@ def callbacks():
 
         def on_step_begin(self, args, state, control, **kw):
             if self._clock is None:
-                self._clock = StepClock(cuda=next(self.model.parameters()).is_cuda)
+                from sparselora.bench.timing import Clock
+
+                self._clock = Clock(next(self.model.parameters()).device)
             self._clock.mark()
             self.rng = rng_state()
             self._tok0 = self.counter.tokens
