@@ -51,10 +51,6 @@ def ffn_keep_count(n: int, sparsity: float) -> int:
     return k if n < FFN_ALIGN_FROM else min(n, -(-k // FFN_KEEP_MULTIPLE) * FFN_KEEP_MULTIPLE)
 
 
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return top_indices(scores, k)
-
-
 def _col_norms(y: torch.Tensor) -> torch.Tensor:
     """Column norms accumulated in (at least) float32 without a float32 copy of ``y`` (one kernel)."""
     return torch.linalg.vector_norm(y, dim=0, dtype=torch.promote_types(y.dtype, torch.float32))
@@ -127,7 +123,7 @@ DEFAULT_SELECTOR = "sampled"
 def select_ffn_from_activations(sparsity: float, h: torch.Tensor) -> torch.Tensor:
     """Kept FFN channels ranked by the norm of real activations silu(gate x) * (up x) (rows of ``h``): the
     labelled selector passes the labelled tokens' own, which the dense path computes anyway."""
-    return _top(h.float().norm(dim=0), ffn_keep_count(h.shape[-1], sparsity))
+    return top_indices(_col_norms(h), ffn_keep_count(h.shape[-1], sparsity))
 
 
 def _random(n: int, k: int, device) -> torch.Tensor:
@@ -161,13 +157,13 @@ def select_ffn(
         return _random(n, k, x.device)
     if selector == "svd":
         zg, zu = _project(x, factors)
-        return _top(ffn_scores_sq(zg, zu, *factors[1]), k)  # squared norms: same order
+        return top_indices(ffn_scores_sq(zg, zu, *factors[1]), k)  # squared norms: same order
     if selector == "sampled":
         x = sample_rows(x, rows)
     g, u = gate(x), up(x)
     if selector == "l2":  # the two factors' norms apart: an upper bound of the product's norm
-        return _top(_col_norms(F.silu(g)) * _col_norms(u), k)
-    return _top(_col_norms(silu_mul(g, u)), k)  # the activation the forward computes, in its dtype
+        return top_indices(_col_norms(F.silu(g)) * _col_norms(u), k)
+    return top_indices(_col_norms(silu_mul(g, u)), k)  # the activation the forward computes, in its dtype
 
 
 @functools.lru_cache(maxsize=64)
@@ -265,13 +261,13 @@ def select_attention(
         xs = sample_rows(x, rows) if selector == "sampled" else x
         qn, kn, vn = (_col_norms(f(xs)) for f in (q, k, v))
     qn, kn = qn.view(Hq, D), kn.view(Hkv, D)
-    v_ch = _top(vn, v_keep)
+    v_ch = top_indices(vn, v_keep)
     if selector == "l2":
-        q_ch = _unit_channels(_top(_to_units(qn, pairs), k_units * arch.group_size), D, pairs)
-        k_ch = _unit_channels(_top(_to_units(kn, pairs), k_units), D, pairs)
+        q_ch = _unit_channels(top_indices(_to_units(qn, pairs), k_units * arch.group_size), D, pairs)
+        k_ch = _unit_channels(top_indices(_to_units(kn, pairs), k_units), D, pairs)
         return {"q": q_ch, "k": k_ch, "v": v_ch, "o": expand_to_query_heads(v_ch, arch)}
     score = qn.view(Hkv, arch.group_size, D).mean(1) * kn
-    return _attention_from_units(_top(_to_units(score, pairs), k_units), v_ch, arch, pairs)
+    return _attention_from_units(top_indices(_to_units(score, pairs), k_units), v_ch, arch, pairs)
 
 
 def _attention_from_units(units: torch.Tensor, v_ch: torch.Tensor, arch: ArchInfo, pairs: bool) -> dict[str, torch.Tensor]:
