@@ -51,11 +51,12 @@ class BatchCounts:
     real_tokens: int  # attention_mask == 1
 
 
-def batch_counts(labels: torch.Tensor, attention_mask: torch.Tensor | None,
-                 dense_output_tokens: bool = True) -> BatchCounts:
-    """`BatchCounts` of a batch. Computed on the collator's CPU tensors they cost no device sync (`HostCounts`);
-    `CUDAGraphStep` computes them itself, with one sync, when a batch does not bring them."""
-    context, labelled = split_masks(labels, attention_mask, tuple(labels.shape), dense_output_tokens)
+def batch_counts(labels: torch.Tensor, attention_mask: torch.Tensor | None, dense_output_tokens: bool = True,
+                 masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> BatchCounts:
+    """`BatchCounts` of a batch (``masks``: its `split_masks`, when already made). Computed on the collator's CPU
+    tensors they cost no device sync (`HostCounts`); `CUDAGraphStep` computes them itself, with one sync, when a
+    batch does not bring them."""
+    context, labelled = masks or split_masks(labels, attention_mask, tuple(labels.shape), dense_output_tokens)
     real = attention_mask.sum() if attention_mask is not None else labels.new_tensor(labels.numel())
     n_ctx, n_lab, head_rows, n_real = torch.stack([
         context.sum(), labelled.sum(), (labels[:, 1:] != IGNORE_INDEX).sum(), real,
@@ -127,14 +128,13 @@ class CUDAGraphStep:
         bucket = self.bucket or (auto_bucket(ids.numel()) if self.capture else 1)
         slack = self.slack if self.slack is not None else (3 * bucket if bucket > 1 else 0)
         active = self.state.active
-        dense_output_tokens = self.state.config.dense_output_tokens
-        if counts is None:  # the step's one host sync: shapes depend on the counts; whether the mask can be dropped
-            counts = batch_counts(labels, mask, dense_output_tokens)
-        n_ctx, n_lab, head_rows, all_real = counts.context, counts.labelled, counts.head_rows, counts.all_real
         context = labelled = None
-        if active:
-            context, labelled = split_masks(labels, mask, tuple(ids.shape), dense_output_tokens)
-        else:
+        if active or counts is None:
+            context, labelled = split_masks(labels, mask, tuple(ids.shape), self.state.config.dense_output_tokens)
+        if counts is None:  # the step's one host sync: shapes depend on the counts; whether the mask can be dropped
+            counts = batch_counts(labels, mask, masks=(context, labelled))
+        n_ctx, n_lab, head_rows, all_real = counts.context, counts.labelled, counts.head_rows, counts.all_real
+        if not active:
             n_ctx = n_lab = 0
         packed = "cu_seq_lens_q" in batch
         if mask is not None and all_real and not packed:
