@@ -162,3 +162,30 @@ def test_kept_slices_branch_is_bitwise_the_resliced_one(monkeypatch, mode):
         n_sliced = sum(s[0] in {(7, 40), (40, 7), (5, 37), (53, 5)} for s in saved)
         assert (n_sliced > 0) == keep_slices, (keep_slices, saved)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_chunked_head_loss_under_autocast(monkeypatch):
+    """Under autocast (the Trainer's bf16=True) a frozen head still takes the chunked loss: the GEMMs in the
+    autocast dtype, as nn.Linear's under autocast, and nothing vocabulary-wide saved for the backward (the
+    graphed Trainer step used to form the full float32 logits here: GBs at a 152k vocabulary). Same loss and
+    input gradient as F.cross_entropy over the autocast logits."""
+    monkeypatch.setattr(fused_kernels, "HEAD_CHUNK_BYTES", 4 * VOCAB * 7)
+    g = torch.Generator().manual_seed(1)
+    hidden0 = torch.randn(3, 24, 40, generator=g).to(torch.bfloat16)
+    weight = torch.randn(VOCAB, 40, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, VOCAB, (3, 24), generator=g)
+    labels[:, :10] = -100
+    num_rows = int((labels[:, 1:] != -100).sum()) + 5  # a bucketed head: 5 padding rows
+    hidden = hidden0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, saved = saved_tensors(lambda: fused_kernels.labelled_cross_entropy(hidden, weight, labels, None, num_rows),
+                                    exclude=[weight])
+    assert not [s for s in saved if VOCAB in s[0]], saved
+    loss.backward()
+    ref_h = hidden0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = (ref_h @ weight.t())[:, :-1].reshape(-1, VOCAB).float()
+        ref = F.cross_entropy(logits, labels[:, 1:].reshape(-1))
+    ref.backward()
+    assert_close(loss, ref, "loss", torch.bfloat16)
+    assert_close(hidden.grad, ref_h.grad, "hidden grad", torch.bfloat16)

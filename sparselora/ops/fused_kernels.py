@@ -57,7 +57,8 @@ def labelled_cross_entropy(
 
     ``num_rows`` (the count of labelled positions, known to the caller) finds them without a host sync (a
     stable sort instead of ``nonzero``), as a CUDA graph needs; liger's fused loss syncs, so it is not used
-    while a graph is being captured."""
+    while a graph is being captured: a frozen head then takes the chunked loss, under autocast too (the full
+    float32 logits of every labelled row, their log-softmax and gradient were a few GB at a 152k vocabulary)."""
     shifted = labels[:, 1:]
     if num_rows is None:
         rows = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
@@ -75,8 +76,13 @@ def labelled_cross_entropy(
     if fn is not None:
         loss = fn.apply(h, weight, target, None, None, IGNORE_INDEX, 0.0, 0.0, reduction)
         loss = loss[0] if isinstance(loss, tuple) else loss
-    elif not weight.requires_grad and not torch.is_autocast_enabled(h.device.type):
-        loss = _ChunkedHeadCrossEntropy.apply(h, weight, target)  # the sum over rows (IGNORE_INDEX ones: 0)
+    elif not weight.requires_grad:
+        device = h.device.type
+        if torch.is_autocast_enabled(device):  # the head GEMMs in the autocast dtype, as nn.Linear's under autocast
+            dtype = torch.get_autocast_dtype(device)
+            h, weight = h.to(dtype), weight.to(dtype)
+        with torch.autocast(device, enabled=False):  # the chunks' GEMMs write into a preallocated gradient
+            loss = _ChunkedHeadCrossEntropy.apply(h, weight, target)  # the sum over rows (IGNORE_INDEX ones: 0)
         if reduction == "mean":
             loss = loss / (target != IGNORE_INDEX).sum()  # as F.cross_entropy (no host sync)
     else:  # a trained head (its weight gradient needs the whole logits' gradient)
@@ -84,10 +90,15 @@ def labelled_cross_entropy(
     return loss / num_items if num_items is not None else loss
 
 
-HEAD_CHUNK_BYTES = 32 << 20  # float32 logits of one chunk of rows: 32 MB (170 rows of a 49k vocabulary)
+HEAD_CHUNK_BYTES = 32 << 20  # float32 logits of one chunk of rows on a CPU: 32 MB (170 rows of a 49k vocabulary)
+# On a GPU a chunk is larger and a multiple of 128 rows: the head GEMM of a 65-row chunk (32 MB of a 128k
+# vocabulary) fills half of its 128-row tiles. 256 MB: 512 rows of a 128k vocabulary, 384 of Qwen's 152k.
+HEAD_CHUNK_BYTES_GPU, HEAD_CHUNK_ALIGN_GPU = 256 << 20, 128
 
 
-def head_chunk_rows(vocab: int) -> int:
+def head_chunk_rows(vocab: int, device_type: str = "cpu") -> int:
+    if device_type == "cuda":
+        return max(HEAD_CHUNK_ALIGN_GPU, HEAD_CHUNK_BYTES_GPU // (4 * vocab) // HEAD_CHUNK_ALIGN_GPU * HEAD_CHUNK_ALIGN_GPU)
     return max(1, HEAD_CHUNK_BYTES // (4 * vocab))
 
 
@@ -102,7 +113,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, target):
-        rows = head_chunk_rows(weight.shape[0])
+        rows = head_chunk_rows(weight.shape[0], h.device.type)
         need_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(h) if need_grad else None
         acc = torch.promote_types(h.dtype, torch.float32)  # float32 logits, as the plain head's .float()
