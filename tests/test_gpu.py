@@ -354,3 +354,53 @@ def test_step_clock_on_the_device_timeline():
     clock.mark()
     got = clock.seconds(wait=True)
     assert len(got) == 1 and got[0] > 0
+
+
+def test_chunked_head_loss_in_cuda_graph_under_autocast(monkeypatch):
+    """The labelled-only loss as the graphed Trainer step runs it (captured, under bf16 autocast, a bucketed row
+    count): the chunked head, never the full float32 logits (the capture's peak stays below their size; it was
+    several times that), with the loss and input gradient of F.cross_entropy over the autocast logits."""
+    from sparselora.ops import fused_kernels
+    from sparselora.ops.fused_kernels import head_chunk_rows, labelled_cross_entropy
+
+    vocab, hidden_size = 50_000, 256
+    monkeypatch.setattr(fused_kernels, "HEAD_CHUNK_BYTES_GPU", 4 * vocab * 256)
+    assert head_chunk_rows(vocab, "cuda") == 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden0 = torch.randn(4, 700, hidden_size, device="cuda", generator=g).bfloat16()
+    weight = (torch.randn(vocab, hidden_size, device="cuda", generator=g) / 16).bfloat16()
+    labels = torch.randint(0, vocab, (4, 700), device="cuda", generator=g)
+    labels[:, :300] = -100
+    rows = int((labels[:, 1:] != -100).sum()) + 37  # bucketed: 37 rows without a label
+    hidden = hidden0.clone().requires_grad_()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = labelled_cross_entropy(hidden, weight, labels, None, rows)
+        loss.backward()
+        return loss
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(s)
+    hidden.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 4 * vocab * rows, f"capture peak {peak / 2**20:.0f} MiB >= the full float32 logits"
+    hidden.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_h = hidden0.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = torch.nn.functional.cross_entropy((ref_h @ weight.t())[:, :-1].reshape(-1, vocab).float(),
+                                                labels[:, 1:].reshape(-1))
+    ref.backward()
+    assert_close(loss, ref, "loss", torch.bfloat16)
+    assert_close(hidden.grad, ref_h.grad, "hidden grad", torch.bfloat16)
