@@ -4,7 +4,7 @@ Counted: the matmuls. A frozen base projection costs 2*in*out per token forward 
 (input gradient only, no weight gradient); a LoRA branch costs 2*r*(in+out) forward and twice that backward
 (input and weight gradients). Causal attention costs 2*heads*head_dim*T^2 per sequence forward, 3x that for
 forward + backward. The LM head costs 4*hidden*vocab per token (all tokens, as transformers computes it,
-unless ``labelled_only_head``). Sparse layers scale each base projection of context tokens by its kept fraction
+unless ``labelled_only_head``, which also computes a dense last layer's FFN on the labelled rows only). Sparse layers scale each base projection of context tokens by its kept fraction
 and add the channel selection as run, from the selector's own cost (`sparselora.selection.SELECTORS`): the true
 gate/up or q/k/v on the rows it scores (every context row for the oracle and l2, at most SAMPLE_ROWS for sampled,
 at most LABELLED_ROWS_CAP labelled rows for the labelled selector's attention; its FFN reuses the dense rows'
@@ -89,7 +89,10 @@ def flops(
         return 6 * r * (i * in_kept + o * out_kept) * tokens
 
     per_layer_dense = sum(base(p, N) + lora(p, N) for p in dims)
-    dense = per_layer_dense * a.num_layers + attn_core + head
+    # the labelled-only head reads B * labelled_tokens rows of the last layer, whose dense FFN computes only those
+    Nl = B * labelled_tokens
+    last_ffn_saved = sum(base(p, N - Nl) + lora(p, N - Nl) for p in FFN_PROJS) if labelled_only_head else 0.0
+    dense = per_layer_dense * a.num_layers + attn_core + head - last_ffn_saved
     if sparsity_config is not None:
         sparsity_config.check_layers(a.num_layers)
     ffn_s = sparsity_config.ffn_sparsity if sparsity_config is not None else {}
@@ -97,7 +100,6 @@ def flops(
     rank = sparsity_config.estimator_rank if sparsity_config is not None else 0
     rope_pairs = sparsity_config.rope_pairs if sparsity_config is not None else True
     sel = SELECTORS[sparsity_config.selector if sparsity_config is not None else DEFAULT_SELECTOR]
-    Nl = B * labelled_tokens
     rows = sparsity_config.sample_rows if sparsity_config is not None else SAMPLE_ROWS
     sparse, estimator = 0.0, 0.0
     H, I = a.hidden_size, a.intermediate_size
@@ -114,6 +116,8 @@ def flops(
             estimator += sel.flops("ffn", H, (I, I), Nc, Nl, rank, rows)
         else:
             cost += sum(base(p, N) + lora(p, N) for p in FFN_PROJS)
+            if layer == a.num_layers - 1:
+                cost -= last_ffn_saved
         if s_att > 0:
             kept = attention_kept(a, s_att, rope_pairs)
             cost += sum(base(p, Nd) + lora(p, Nd) + base(p, Nc, kept[p]) + lora(p, Nc) for p in ATTN_PROJS)

@@ -51,6 +51,9 @@ class SparseLoRAState:
         self.scheduled_on = config.start_step == 0
         self.split: TokenSplit | None = None  # the current batch's split (see the lifecycle above)
         self._pinned: Pinned | None = None
+        # ((batch, seq), flat row indices) of the rows the labelled-only head reads, set by it at every forward
+        # (None: every row) and kept like `split`; the last layer's dense FFN computes only these (modules.fast)
+        self.head_rows_index: tuple[tuple[int, int], torch.Tensor] | None = None
         self.layers: dict[int, list] = {}  # layer index -> its wrappers (SparseMLP / SparseAttention)
         self.fused: list = []  # FusedLoRALinear wrappers of the projections not sliced
         self.handles: list = []

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sparselora.modules.base import ForwardSwap
-from sparselora.ops.fused_kernels import labelled_cross_entropy, rms_norm, rope_kernel, silu_mul
+from sparselora.ops.fused_kernels import head_positions, labelled_cross_entropy, rms_norm, rope_kernel, silu_mul
 
 
 class FastRMSNorm:
@@ -28,22 +28,37 @@ class FastRMSNorm:
 
 
 class FastMLP:
-    """down(silu(gate x) * up x) with the fused activation; for FFNs that SparseLoRA leaves dense."""
+    """down(silu(gate x) * up x) with the fused activation; for FFNs that SparseLoRA leaves dense.
 
-    def __init__(self, mlp: nn.Module):
-        self.mlp = mlp
+    The last layer's (``state`` given) computes only the rows the labelled-only head reads, while that head has
+    set them (`SparseLoRAState.head_rows_index`): nothing reads the other rows' output after the last layer, so
+    their FFN (forward and backward) is dead work. Their output is zero instead; loss and gradients are exact."""
+
+    def __init__(self, mlp: nn.Module, state=None):
+        self.mlp, self.state = mlp, state
         self.swap = ForwardSwap(mlp, self.forward)
 
     def forward(self, x):
         m = self.mlp
-        return m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))
+        live = None if self.state is None else self.state.head_rows_index
+        if live is None:
+            return m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))
+        shape, idx = live
+        if tuple(x.shape[:-1]) != shape:
+            raise RuntimeError(f"sparselora: the last layer's FFN saw input of shape {tuple(x.shape)} but the head's "
+                               f"rows were found for (batch, seq) = {shape}; the model was called inside another forward")
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, idx)
+        y = m.down_proj(silu_mul(m.gate_proj(rows), m.up_proj(rows)))
+        return y.new_zeros(x.shape[0] * x.shape[1], y.shape[-1]).index_copy(0, idx, y).view(*shape, y.shape[-1])
 
     def remove(self):
         self.swap.restore()
 
 
 class LabelledOnlyHead:
-    """The causal LM's forward, with the head and loss computed on labelled positions only."""
+    """The causal LM's forward, with the head and loss computed on labelled positions only; it also tells the
+    last layer's dense FFN (`FastMLP`) which rows the head reads, unless hidden states are asked for (then every
+    row's last hidden state is returned, so every row is computed)."""
 
     def __init__(self, hf: nn.Module, state):
         self.hf, self.state = hf, state
@@ -51,6 +66,7 @@ class LabelledOnlyHead:
         self.swap = ForwardSwap(hf, self.forward)
 
     def forward(self, *args, **kwargs):
+        self.state.head_rows_index = None  # per forward, as the batch split (a forward without labels: every row)
         bound = self.signature.bind_partial(*args, **kwargs).arguments
         labels = bound.pop("labels", None)
         extra = bound.pop("kwargs", {})
@@ -58,9 +74,16 @@ class LabelledOnlyHead:
             return self.swap.original(*args, **kwargs)
         num_items = extra.pop("num_items_in_batch", None)
         bound.pop("logits_to_keep", None)
-        out = self.hf.model(**bound, **extra)
         rows = self.state.head_rows  # pinned by CUDAGraphStep; None: the exact count
-        loss = labelled_cross_entropy(out.last_hidden_state, self.hf.lm_head.weight, labels, num_items, rows)
+        positions = head_positions(labels, rows)
+        hidden_states = bound.get("output_hidden_states", extra.get("output_hidden_states"))
+        if hidden_states is None:
+            hidden_states = getattr(self.hf.config, "output_hidden_states", False)
+        T = labels.shape[1]
+        if not hidden_states and T > 1:
+            self.state.head_rows_index = (tuple(labels.shape), positions + positions // (T - 1))
+        out = self.hf.model(**bound, **extra)
+        loss = labelled_cross_entropy(out.last_hidden_state, self.hf.lm_head.weight, labels, num_items, rows, positions)
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 
@@ -120,12 +143,15 @@ class FastRoPE:
 
 
 def install(hf: nn.Module, layers, sparse_ffn: set[int], state) -> list:
-    """Wrappers for every RMSNorm, every dense FFN, the head (which reads ``state.head_rows``) and RoPE; returned
-    for `remove`."""
+    """Wrappers for every RMSNorm, every dense FFN (the last one computing the head's rows only), the head (which
+    reads ``state.head_rows``) and RoPE; returned for `remove`."""
     wrappers: list = [FastRMSNorm(m) for m in hf.modules() if type(m).__name__.endswith("RMSNorm") and
                       getattr(m, "weight", None) is not None and m.weight.dim() == 1]
-    wrappers += [FastMLP(layer.mlp) for i, layer in enumerate(layers) if i not in sparse_ffn]
-    if getattr(hf, "lm_head", None) is not None and getattr(hf.lm_head, "bias", None) is None:
+    head = getattr(hf, "lm_head", None) is not None and getattr(hf.lm_head, "bias", None) is None
+    last = len(layers) - 1
+    wrappers += [FastMLP(layer.mlp, state if head and i == last else None)
+                 for i, layer in enumerate(layers) if i not in sparse_ffn]
+    if head:
         wrappers.append(LabelledOnlyHead(hf, state))
     rope = FastRoPE.supports(hf)
     if rope is not None:

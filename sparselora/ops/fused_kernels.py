@@ -44,31 +44,39 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return fn.apply(gate, up) if fn is not None else F.silu(gate) * up
 
 
+def head_positions(labels: torch.Tensor, num_rows: int | None = None) -> torch.Tensor:
+    """Flat indices into (batch, seq - 1) of the positions whose next token is labelled: the rows the LM head
+    reads. With ``num_rows`` (at least their count, known to the caller) they come first, padded with unlabelled
+    positions, found without a host sync (a stable sort instead of ``nonzero``), as a CUDA graph needs."""
+    flat = labels[:, 1:].reshape(-1)
+    if num_rows is None:
+        return (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    return torch.argsort((flat == IGNORE_INDEX).to(torch.int8), stable=True)[:num_rows]
+
+
 def labelled_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     num_items: int | torch.Tensor | None = None,
     num_rows: int | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal-LM loss from the hidden states of labelled positions only: full-vocabulary logits are never
     formed for context tokens. Same value as transformers' loss (mean over labelled tokens, or sum divided by
     ``num_items`` as the Trainer passes under gradient accumulation).
 
-    ``num_rows`` (the count of labelled positions, known to the caller) finds them without a host sync (a
-    stable sort instead of ``nonzero``), as a CUDA graph needs; liger's fused loss syncs, so it is not used
-    while a graph is being captured: a frozen head then takes the chunked loss, under autocast too (the full
-    float32 logits of every labelled row, their log-softmax and gradient were a few GB at a 152k vocabulary)."""
-    shifted = labels[:, 1:]
-    if num_rows is None:
-        rows = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
-        h = hidden[:, :-1][rows]
-        target = shifted[rows]
-    else:
-        flat = shifted.reshape(-1)
-        idx = torch.argsort((flat == IGNORE_INDEX).to(torch.int8), stable=True)[:num_rows]
-        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[idx]
-        target = flat[idx]
+    ``num_rows`` finds the positions without a host sync (`head_positions`; ``positions`` if the caller has
+    them already); liger's fused loss syncs, so it is not used while a graph is being captured: a frozen head
+    then takes the chunked loss, under autocast too (the full float32 logits of every labelled row, their
+    log-softmax and gradient were a few GB at a 152k vocabulary)."""
+    _, T, width = hidden.shape
+    if T < 2:
+        return hidden.sum() * 0.0
+    if positions is None:
+        positions = head_positions(labels, num_rows)
+    h = hidden.reshape(-1, width).index_select(0, positions + positions // (T - 1))
+    target = labels[:, 1:].reshape(-1)[positions]
     reduction = "sum" if num_items is not None else "mean"
     fn = _liger("flce") if h.is_cuda and not torch.cuda.is_current_stream_capturing() else None
     if h.shape[0] == 0:
