@@ -70,6 +70,9 @@ def accuracy_section(doc: dict, path: Path) -> list[str]:
         if not m.get("seeds") and m.get("errors"):
             lines.append(f"| {name} | – | " + " | ".join("error" for _ in sets) + " | error | – | – |")
             continue
+        if not m.get("seeds"):  # asked for, not run (the GPU time ran out): say so, never a number
+            lines.append(f"| {name} (not run) | – | " + " | ".join("–" for _ in sets) + " | – | – | – |")
+            continue
         acc = m.get("accuracy", {})
         fl = f"{100 * m['flops_ratio']:.1f}" if "flops_ratio" in m and name != "base" else ("–" if name == "base" else "100.0")
         ts = pm(m.get("train_seconds"), 1.0) if m.get("train_seconds") else "–"
@@ -156,7 +159,7 @@ def recall_section(doc: dict, path: Path) -> list[str]:
     selector and level, FFN and attention; the whole-config loss per selector; per-layer mass at the top level."""
     a = doc["architecture"]
     lines = [f"### {doc['model']} ({a['model_type']}, {a['num_layers']} layers, FFN {a['intermediate_size']}, "
-             f"heads {a['num_heads']}/{a['num_kv_heads']})", ""]
+             f"heads {a['num_heads']}/{a['num_kv_heads']}), batches of {doc['batch_size']}", ""]
     cl = doc["config_layers"]
     lines.append(f"{doc['samples']} examples of `{doc['data']}` in batches of {doc['batch_size']} ({doc['context_tokens']} "
                  f"context, {doc['labelled_tokens']} labelled tokens), {doc['dtype']} on {doc['device']}; commit "
