@@ -135,3 +135,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "", d
             f"{name}: {int(bad.sum())}/{bad.numel()} elements differ; worst at {idx}: {actual[idx].item():.6g} vs "
             f"{expected[idx].item():.6g}; relative L2 error {rel:.3g} (rtol={rtol}, atol={atol})"
         )
+
+
+def packed_batch(seed: int = 0):
+    """Four examples (17/9/23/5 tokens, the last 4/3/6/1 labelled) packed into rows of 31 tokens with segment
+    boundaries, as `PackedCollator` makes them."""
+    from sparselora.data import PackedCollator, pack_features
+
+    g = torch.Generator().manual_seed(seed)
+    feats = []
+    for n, lab in ((17, 4), (9, 3), (23, 6), (5, 1)):
+        ids = torch.randint(1, 101, (n,), generator=g).tolist()
+        feats.append({"input_ids": ids, "labels": [-100] * (n - lab) + ids[n - lab :]})
+    return PackedCollator(pad_token_id=0, max_tokens=31, max_segments=4)(pack_features(feats, 31, 4))

@@ -11,12 +11,11 @@ from torch import nn
 
 import sparselora
 from sparselora import SparseLoRAConfig, apply_sparselora, kept_channels, use_packed_attention
-from sparselora.data import PackedCollator, pack_features
 from sparselora.modules import mlp as mlp_module
 from sparselora.ops.fused import split_ffn
 from sparselora.ops.sparse_linear import ffn_context
 
-from helpers import assert_close, clone, make_batch, step_outputs, tiny_peft
+from helpers import assert_close, clone, make_batch, packed_batch, step_outputs, tiny_peft
 from reference import install_reference
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -103,12 +102,7 @@ def test_fused_ffn_float64_and_every_layer_sparse():
 
 
 def test_fused_ffn_on_packed_rows():
-    g = torch.Generator().manual_seed(0)
-    feats = []
-    for n, lab in ((17, 4), (9, 3), (23, 6), (5, 1)):
-        ids = torch.randint(1, 101, (n,), generator=g).tolist()
-        feats.append({"input_ids": ids, "labels": [-100] * (n - lab) + ids[n - lab :]})
-    batch = PackedCollator(pad_token_id=0, max_tokens=31, max_segments=4)(pack_features(feats, 31, 4))
+    batch = packed_batch()
     model = tiny_peft("llama", targets=QKVO)
     use_packed_attention(model)
     ref = clone(model)

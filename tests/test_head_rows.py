@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from sparselora import SparseLoRAConfig, apply_sparselora, use_packed_attention
-from sparselora.data import PackedCollator, pack_features
 from sparselora.flop_count import flops
 from sparselora.models.registry import causal_lm, decoder_layers
 
-from helpers import assert_close, clone, make_batch, step_outputs, tiny_peft
+from helpers import assert_close, clone, make_batch, packed_batch, step_outputs, tiny_peft
 
 CFG = dict(ffn_sparsity={1: 0.5, 2: 0.5}, attn_sparsity={2: 0.5}, start_step=0)  # the last layer (3) dense
 
@@ -56,12 +55,7 @@ def test_last_ffn_runs_the_head_rows_only(arch, padding_side):
 
 def test_last_ffn_head_rows_on_packed_rows():
     plain, fast = pair("llama")
-    g = torch.Generator().manual_seed(0)
-    feats = []
-    for n, lab in ((17, 4), (9, 3), (23, 6), (5, 1)):
-        ids = torch.randint(1, 101, (n,), generator=g).tolist()
-        feats.append({"input_ids": ids, "labels": [-100] * (n - lab) + ids[n - lab :]})
-    batch = PackedCollator(pad_token_id=0, max_tokens=31, max_segments=4)(pack_features(feats, 31, 4))
+    batch = packed_batch()
     for m in (plain, fast):
         use_packed_attention(m)
     seen, handle = rows_seen(fast)
