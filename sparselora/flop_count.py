@@ -4,11 +4,12 @@ Counted: the matmuls. A frozen base projection costs 2*in*out per token forward 
 (input gradient only, no weight gradient); a LoRA branch costs 2*r*(in+out) forward and twice that backward
 (input and weight gradients). Causal attention costs 2*heads*head_dim*T^2 per sequence forward, 3x that for
 forward + backward. The LM head costs 4*hidden*vocab per token (all tokens, as transformers computes it,
-unless ``labelled_only_head``, which also computes a dense last layer's FFN on the labelled rows only). Sparse layers scale each base projection of context tokens by its kept fraction
-and add the channel selection as run, from the selector's own cost (`sparselora.selection.SELECTORS`): the true
-gate/up or q/k/v on the rows it scores (every context row for the oracle and l2, at most SAMPLE_ROWS for sampled,
-at most LABELLED_ROWS_CAP labelled rows for the labelled selector's attention; its FFN reuses the dense rows'
-activations), the low-rank products for svd, nothing for random. Norms, activations and the optimizer are not counted.
+unless ``labelled_only_head``, which also computes a dense last layer's FFN on the labelled rows only). Sparse
+layers scale each base projection of context tokens by its kept fraction and add the channel selection as run,
+from the selector's own cost (`sparselora.selection.SELECTORS`): the true gate/up or q/k/v on the rows it scores
+(every context row for the oracle and l2, at most SAMPLE_ROWS for sampled, at most LABELLED_ROWS_CAP labelled rows
+for the labelled selector's attention; its FFN reuses the dense rows' activations), the low-rank products for
+svd, nothing for random. Norms, activations and the optimizer are not counted.
 """
 
 from __future__ import annotations

@@ -105,8 +105,10 @@ HEAD_CHUNK_BYTES_GPU, HEAD_CHUNK_ALIGN_GPU = 256 << 20, 128
 
 
 def head_chunk_rows(vocab: int, device_type: str = "cpu") -> int:
+    """Rows of one chunk of the chunked head loss (its float32 logits fill at most the chunk's bytes)."""
     if device_type == "cuda":
-        return max(HEAD_CHUNK_ALIGN_GPU, HEAD_CHUNK_BYTES_GPU // (4 * vocab) // HEAD_CHUNK_ALIGN_GPU * HEAD_CHUNK_ALIGN_GPU)
+        aligned = HEAD_CHUNK_BYTES_GPU // (4 * vocab) // HEAD_CHUNK_ALIGN_GPU * HEAD_CHUNK_ALIGN_GPU
+        return max(HEAD_CHUNK_ALIGN_GPU, aligned)
     return max(1, HEAD_CHUNK_BYTES // (4 * vocab))
 
 
