@@ -88,7 +88,6 @@ class CUDAGraphTrainingMixin:
             loss = self._graph_step(grad_scale=1.0 / ga, counts=counts, **inputs)
         return loss.detach() / ga
 
-
     def prediction_step(self, model, inputs, *args, **kwargs):
         inputs.pop(COUNTS_KEY, None)  # evaluation batches come through the same collator; the model takes no counts
         return super().prediction_step(model, inputs, *args, **kwargs)

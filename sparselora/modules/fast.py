@@ -11,7 +11,8 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sparselora.modules.base import ForwardSwap
-from sparselora.ops.fused_kernels import head_positions, labelled_cross_entropy, rms_norm, rope_kernel, silu_mul
+from sparselora.ops.fused_kernels import (head_positions, head_rows_of, labelled_cross_entropy, rms_norm, rope_kernel,
+                                          silu_mul)
 
 
 class FastRMSNorm:
@@ -81,7 +82,7 @@ class LabelledOnlyHead:
             hidden_states = getattr(self.hf.config, "output_hidden_states", False)
         T = labels.shape[1]
         if not hidden_states and T > 1:
-            self.state.head_rows_index = (tuple(labels.shape), positions + positions // (T - 1))
+            self.state.head_rows_index = (tuple(labels.shape), head_rows_of(positions, T))
         out = self.hf.model(**bound, **extra)
         loss = labelled_cross_entropy(out.last_hidden_state, self.hf.lm_head.weight, labels, num_items, rows, positions)
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,

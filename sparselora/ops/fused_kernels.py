@@ -54,6 +54,11 @@ def head_positions(labels: torch.Tensor, num_rows: int | None = None) -> torch.T
     return torch.argsort((flat == IGNORE_INDEX).to(torch.int8), stable=True)[:num_rows]
 
 
+def head_rows_of(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """`head_positions` (into (batch, seq - 1)) as flat row indices into (batch, seq), ``seq_len`` >= 2."""
+    return positions + positions // (seq_len - 1)
+
+
 def labelled_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -75,7 +80,7 @@ def labelled_cross_entropy(
         return hidden.sum() * 0.0
     if positions is None:
         positions = head_positions(labels, num_rows)
-    h = hidden.reshape(-1, width).index_select(0, positions + positions // (T - 1))
+    h = hidden.reshape(-1, width).index_select(0, head_rows_of(positions, T))
     target = labels[:, 1:].reshape(-1)[positions]
     reduction = "sum" if num_items is not None else "mean"
     fn = _liger("flce") if h.is_cuda and not torch.cuda.is_current_stream_capturing() else None
