@@ -105,3 +105,15 @@ def test_flops_count_the_last_ffn_on_labelled_rows():
     dead = 2 * (50 - 10)  # rows neither the head nor anything after the last layer reads
     assert every["dense"] - head["dense"] == pytest.approx(4 * 64 * 1000 * dead + 3 * 4 * 64 * 176 * dead)
     assert head["sparse"] == pytest.approx(head["dense"])
+
+
+def test_last_ffn_refuses_a_batch_the_head_rows_were_not_found_for():
+    """The head's rows are set per causal-LM forward; the last FFN called on another batch shape (the model called
+    inside another forward) is an error that says so, never rows of the wrong batch."""
+    _, fast = pair("llama")
+    batch = make_batch(labelled=(4, 6, 2), seed=6)
+    with torch.no_grad():
+        fast(**batch)  # sets the head's rows for this (batch, seq)
+        mlp = decoder_layers(causal_lm(fast))[-1].mlp
+        with pytest.raises(RuntimeError, match="the head's rows were found for"):
+            mlp(torch.randn(2, 5, causal_lm(fast).config.hidden_size))
