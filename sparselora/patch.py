@@ -19,6 +19,7 @@ from sparselora.estimator import Estimator
 from sparselora.models.registry import ATTN_PROJS, PROJS, arch_info, causal_lm, decoder_layers, projection, sliced_projections
 from sparselora.modules import SparseAttention, SparseMLP
 from sparselora.modules.linear import FusedLoRALinear
+from sparselora.modules.stream import PermutedStream, runs, wants_hidden_states
 from sparselora.ops.lora_layer import base_weight_bias
 from sparselora.selection import SELECTORS
 from sparselora.state import STATE_ATTR, SparseLoRAState
@@ -100,6 +101,7 @@ def apply_sparselora(
 
             sparse_ffn = {i for i, s in config.ffn_sparsity.items() if s > 0}
             state.fused.extend(fast.install(hf, layers, sparse_ffn, state))
+        _install_streams(hf, layers, state)
     except Exception:
         for w in [w for ws in state.layers.values() for w in ws] + state.fused:
             w.remove()
@@ -116,13 +118,31 @@ def apply_sparselora(
             if ref is None:
                 ref = bound.get("inputs_embeds")
             shape = tuple(ref.shape[:2])
-        state.begin_batch(labels, bound.get("attention_mask"), shape)
+        state.begin_batch(labels, bound.get("attention_mask"), shape, wants_hidden_states(bound, hf.config))
         return None
 
     state.handles.append(hf.register_forward_pre_hook(split_batch, with_kwargs=True))
     distributed.install_guards(state)  # FSDP units finer than attention/MLP: refuse at the first sparse forward
     setattr(hf, STATE_ATTR, state)
     return model
+
+
+def _install_streams(hf, layers, state) -> None:
+    """A `PermutedStream` over each run of consecutive attention-sparse layers; their wrappers (and the last
+    layer's head-rows FFN) learn that their input may arrive permuted."""
+    from sparselora.modules.fast import FastMLP
+
+    attn = [i for i, ws in state.layers.items() if any(isinstance(w, SparseAttention) for w in ws)]
+    inside = set()
+    for first, last in runs(attn):
+        state.fused.append(PermutedStream(layers[first], layers[last], state))
+        inside.update(range(first, last + 1))
+    for i in inside:
+        for w in state.layers.get(i, ()):
+            w.in_stream = True
+    for w in state.fused:
+        if isinstance(w, FastMLP) and w.layer in inside:
+            w.in_stream = True
 
 
 def remove_sparselora(model: nn.Module) -> nn.Module:

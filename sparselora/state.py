@@ -29,6 +29,7 @@ import torch
 from sparselora.config import SparseLoRAConfig
 from sparselora.estimator import Estimator
 from sparselora.models.registry import ArchInfo
+from sparselora.selection import SELECTORS
 from sparselora.tokens import TokenSplit, check_labels, split_tokens
 
 STATE_ATTR = "_sparselora_state"
@@ -54,6 +55,9 @@ class SparseLoRAState:
         # ((batch, seq), flat row indices) of the rows the labelled-only head reads, set by it at every forward
         # (None: every row) and kept like `split`; the last layer's dense FFN computes only these (modules.fast)
         self.head_rows_index: tuple[tuple[int, int], torch.Tensor] | None = None
+        # whether this forward's residual stream runs permuted context-first through the runs of attention-sparse
+        # layers (`modules.stream.PermutedStream`); set with `split`, so a recompute sees the same value
+        self.stream_permuted = False
         self.layers: dict[int, list] = {}  # layer index -> its wrappers (SparseMLP / SparseAttention)
         self.fused: list = []  # FusedLoRALinear wrappers of the projections not sliced
         self.handles: list = []
@@ -64,10 +68,13 @@ class SparseLoRAState:
 
     # -- the lifecycle ---------------------------------------------------------------------------------------
     def begin_batch(
-        self, labels: torch.Tensor | None, attention_mask: torch.Tensor | None, shape: tuple[int, int]
+        self, labels: torch.Tensor | None, attention_mask: torch.Tensor | None, shape: tuple[int, int],
+        hidden_states_out: bool = False,
     ) -> TokenSplit | None:
-        """Start a forward of a batch of ``shape`` (batch, seq): validate the labels, set and return `split`."""
+        """Start a forward of a batch of ``shape`` (batch, seq): validate the labels, set and return `split`.
+        ``hidden_states_out``: the forward returns every layer's hidden states, so the stream stays in order."""
         self.split = None
+        self.stream_permuted = False
         if labels is None:
             return None
         check_labels(labels, shape)
@@ -75,6 +82,10 @@ class SparseLoRAState:
             self.split = self._pinned.split if self.active else None
         elif self.active:
             self.split = split_tokens(labels, attention_mask, shape, self.config.dense_output_tokens)
+        split = self.split
+        # a labelled-rows selector runs a batch without labelled rows dense: then nothing permutes either
+        self.stream_permuted = split is not None and not hidden_states_out and not (
+            SELECTORS[self.config.selector].scores_labelled and split.num_labelled == 0)
         return self.split
 
     @contextlib.contextmanager

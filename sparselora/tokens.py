@@ -34,15 +34,30 @@ class TokenSplit:
     def dense(self) -> torch.Tensor:
         return self.order[self.num_context :]
 
-    def permute(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows of x (batch, seq, d) as a (batch*seq, d) matrix, context rows first."""
+    def _check(self, x: torch.Tensor) -> None:
         if tuple(x.shape[:2]) != self.shape:
             raise RuntimeError(
                 f"sparselora: a layer saw input of shape {tuple(x.shape)} but the batch split was made for "
                 f"(batch, seq) = {self.shape}; the model was called inside another forward, or a layer "
                 "changes the sequence length, which SparseLoRA does not support"
             )
+
+    def permute(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of x (batch, seq, d) as a (batch*seq, d) matrix, context rows first."""
+        self._check(x)
         return permute_rows(x.reshape(-1, x.shape[-1]), self.order, self.inverse)
+
+    def stream_rows(self, x: torch.Tensor, permuted: bool) -> torch.Tensor:
+        """`permute` of a residual-stream tensor; a view when the stream already runs permuted (``permuted``:
+        `modules.stream.PermutedStream` reordered it at the run's first layer)."""
+        if not permuted:
+            return self.permute(x)
+        self._check(x)
+        return x.reshape(-1, x.shape[-1])
+
+    def stream_of(self, y: torch.Tensor, permuted: bool) -> torch.Tensor:
+        """Inverse of `stream_rows`: (batch, seq, d) in the stream's order."""
+        return y.view(*self.shape, y.shape[-1]) if permuted else self.unpermute(y)
 
     def gather(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of x (batch, seq, d) for context tokens and for dense tokens."""
@@ -53,9 +68,9 @@ class TokenSplit:
         """Inverse of `permute`: (batch, seq, d) from context-first rows."""
         return permute_rows(y, self.inverse, self.order).view(*self.shape, y.shape[-1])
 
-    def scatter(self, y_ctx: torch.Tensor, y_dense: torch.Tensor) -> torch.Tensor:
-        """Inverse of `gather`: (batch, seq, d) from the two row sets."""
-        return self.unpermute(torch.cat([y_ctx, y_dense.to(y_ctx.dtype)], 0))
+    def scatter(self, y_ctx: torch.Tensor, y_dense: torch.Tensor, permuted: bool = False) -> torch.Tensor:
+        """Inverse of `gather` (of `stream_rows` when ``permuted``): (batch, seq, d) from the two row sets."""
+        return self.stream_of(torch.cat([y_ctx, y_dense.to(y_ctx.dtype)], 0), permuted)
 
 
 def context_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None, dense_output_tokens: bool = True):

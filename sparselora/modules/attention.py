@@ -37,6 +37,8 @@ class SparseAttention:
         self.attn, self.layer, self.sparsity, self.state = attn, layer, sparsity, state
         self.kept: dict[str, torch.Tensor] | None = None
         self._inputs: _Inputs | None = None  # of the current call; dropped by o_proj
+        self.in_stream = False  # inside a run of `modules.stream.PermutedStream`: set by apply_sparselora
+        self.permuted = False  # this call's input (and o_proj's output) is in the permuted stream's order
         self.swaps = {p: ForwardSwap(m, self._make_forward(p)) for p, m in self.projs.items()}
         self.handle = attn.register_forward_pre_hook(self._select, with_kwargs=True)
 
@@ -44,15 +46,17 @@ class SparseAttention:
         self._inputs = None
         self.kept = None  # set again below when this call runs sparse: never a stale channel set
         split = self.state.split if self.state.active else None
+        self.permuted = permuted = self.in_stream and self.state.stream_permuted
         if split is None:
             return None
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        xp = split.permute(x)
+        xp = split.stream_rows(x, permuted)
         xc, xd = xp[: split.num_context], xp[split.num_context :]
         cfg, est = self.state.config, self.state.estimator
         xs, sel = xc, SELECTORS[cfg.selector]
         if sel.scores_labelled:
             if split.num_labelled == 0:  # nothing to rank by (and no loss to train): this batch runs dense
+                assert not permuted, "the permuted stream runs dense batches in order"
                 return None
             xs = labelled_rows(xd, split.num_labelled)
         factors = est.stacked(self.layer, "qkv", xs.device) if sel.needs_factors else None
@@ -66,10 +70,11 @@ class SparseAttention:
         return None
 
     def _fused(self, p: str, parts, x: torch.Tensor, split) -> torch.Tensor:
-        """The fused op on rows permuted context-first; q/k/v share one permutation of their input."""
+        """The fused op on rows permuted context-first; q/k/v share one permutation of their input. q/k/v come
+        out in sequence order (for RoPE and the attention kernel), o in the stream's."""
         xp = self._inputs.permuted if x is self._inputs.x else split.permute(x)
         y = split_lora_linear(parts, xp, split.num_context, "in" if p == "o" else "out", self.kept[p])
-        return split.unpermute(y)
+        return split.stream_of(y, self.permuted) if p == "o" else split.unpermute(y)
 
     def _make_forward(self, p: str):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -92,7 +97,7 @@ class SparseAttention:
             else:
                 yc = proj_out_sparse(self.projs[p], xc, self.kept[p])
             yd = self.swaps[p].original(xd) if xd.shape[0] else yc.new_empty(0, yc.shape[-1])
-            return split.scatter(yc, yd)
+            return split.scatter(yc, yd, self.permuted and p == "o")
 
         return forward
 

@@ -11,6 +11,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sparselora.modules.base import ForwardSwap
+from sparselora.modules.stream import wants_hidden_states
 from sparselora.ops.fused_kernels import (head_positions, head_rows_of, labelled_cross_entropy, rms_norm, rope_kernel,
                                           silu_mul)
 
@@ -35,8 +36,9 @@ class FastMLP:
     set them (`SparseLoRAState.head_rows_index`): nothing reads the other rows' output after the last layer, so
     their FFN (forward and backward) is dead work. Their output is zero instead; loss and gradients are exact."""
 
-    def __init__(self, mlp: nn.Module, state=None):
-        self.mlp, self.state = mlp, state
+    def __init__(self, mlp: nn.Module, layer: int, state=None):
+        self.mlp, self.layer, self.state = mlp, layer, state
+        self.in_stream = False  # its layer is inside a `modules.stream.PermutedStream` run: set by apply_sparselora
         self.swap = ForwardSwap(mlp, self.forward)
 
     def forward(self, x):
@@ -48,6 +50,8 @@ class FastMLP:
         if tuple(x.shape[:-1]) != shape:
             raise RuntimeError(f"sparselora: the last layer's FFN saw input of shape {tuple(x.shape)} but the head's "
                                f"rows were found for (batch, seq) = {shape}; the model was called inside another forward")
+        if self.in_stream and self.state.stream_permuted:  # the rows sit where the permutation put them
+            idx = self.state.split.inverse.index_select(0, idx)
         rows = x.reshape(-1, x.shape[-1]).index_select(0, idx)
         y = m.down_proj(silu_mul(m.gate_proj(rows), m.up_proj(rows)))
         return y.new_zeros(x.shape[0] * x.shape[1], y.shape[-1]).index_copy(0, idx, y).view(*shape, y.shape[-1])
@@ -77,9 +81,7 @@ class LabelledOnlyHead:
         bound.pop("logits_to_keep", None)
         rows = self.state.head_rows  # pinned by CUDAGraphStep; None: the exact count
         positions = head_positions(labels, rows)
-        hidden_states = bound.get("output_hidden_states", extra.get("output_hidden_states"))
-        if hidden_states is None:
-            hidden_states = getattr(self.hf.config, "output_hidden_states", False)
+        hidden_states = wants_hidden_states({**bound, "kwargs": extra}, self.hf.config)
         T = labels.shape[1]
         if not hidden_states and T > 1:
             self.state.head_rows_index = (tuple(labels.shape), head_rows_of(positions, T))
@@ -129,7 +131,11 @@ class FastRoPE:
         name = type(hf).__module__
         mod = sys.modules.get(name)
         fn = getattr(mod, "apply_rotary_pos_emb", None)
-        if fn is None or (name not in cls._installed and list(inspect.signature(fn).parameters)[:4] != ["q", "k", "cos", "sin"]):
+        if fn is None:
+            return None
+        # transformers >= 5.25 with `kernels` installed wraps it in an nn.Module whose forward has the signature
+        plain = fn.forward if isinstance(fn, nn.Module) else fn
+        if name not in cls._installed and list(inspect.signature(plain).parameters)[:4] != ["q", "k", "cos", "sin"]:
             return None
         return name
 
@@ -150,7 +156,7 @@ def install(hf: nn.Module, layers, sparse_ffn: set[int], state) -> list:
                       getattr(m, "weight", None) is not None and m.weight.dim() == 1]
     head = getattr(hf, "lm_head", None) is not None and getattr(hf.lm_head, "bias", None) is None
     last = len(layers) - 1
-    wrappers += [FastMLP(layer.mlp, state if head and i == last else None)
+    wrappers += [FastMLP(layer.mlp, i, state if head and i == last else None)
                  for i, layer in enumerate(layers) if i not in sparse_ffn]
     if head:
         wrappers.append(LabelledOnlyHead(hf, state))

@@ -20,6 +20,7 @@ class SparseMLP:
             check_lora_module(getattr(mlp, module_name(p)))
         self.mlp, self.layer, self.sparsity, self.state = mlp, layer, sparsity, state
         self.kept: torch.Tensor | None = None  # channels kept in the last sparse forward
+        self.in_stream = False  # inside a run of `modules.stream.PermutedStream`: set by apply_sparselora
         self.swap = ForwardSwap(mlp, self.forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -31,10 +32,11 @@ class SparseMLP:
         sel = SELECTORS[cfg.selector]
         if sel.scores_labelled and split.num_labelled == 0:
             return self.swap.original(x)  # nothing to rank by (and no loss to train): this batch runs dense
-        xp = split.permute(x)
+        permuted = self.in_stream and self.state.stream_permuted
+        xp = split.stream_rows(x, permuted)
         xc, xd = xp[: split.num_context], xp[split.num_context :]
         if sel.scores_labelled:
-            return self._forward_labelled(split, xc, xd)
+            return self._forward_labelled(split, xc, xd, permuted)
         factors = None
         if sel.needs_factors:
             factors = self.state.estimator.stacked(self.layer, ("gate", "up"), xc.device)
@@ -43,18 +45,19 @@ class SparseMLP:
         self.kept = keep
         parts = ffn_parts(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if parts is not None:  # no adapter on the FFN (LoRA on attention only): one fused node for all rows
-            return split.unpermute(split_ffn(parts, xp, split.num_context, keep))
+            return split.stream_of(split_ffn(parts, xp, split.num_context, keep), permuted)
         yc = ffn_context(mlp.gate_proj, mlp.up_proj, mlp.down_proj, xc, keep)
         yd = mlp.down_proj(silu_mul(mlp.gate_proj(xd), mlp.up_proj(xd))) if xd.shape[0] else yc.new_empty(0, yc.shape[-1])
-        return split.scatter(yc, yd)
+        return split.scatter(yc, yd, permuted)
 
-    def _forward_labelled(self, split, xc: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
+    def _forward_labelled(self, split, xc: torch.Tensor, xd: torch.Tensor, permuted: bool) -> torch.Tensor:
         """Dense rows first: their activations, restricted to the labelled rows, rank the context channels."""
         mlp = self.mlp
         hd = silu_mul(mlp.gate_proj(xd), mlp.up_proj(xd))
         keep = select_ffn_from_activations(self.sparsity, hd[: split.num_labelled].detach())
         self.kept = keep
-        return split.scatter(ffn_context(mlp.gate_proj, mlp.up_proj, mlp.down_proj, xc, keep), mlp.down_proj(hd))
+        yc = ffn_context(mlp.gate_proj, mlp.up_proj, mlp.down_proj, xc, keep)
+        return split.scatter(yc, mlp.down_proj(hd), permuted)
 
     def remove(self) -> None:
         self.swap.restore()
