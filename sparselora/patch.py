@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ from sparselora.modules.stream import PermutedStream, runs, wants_hidden_states
 from sparselora.ops.lora_layer import base_weight_bias
 from sparselora.selection import SELECTORS
 from sparselora.state import STATE_ATTR, SparseLoRAState
+
+logger = logging.getLogger("sparselora")
 
 
 def get_state(model: nn.Module, required: bool = True) -> SparseLoRAState | None:
@@ -80,6 +83,13 @@ def apply_sparselora(
         estimator = distributed.build_estimator(weights, config.estimator_rank, estimator_dir, Estimator.build)
 
     state = SparseLoRAState(config, arch, estimator)
+    # transformers >= 5.25 loads models with hub kernels on ("kernelized") and kernelizes again at every
+    # train()/eval(), which resets the very forwards SparseLoRA swaps (the fused norms, say): turn them off while
+    # SparseLoRA is applied, before swapping anything; `remove_sparselora` turns them back on
+    state.hub_kernels = bool(getattr(hf, "use_kernels", False))
+    if state.hub_kernels:
+        hf.use_kernels = False
+        logger.info("sparselora: transformers' hub kernels are off on this model while SparseLoRA is applied")
     layers = decoder_layers(hf)
     sliced = sliced_projections(config)
     try:
@@ -105,6 +115,8 @@ def apply_sparselora(
     except Exception:
         for w in [w for ws in state.layers.values() for w in ws] + state.fused:
             w.remove()
+        if state.hub_kernels:
+            hf.use_kernels = True
         raise
 
     signature = inspect.signature(type(hf).forward)  # the class's: the instance's may be swapped (fast_kernels)
@@ -152,6 +164,8 @@ def remove_sparselora(model: nn.Module) -> nn.Module:
         w.remove()
     for h in state.handles:
         h.remove()
+    if state.hub_kernels:
+        causal_lm(model).use_kernels = True
     delattr(causal_lm(model), STATE_ATTR)
     return model
 

@@ -61,6 +61,7 @@ class SparseLoRAState:
         self.layers: dict[int, list] = {}  # layer index -> its wrappers (SparseMLP / SparseAttention)
         self.fused: list = []  # FusedLoRALinear wrappers of the projections not sliced
         self.handles: list = []
+        self.hub_kernels = False  # transformers' hub kernels were on before apply (patch.apply_sparselora)
 
     @property
     def active(self) -> bool:

@@ -199,3 +199,28 @@ def test_fast_rope_swaps_the_modeling_function_while_in_use(monkeypatch):
     assert ml.apply_rotary_pos_emb is swapped  # b still uses it
     remove_sparselora(b)
     assert ml.apply_rotary_pos_emb is original
+
+
+def test_hub_kernels_do_not_undo_the_swaps(tmp_path):
+    """transformers >= 5.25 loads models kernelized and kernelizes again at every train()/eval(), which resets
+    instance forwards: SparseLoRA turns that off while applied (its fused norm stays in place across mode
+    switches) and back on at `remove_sparselora`."""
+    from transformers import AutoModelForCausalLM
+
+    from sparselora import remove_sparselora
+    from sparselora.models.registry import decoder_layers
+
+    from helpers import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    if not getattr(hf, "use_kernels", False):
+        pytest.skip("this transformers loads models without hub kernels")
+    apply_sparselora(hf, SparseLoRAConfig(ffn_sparsity={1: 0.5}, attn_sparsity={}, start_step=0), fast_kernels=True)
+    assert not hf.use_kernels
+    norm = decoder_layers(hf)[0].input_layernorm
+    for mode in (False, True, False):
+        hf.train(mode)
+        assert "forward" in norm.__dict__, "a mode switch reset the fused norm's forward"
+    remove_sparselora(hf)
+    assert hf.use_kernels and "forward" not in norm.__dict__

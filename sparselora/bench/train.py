@@ -177,7 +177,7 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
     if prof is not None:
         with prof:
             trainer.train()
-        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70)
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=150, max_name_column_width=90)
         dest = Path(args.profile_out) / f"profile-{name}.txt"
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(table)
