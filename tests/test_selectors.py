@@ -15,6 +15,7 @@ from sparselora import SparseLoRAConfig, apply_sparselora, kept_channels
 from sparselora.config import SELECTORS
 from sparselora.flop_count import flops
 from sparselora.models.registry import arch_info
+from sparselora.patch import get_state
 from sparselora.selection import SELECTORS as REGISTRY, sample_rows
 
 from helpers import make_batch, tiny_peft
@@ -123,6 +124,10 @@ def _run(arch, selector, seed=3, **cfg_kw):
         model(**batch)
     for h in hooks:
         h.remove()
+    state = get_state(model)
+    assert state.stream_permuted  # LAYERS are attention-sparse: the stream ran context-first there (modules.stream)
+    for key, x in seen.items():  # back to sequence order
+        seen[key] = x.reshape(-1, x.shape[-1])[state.split.inverse].view(x.shape)
     labels, mask = batch["labels"].reshape(-1), batch["attention_mask"].reshape(-1)
     ctx = [j for j in range(labels.numel()) if labels[j] == -100 and mask[j] == 1]  # flattened (batch, seq) order
     lab = [j for j in range(labels.numel()) if labels[j] != -100]
