@@ -8,7 +8,9 @@ The per-batch lifecycle, and who does what:
    check), then sets `split`: None without labels or while the path is off (`active` False), else the batch's
    `TokenSplit` (`tokens.split_tokens`, one host sync), or, inside `pinned`, the pinned split as is.
 2. **use** — each `SparseMLP` / `SparseAttention` of a sparse layer reads `split` (if `active`) during the
-   forward and picks its channels from the context rows; `None` means the layer runs dense.
+   forward and picks its channels from the context rows; `None` means the layer runs dense. `stream_permuted`
+   (set with `split`) says whether the runs of attention-sparse layers see the residual stream context-first
+   (`modules.stream.PermutedStream`).
 3. **keep** — `split` stays until the next forward's `begin_batch`, so gradient checkpointing recomputes the
    layers with the same split in backward, and `kept_channels` / `sparsity_stats` describe the last batch.
 4. **pin** (CUDA graphs only) — `CUDAGraphStep` runs forward + backward inside ``with state.pinned(split,
