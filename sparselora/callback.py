@@ -6,9 +6,13 @@ picks up exactly where the interrupted one was.
 
 from __future__ import annotations
 
+import logging
+
 from transformers import TrainerCallback
 
 from sparselora.patch import get_state, schedule, sparsity_stats
+
+logger = logging.getLogger("sparselora")
 
 
 class SparseLoRACallback(TrainerCallback):
@@ -23,7 +27,14 @@ class SparseLoRACallback(TrainerCallback):
         return model
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        schedule(self._model(model), state.global_step, state.max_steps)
+        from sparselora.fastpath import eager_gpu_warning  # fastpath imports the data package, which imports us
+
+        model = self._model(model)
+        sl = get_state(model)
+        warning = eager_gpu_warning(next(model.parameters()).device.type, sl.graphed, sl.enabled)
+        if warning:
+            logger.warning("sparselora: %s", warning)
+        schedule(model, state.global_step, state.max_steps)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         schedule(self._model(model), state.global_step, state.max_steps)

@@ -133,3 +133,17 @@ def small_model_warning(hidden_size: int, device_type: str) -> str | None:
     return (f"this model's hidden size ({hidden_size}) is below {MIN_PAYING_HIDDEN}: on a GPU its layers are too "
             "small for the sparse path to pay (measured 1.1-1.4x slower than dense at hidden 896 and 1536, "
             "docs/performance.md); train it --dense for speed, sparse to study the method")
+
+
+
+def eager_gpu_warning(device_type: str, graphed: bool, sparse: bool) -> str | None:
+    """A warning when the sparse path trains eagerly on a GPU (no CUDA graphs: gradient checkpointing, several
+    processes, float16, or a plain Trainer): the eager sparse step is host-bound. Measured on an H200 (Llama-3-8B
+    shape, math mix, 2ba5bb4): 414.7 ms a step against 290.5 for packed PEFT + liger, 0.75x of its tokens/s
+    (docs/performance.md, "Eager path")."""
+    if device_type != "cuda" or graphed or not sparse:
+        return None
+    return ("the sparse path trains eagerly on this GPU (no CUDA graphs); eager it is host-bound and measured slower "
+            "than dense (0.75x of packed PEFT + liger's tokens/s on Llama-3-8B, docs/performance.md). For the "
+            "speed-up use sparselora.CUDAGraphTrainer with packed rows (what `sparselora finetune` picks when "
+            "nothing keeps graphs off: gradient checkpointing, several processes, float16), or train dense")

@@ -64,6 +64,7 @@ class SparseLoRAState:
         self.fused: list = []  # FusedLoRALinear wrappers of the projections not sliced
         self.handles: list = []
         self.hub_kernels = False  # transformers' hub kernels were on before apply (patch.apply_sparselora)
+        self.graphed = False  # a CUDAGraphTrainer trains this model (SparseLoRACallback warns of an eager GPU run)
 
     @property
     def active(self) -> bool:

@@ -49,6 +49,7 @@ class CUDAGraphTrainingMixin:
     def __init__(self, *args, graph_bucket: int | None = None, **kwargs):
         self._graph_bucket = graph_bucket
         super().__init__(*args, **kwargs)
+        get_state(self.model).graphed = True  # SparseLoRACallback: no eager-GPU warning
         if self.data_collator is not None and not isinstance(self.data_collator, HostCounts):
             self.data_collator = HostCounts(self.data_collator, get_state(self.model).config.dense_output_tokens)
         if torch.cuda.is_available():

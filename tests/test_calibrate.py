@@ -132,6 +132,18 @@ def test_a_model_too_small_to_pay_on_a_gpu_is_flagged():
     assert small_model_warning(896, "cpu") is None  # the CPU demo's small model does gain (docs/performance.md)
 
 
+def test_an_eager_gpu_run_is_flagged():
+    """A sparse run on a GPU without CUDA graphs says it will be slower than dense and what to do; a graphed run,
+    a dense one and a CPU run say nothing."""
+    from sparselora.fastpath import eager_gpu_warning
+
+    msg = eager_gpu_warning("cuda", graphed=False, sparse=True)
+    assert "slower than dense" in msg and "CUDAGraphTrainer" in msg
+    assert eager_gpu_warning("cuda", graphed=True, sparse=True) is None
+    assert eager_gpu_warning("cuda", graphed=False, sparse=False) is None
+    assert eager_gpu_warning("cpu", graphed=False, sparse=True) is None
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--loss-bound", "-1"], "loss_bound (--loss-bound) must be >= 0"),
     (["--loss-bound", "lots"], "--loss-bound takes a number"),

@@ -404,3 +404,23 @@ def test_chunked_head_loss_in_cuda_graph_under_autocast(monkeypatch):
     ref.backward()
     assert_close(loss, ref, "loss", torch.bfloat16)
     assert_close(hidden.grad, ref_h.grad, "hidden grad", torch.bfloat16)
+
+
+def test_callback_warns_of_an_eager_gpu_run_and_not_of_a_graphed_one(caplog):
+    import logging
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from sparselora import CUDAGraphTrainer, SparseLoRACallback
+
+    model = tiny_peft("llama").cuda()
+    apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={1: 0.5}, attn_sparsity={}, start_step=0))
+    state, cb = TrainerState(max_steps=4), SparseLoRACallback()
+    with caplog.at_level(logging.WARNING, logger="sparselora"):
+        cb.on_train_begin(None, state, TrainerControl(), model=model)
+    assert "trains eagerly on this GPU" in caplog.text
+    caplog.clear()
+    CUDAGraphTrainer(model=model, args=TrainingArguments(output_dir="/tmp/sl-cb", report_to=[], bf16=False))
+    with caplog.at_level(logging.WARNING, logger="sparselora"):
+        cb.on_train_begin(None, state, TrainerControl(), model=model)
+    assert "trains eagerly" not in caplog.text
