@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sparselora.bench.train import load_lengths, make_examples
 from sparselora.cli.main import main
 
@@ -35,7 +37,14 @@ def test_bench_trainer_smoke(tmp_path, capsys):
     # the preset's selector is the library default; method@selector runs the same method with another one
     assert rec["methods"]["sparselora_fast"]["selector"] == "sampled"
     assert rec["methods"]["sparselora_fast@svd"]["selector"] == "svd" and rec["methods"]["peft"]["selector"] is None
-    assert "vs best dense" in capsys.readouterr().out
+    # the share of real tokens that took the sparse path: all the context with exact counts (the plain Trainer),
+    # at most all of it bucketed (the graphed path), never nothing
+    m = rec["methods"]
+    assert m["sparselora_trainer"]["sparse_row_fraction"] == pytest.approx(m["sparselora_trainer"]["context_fraction"])
+    assert 0 < m["sparselora_fast"]["sparse_row_fraction"] <= m["sparselora_fast"]["context_fraction"]
+    assert "sparse_row_fraction" not in rec["methods"]["peft"]
+    out_text = capsys.readouterr().out
+    assert "vs best dense" in out_text and "took the sparse path" in out_text
 
 
 def test_bench_exit_code_when_the_benchmark_returns_its_record(monkeypatch):

@@ -77,6 +77,8 @@ class _Recorder:
 
     def __init__(self, collator, prof=None):
         self.collator, self.tokens, self.prof, self.events = collator, [], prof, []
+        self.sparse_rows: list[int] = []  # per step: the rows that took the sparse path (the last micro-batch's)
+        self.context: list[int] = []  # per batch: its context tokens (real, unlabelled)
         self.clock = Clock(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def time_training_step(self, trainer) -> None:
@@ -101,6 +103,7 @@ class _Recorder:
     def __call__(self, features):
         batch = self.collator(features)
         self.tokens.append(int(batch["attention_mask"].sum()))
+        self.context.append(int(((batch["labels"] == IGNORE_INDEX) & batch["attention_mask"].bool()).sum()))
         return batch
 
     def callback(self):
@@ -112,7 +115,12 @@ class _Recorder:
             def on_step_begin(self, args, state, control, **kw):
                 rec.clock.mark()
 
-            def on_step_end(self, args, state, control, **kw):
+            def on_step_end(self, args, state, control, model=None, **kw):
+                from sparselora.patch import get_state
+
+                sl = get_state(model, required=False) if model is not None else None
+                if sl is not None:  # host values: no sync
+                    rec.sparse_rows.append(sl.split.num_context if sl.split is not None else 0)
                 if rec.prof is not None:
                     rec.prof.step()
 
@@ -202,6 +210,10 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
     fb = rec.fwd_bwd_ms()[args.warmup:]
     if fb:  # forward + backward on the GPU timeline; step_ms minus this is optimizer + Trainer + host gaps
         out["fwd_bwd_ms"] = statistics.median(fb)
+    rows = rec.sparse_rows[args.warmup:len(times)]
+    if kind == "sparse" and rows:  # bucketed down, the sparse rows are fewer than the context tokens
+        out["sparse_row_fraction"] = sum(rows) / sum(meas_n)
+        out["context_fraction"] = sum(rec.context[args.warmup:len(times)]) / sum(meas_n)
     if packed:
         out["pack"] = {"max_tokens": path.max_tokens, "max_segments": path.max_segments,
                        "max_segment_len": path.max_segment_len}
@@ -311,6 +323,10 @@ def _table(record: dict) -> None:
         f = record["flops"]
         print(f"analytic FLOP bound {f['speedup_bound']:.2f}x at context fraction {f['context_fraction']:.2f} "
               f"({f['at']})")
+    for k, v in ms.items():
+        if v.get("sparse_row_fraction") is not None:
+            print(f"  {k}: {v['sparse_row_fraction']:.2f} of the real tokens took the sparse path, of "
+                  f"{v['context_fraction']:.2f} context (the rest ran dense: bucketed row counts)")
     print(f"{'method':<22}{'tok/s':>9}{'ms/step':>9}{'fwd+bwd':>9}{'mean ms':>9}{'tok/step':>9}{'peak GiB':>9}"
           f"{'graphs':>7}{'vs best dense':>14}{'loss first/last':>18}")
     for k, v in ms.items():
