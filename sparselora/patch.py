@@ -111,7 +111,7 @@ def apply_sparselora(
 
             sparse_ffn = {i for i, s in config.ffn_sparsity.items() if s > 0}
             state.fused.extend(fast.install(hf, layers, sparse_ffn, state))
-        _install_streams(hf, layers, state)
+        _install_streams(layers, state)
     except Exception:
         for w in [w for ws in state.layers.values() for w in ws] + state.fused:
             w.remove()
@@ -139,7 +139,7 @@ def apply_sparselora(
     return model
 
 
-def _install_streams(hf, layers, state) -> None:
+def _install_streams(layers, state) -> None:
     """A `PermutedStream` over each run of consecutive attention-sparse layers; their wrappers (and the last
     layer's head-rows FFN) learn that their input may arrive permuted."""
     from sparselora.modules.fast import FastMLP
