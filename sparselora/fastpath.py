@@ -135,7 +135,6 @@ def small_model_warning(hidden_size: int, device_type: str) -> str | None:
             "docs/performance.md); train it --dense for speed, sparse to study the method")
 
 
-
 def eager_gpu_warning(device_type: str, graphed: bool, sparse: bool) -> str | None:
     """A warning when the sparse path trains eagerly on a GPU (no CUDA graphs: gradient checkpointing, several
     processes, float16, or a plain Trainer): the eager sparse step is host-bound. Measured on an H200 (Llama-3-8B

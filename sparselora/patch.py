@@ -140,21 +140,12 @@ def apply_sparselora(
 
 
 def _install_streams(layers, state) -> None:
-    """A `PermutedStream` over each run of consecutive attention-sparse layers; their wrappers (and the last
-    layer's head-rows FFN) learn that their input may arrive permuted."""
-    from sparselora.modules.fast import FastMLP
-
+    """A `PermutedStream` over each run of consecutive attention-sparse layers; `state.permuted_at` tells the
+    wrappers of those layers (and the last layer's head-rows FFN) that their input may arrive permuted."""
     attn = [i for i, ws in state.layers.items() if any(isinstance(w, SparseAttention) for w in ws)]
-    inside = set()
     for first, last in runs(attn):
         state.fused.append(PermutedStream(layers[first], layers[last], state))
-        inside.update(range(first, last + 1))
-    for i in inside:
-        for w in state.layers.get(i, ()):
-            w.in_stream = True
-    for w in state.fused:
-        if isinstance(w, FastMLP) and w.layer in inside:
-            w.in_stream = True
+        state.stream_layers.update(range(first, last + 1))
 
 
 def remove_sparselora(model: nn.Module) -> nn.Module:

@@ -60,11 +60,16 @@ class SparseLoRAState:
         # whether this forward's residual stream runs permuted context-first through the runs of attention-sparse
         # layers (`modules.stream.PermutedStream`); set with `split`, so a recompute sees the same value
         self.stream_permuted = False
+        self.stream_layers: set[int] = set()  # the layers inside a `PermutedStream` run (set by apply_sparselora)
         self.layers: dict[int, list] = {}  # layer index -> its wrappers (SparseMLP / SparseAttention)
         self.fused: list = []  # FusedLoRALinear wrappers of the projections not sliced
         self.handles: list = []
         self.hub_kernels = False  # transformers' hub kernels were on before apply (patch.apply_sparselora)
         self.graphed = False  # a CUDAGraphTrainer trains this model (SparseLoRACallback warns of an eager GPU run)
+
+    def permuted_at(self, layer: int) -> bool:
+        """Whether layer ``layer`` sees the residual stream context-first in this forward."""
+        return self.stream_permuted and layer in self.stream_layers
 
     @property
     def active(self) -> bool:

@@ -109,6 +109,8 @@ class _Recorder:
     def callback(self):
         from transformers import TrainerCallback
 
+        from sparselora.patch import get_state
+
         rec = self
 
         class Timer(TrainerCallback):
@@ -116,8 +118,6 @@ class _Recorder:
                 rec.clock.mark()
 
             def on_step_end(self, args, state, control, model=None, **kw):
-                from sparselora.patch import get_state
-
                 sl = get_state(model, required=False) if model is not None else None
                 if sl is not None:  # host values: no sync
                     rec.sparse_rows.append(sl.split.num_context if sl.split is not None else 0)

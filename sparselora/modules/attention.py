@@ -37,8 +37,6 @@ class SparseAttention:
         self.attn, self.layer, self.sparsity, self.state = attn, layer, sparsity, state
         self.kept: dict[str, torch.Tensor] | None = None
         self._inputs: _Inputs | None = None  # of the current call; dropped by o_proj
-        self.in_stream = False  # inside a run of `modules.stream.PermutedStream`: set by apply_sparselora
-        self.permuted = False  # this call's input (and o_proj's output) is in the permuted stream's order
         self.swaps = {p: ForwardSwap(m, self._make_forward(p)) for p, m in self.projs.items()}
         self.handle = attn.register_forward_pre_hook(self._select, with_kwargs=True)
 
@@ -46,7 +44,7 @@ class SparseAttention:
         self._inputs = None
         self.kept = None  # set again below when this call runs sparse: never a stale channel set
         split = self.state.split if self.state.active else None
-        self.permuted = permuted = self.in_stream and self.state.stream_permuted
+        permuted = self.state.permuted_at(self.layer)
         if split is None:
             return None
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -74,7 +72,7 @@ class SparseAttention:
         out in sequence order (for RoPE and the attention kernel), o in the stream's."""
         xp = self._inputs.permuted if x is self._inputs.x else split.permute(x)
         y = split_lora_linear(parts, xp, split.num_context, "in" if p == "o" else "out", self.kept[p])
-        return split.stream_of(y, self.permuted) if p == "o" else split.unpermute(y)
+        return split.stream_of(y, self.state.permuted_at(self.layer)) if p == "o" else split.unpermute(y)
 
     def _make_forward(self, p: str):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -97,7 +95,7 @@ class SparseAttention:
             else:
                 yc = proj_out_sparse(self.projs[p], xc, self.kept[p])
             yd = self.swaps[p].original(xd) if xd.shape[0] else yc.new_empty(0, yc.shape[-1])
-            return split.scatter(yc, yd, self.permuted and p == "o")
+            return split.scatter(yc, yd, p == "o" and self.state.permuted_at(self.layer))
 
         return forward
 

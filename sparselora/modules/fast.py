@@ -38,7 +38,6 @@ class FastMLP:
 
     def __init__(self, mlp: nn.Module, layer: int, state=None):
         self.mlp, self.layer, self.state = mlp, layer, state
-        self.in_stream = False  # its layer is inside a `modules.stream.PermutedStream` run: set by apply_sparselora
         self.swap = ForwardSwap(mlp, self.forward)
 
     def forward(self, x):
@@ -50,7 +49,7 @@ class FastMLP:
         if tuple(x.shape[:-1]) != shape:
             raise RuntimeError(f"sparselora: the last layer's FFN saw input of shape {tuple(x.shape)} but the head's "
                                f"rows were found for (batch, seq) = {shape}; the model was called inside another forward")
-        if self.in_stream and self.state.stream_permuted:  # the rows sit where the permutation put them
+        if self.state.permuted_at(self.layer):  # the rows sit where the permutation put them
             idx = self.state.split.inverse.index_select(0, idx)
         rows = x.reshape(-1, x.shape[-1]).index_select(0, idx)
         y = m.down_proj(silu_mul(m.gate_proj(rows), m.up_proj(rows)))

@@ -20,7 +20,6 @@ class SparseMLP:
             check_lora_module(getattr(mlp, module_name(p)))
         self.mlp, self.layer, self.sparsity, self.state = mlp, layer, sparsity, state
         self.kept: torch.Tensor | None = None  # channels kept in the last sparse forward
-        self.in_stream = False  # inside a run of `modules.stream.PermutedStream`: set by apply_sparselora
         self.swap = ForwardSwap(mlp, self.forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +31,7 @@ class SparseMLP:
         sel = SELECTORS[cfg.selector]
         if sel.scores_labelled and split.num_labelled == 0:
             return self.swap.original(x)  # nothing to rank by (and no loss to train): this batch runs dense
-        permuted = self.in_stream and self.state.stream_permuted
+        permuted = self.state.permuted_at(self.layer)
         xp = split.stream_rows(x, permuted)
         xc, xd = xp[: split.num_context], xp[split.num_context :]
         if sel.scores_labelled:
