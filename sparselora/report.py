@@ -134,6 +134,10 @@ def format_comparison(c: dict[str, Any]) -> str:
     def num(v, f):
         return f.format(v) if v is not None else "n/a"
 
+    by = c.get("measured_by", "median steps")
+    also = (f"; {c['median_step_speedup']:.2f}x by median steps"
+            if by != "median steps" and c.get("median_step_speedup") else "")
+
     return "\n".join([
         f"{'':24}{'dense':>14}{'sparse':>14}",
         f"{'wall time / step':24}{num(c['dense_step_seconds'], '{:.3f} s'):>14}"
@@ -143,8 +147,6 @@ def format_comparison(c: dict[str, Any]) -> str:
         f"{num(c['sparse_final_loss'], '{:.4f}'):>14}",
         f"{'held-out loss (dense)':24}{num(c.get('dense_heldout_loss'), '{:.4f}'):>14}"
         f"{num(c.get('sparse_heldout_loss'), '{:.4f}'):>14}",
-        f"speed-up: {num(c['measured_speedup'], '{:.2f}x')} measured ({c.get('measured_by', 'median steps')}"
-        + (f"; {c['median_step_speedup']:.2f}x by median steps" if c.get("measured_by", "").startswith("median of")
-           and c.get("median_step_speedup") else "")
-        + f"), {c['analytic_speedup']:.2f}x analytic (FLOPs)",
+        f"speed-up: {num(c['measured_speedup'], '{:.2f}x')} measured ({by}{also}), "
+        f"{c['analytic_speedup']:.2f}x analytic (FLOPs)",
     ])

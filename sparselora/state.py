@@ -92,10 +92,16 @@ class SparseLoRAState:
         elif self.active:
             self.split = split_tokens(labels, attention_mask, shape, self.config.dense_output_tokens)
         split = self.split
-        # a labelled-rows selector runs a batch without labelled rows dense: then nothing permutes either
-        self.stream_permuted = split is not None and not hidden_states_out and not (
-            SELECTORS[self.config.selector].scores_labelled and split.num_labelled == 0)
+        # a batch the sparse layers run dense (`nothing_to_rank`) is not permuted either
+        self.stream_permuted = split is not None and not hidden_states_out and not self.nothing_to_rank
         return self.split
+
+    @property
+    def nothing_to_rank(self) -> bool:
+        """A labelled-rows selector and a batch without labelled rows: nothing to rank the channels by (and no
+        loss to train), so the sparse layers run this batch dense."""
+        split = self.split
+        return split is not None and SELECTORS[self.config.selector].scores_labelled and split.num_labelled == 0
 
     @contextlib.contextmanager
     def pinned(self, split: TokenSplit | None, head_rows: int | None) -> Iterator[None]:

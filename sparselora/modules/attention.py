@@ -45,7 +45,7 @@ class SparseAttention:
         self.kept = None  # set again below when this call runs sparse: never a stale channel set
         split = self.state.split if self.state.active else None
         permuted = self.state.permuted_at(self.layer)
-        if split is None:
+        if split is None or self.state.nothing_to_rank:  # this batch runs dense (in sequence order: not permuted)
             return None
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         xp = split.stream_rows(x, permuted)
@@ -53,9 +53,6 @@ class SparseAttention:
         cfg, est = self.state.config, self.state.estimator
         xs, sel = xc, SELECTORS[cfg.selector]
         if sel.scores_labelled:
-            if split.num_labelled == 0:  # nothing to rank by (and no loss to train): this batch runs dense
-                assert not permuted, "the permuted stream runs dense batches in order"
-                return None
             xs = labelled_rows(xd, split.num_labelled)
         factors = est.stacked(self.layer, "qkv", xs.device) if sel.needs_factors else None
         orig = {p: s.original for p, s in self.swaps.items()}

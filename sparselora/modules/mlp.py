@@ -25,12 +25,10 @@ class SparseMLP:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         split = self.state.split if self.state.active else None
         self.kept = None  # set again below when this forward runs sparse: never a stale channel set
-        if split is None:
+        if split is None or self.state.nothing_to_rank:  # this batch runs dense
             return self.swap.original(x)
         mlp, cfg = self.mlp, self.state.config
         sel = SELECTORS[cfg.selector]
-        if sel.scores_labelled and split.num_labelled == 0:
-            return self.swap.original(x)  # nothing to rank by (and no loss to train): this batch runs dense
         permuted = self.state.permuted_at(self.layer)
         xp = split.stream_rows(x, permuted)
         xc, xd = xp[: split.num_context], xp[split.num_context :]
