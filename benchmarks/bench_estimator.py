@@ -23,7 +23,7 @@ from sparselora import SparseLoRAConfig
 from sparselora.estimator import low_rank_factors, stack_factors
 from sparselora.models.registry import ArchInfo
 from sparselora.ops.topk import top_indices
-from sparselora.selection import SELECTORS, ffn_keep_count, keep_count, select_attention, select_ffn
+from sparselora.selection import SELECTORS, attention_keep_counts, ffn_keep_count, select_attention, select_ffn
 
 
 def graph_ms(fn, reps: int) -> float:
@@ -92,9 +92,11 @@ def main(argv=None):
                 a.reps)
         totals[sel] = sum(rows[f"ffn@{s}"] for s in cfg.ffn_sparsity.values()) + \
             sum(rows[f"attn@{s}"] for s in cfg.attn_sparsity.values())
-    units = Hkv * (D // 2 if cfg.rope_pairs else D)
+    pairs = cfg.rope_pairs and D % 2 == 0
+    units = Hkv * (D // 2 if pairs else D)
     sizes = sorted({(I, ffn_keep_count(I, s)) for s in cfg.ffn_sparsity.values()}
-                   | {(n, keep_count(n, s)) for s in cfg.attn_sparsity.values() for n in (units, Hkv * D)})
+                   | {pair for s in cfg.attn_sparsity.values()
+                      for pair in zip((units, Hkv * D), attention_keep_counts(Hkv, D, s, pairs))})
     topk = {}
     for n, k_ in sizes:
         sc = torch.rand(n, device=dev)

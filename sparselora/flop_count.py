@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from sparselora.config import SparseLoRAConfig
 from sparselora.models.registry import ATTN_PROJS, FFN_PROJS, PROJS, ArchInfo, arch_info
-from sparselora.selection import DEFAULT_SELECTOR, SAMPLE_ROWS, SELECTORS, ffn_keep_count, keep_count
+from sparselora.selection import DEFAULT_SELECTOR, SAMPLE_ROWS, SELECTORS, attention_keep_counts, ffn_keep_count
 
 ALL_TARGETS = PROJS
 
@@ -49,8 +49,8 @@ def attention_kept(a: ArchInfo, sparsity: float, rope_pairs: bool = True) -> dic
     """Kept fraction of each attention projection's sliced side, as `selection.select_attention` keeps them."""
     pairs = rope_pairs and a.head_dim % 2 == 0
     units = a.num_kv_heads * (a.head_dim // 2 if pairs else a.head_dim)
-    qk = keep_count(units, sparsity) / units
-    v = keep_count(a.num_kv_heads * a.head_dim, sparsity) / (a.num_kv_heads * a.head_dim)
+    k_units, v_keep = attention_keep_counts(a.num_kv_heads, a.head_dim, sparsity, pairs)
+    qk, v = k_units / units, v_keep / (a.num_kv_heads * a.head_dim)
     return {"q": qk, "k": qk, "v": v, "o": v}
 
 

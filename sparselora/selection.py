@@ -37,18 +37,35 @@ def keep_count(n: int, sparsity: float) -> int:
     return max(1, min(n, round((1.0 - sparsity) * n)))
 
 
-# Kept FFN channels come in multiples of this: the k-wide sliced weights and activations then have 16-byte aligned
-# rows in bf16, which cuBLAS's fast tensor-core kernels need (Llama-3-8B at 99% FFN sparsity keeps 143 of 14336
-# channels; an H200 profile ran those GEMMs on sm75-era fallback kernels).
-# Below 1024 channels the rounding would move the sparsity noticeably, so small FFNs keep the exact count.
-FFN_KEEP_MULTIPLE, FFN_ALIGN_FROM = 8, 1024
+# Kept channels come in multiples of this: the k-wide sliced weights and activations then have 16-byte aligned
+# rows in bf16, which cuBLAS's fast tensor-core kernels need. Unaligned widths fall back to sm75/sm80-era kernels
+# ("align1"/"align2"): Llama-3-8B at 99% FFN sparsity keeps 143 of 14336 channels, and at 20% attention sparsity
+# 819 of 1024 k/v channels; an H200 profile ran those GEMMs on such fallbacks (~30 ms of a 177 ms step).
+# Below 1024 channels the rounding would move the sparsity noticeably, so small FFNs and attentions keep the
+# exact count.
+KEEP_MULTIPLE, ALIGN_FROM = 8, 1024
+
+
+def _aligned(k: int, n: int, width: int, multiple: int) -> int:
+    """``k`` of ``n`` rounded up to a multiple of ``multiple`` when the projection is ``width`` >= `ALIGN_FROM` wide."""
+    return k if width < ALIGN_FROM else min(n, -(-k // multiple) * multiple)
 
 
 def ffn_keep_count(n: int, sparsity: float) -> int:
-    """Kept intermediate channels of an FFN: `keep_count`, rounded up to a multiple of `FFN_KEEP_MULTIPLE` for
-    FFNs of at least `FFN_ALIGN_FROM` channels (at most 7 more channels, under 1%)."""
-    k = keep_count(n, sparsity)
-    return k if n < FFN_ALIGN_FROM else min(n, -(-k // FFN_KEEP_MULTIPLE) * FFN_KEEP_MULTIPLE)
+    """Kept intermediate channels of an FFN: `keep_count`, rounded up to a multiple of `KEEP_MULTIPLE` for
+    FFNs of at least `ALIGN_FROM` channels (at most 7 more channels, under 1%)."""
+    return _aligned(keep_count(n, sparsity), n, n, KEEP_MULTIPLE)
+
+
+def attention_keep_counts(num_kv_heads: int, head_dim: int, sparsity: float, pairs: bool) -> tuple[int, int]:
+    """(kept q/k units, kept v channels) of an attention layer: a unit is a k channel, or with ``pairs`` a RoPE pair
+    of them. Rounded up so every sliced width (k, q = group x k, v, o = group x v) is a multiple of
+    `KEEP_MULTIPLE` channels when the kv width is at least `ALIGN_FROM` (Llama-3-8B: 8 x 128)."""
+    width = num_kv_heads * head_dim
+    units = num_kv_heads * (head_dim // 2 if pairs else head_dim)
+    unit_multiple = KEEP_MULTIPLE // 2 if pairs else KEEP_MULTIPLE
+    return (_aligned(keep_count(units, sparsity), units, width, unit_multiple),
+            _aligned(keep_count(width, sparsity), width, width, KEEP_MULTIPLE))
 
 
 def _col_norms(y: torch.Tensor) -> torch.Tensor:
@@ -247,8 +264,7 @@ def select_attention(
     pairs = rope_pairs and D % 2 == 0
     units_per_head = D // 2 if pairs else D
     n_kv_units = Hkv * units_per_head
-    k_units = keep_count(n_kv_units, sparsity)
-    v_keep = keep_count(Hkv * D, sparsity)
+    k_units, v_keep = attention_keep_counts(Hkv, D, sparsity, pairs)
 
     if selector == "random":
         units, v_ch = _random(n_kv_units, k_units, x.device), _random(Hkv * D, v_keep, x.device)

@@ -142,6 +142,19 @@ def test_keep_count():
     assert ffn_keep_count(86, 0.8) == 17  # small FFNs: the exact count
 
 
+def test_attention_keep_counts_are_aligned():
+    from sparselora.selection import KEEP_MULTIPLE, attention_keep_counts
+    # Llama-3-8B at 20%: 409.6 RoPE-pair units and 819 v channels would leave unaligned 819/820-wide slices
+    units, v = attention_keep_counts(8, 128, 0.2, pairs=True)
+    assert (units, v) == (412, 824)
+    for n_kv, d, s, pairs in [(8, 128, 0.2, True), (8, 128, 0.37, False), (32, 128, 0.5, True), (8, 128, 0.999, True)]:
+        units, v = attention_keep_counts(n_kv, d, s, pairs)
+        k_channels = units * (2 if pairs else 1)
+        assert k_channels % KEEP_MULTIPLE == 0 and v % KEEP_MULTIPLE == 0, (n_kv, d, s, pairs, units, v)
+        assert k_channels <= n_kv * d and v <= n_kv * d
+    assert attention_keep_counts(2, 64, 0.2, pairs=True) == (keep_count(64, 0.2), keep_count(128, 0.2))  # small: exact
+
+
 def test_gqa_expansion():
     # kv channel (g=1, d=3) -> query heads 3, 4, 5 (group 1 of size 3), dim 3
     out = expand_to_query_heads(torch.tensor([1 * 8 + 3]), ARCH)
