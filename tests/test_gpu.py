@@ -424,39 +424,3 @@ def test_callback_warns_of_an_eager_gpu_run_and_not_of_a_graphed_one(caplog):
     with caplog.at_level(logging.WARNING, logger="sparselora"):
         cb.on_train_begin(None, state, TrainerControl(), model=model)
     assert "trains eagerly" not in caplog.text
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,width,k", [(1, 7, 3), (37, 130, 129), (3600, 1024, 824), (513, 4096, 1)])
-def test_column_kernels_match_torch(dtype, rows, width, k):
-    from sparselora.ops.indexing import place_columns, take_columns
-    g = torch.Generator(device="cuda").manual_seed(rows + k)
-    big = torch.randn(rows + 5, width, device="cuda", dtype=dtype, generator=g)
-    x = big[5:]  # a row slice of a bigger tensor, as the context rows of a projection's input
-    cols = torch.randperm(width, device="cuda", generator=g)[:k]  # distinct, unsorted (q/o channels are)
-    assert torch.equal(take_columns(x, cols), x.index_select(1, cols))
-    src = torch.randn(rows, k, device="cuda", dtype=dtype, generator=g)
-    ref = torch.zeros(rows, width, device="cuda", dtype=dtype).index_copy_(1, cols, src)
-    assert torch.equal(place_columns(src, cols, width), ref)
-    out = torch.full((rows + 5, width), float("nan"), device="cuda", dtype=dtype)
-    place_columns(src, cols, width, out=out[5:])  # into a view, every element written (the zeros too)
-    assert torch.equal(out[5:], ref) and out[:5].isnan().all()
-
-
-def test_column_kernels_in_a_cuda_graph():
-    from sparselora.ops.indexing import place_columns, take_columns
-    x = torch.randn(300, 256, device="cuda")
-    cols = torch.randperm(256, device="cuda")[:100]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        take_columns(x, cols), place_columns(x[:, :100], cols, 256)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        a, b = take_columns(x, cols), place_columns(x[:, :100].contiguous(), cols, 256)
-    x.copy_(torch.randn_like(x))
-    cols.copy_(torch.randperm(256, device="cuda")[:100])  # a new channel set, replayed
-    graph.replay()
-    assert torch.equal(a, x.index_select(1, cols))
-    assert torch.equal(b, torch.zeros_like(x).index_copy_(1, cols, x[:, :100]))

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from sparselora.ops.indexing import place_columns, take_columns
-
 
 def _save_slices(x: torch.Tensor) -> bool:
     """Whether the fused ops keep the context rows' sliced weights for the backward (GPU: time counts) or slice
@@ -41,10 +39,11 @@ class _SplitLoRALinear(torch.autograd.Function):
                 part = xc @ w_ctx.t()
                 if bias is not None:
                     part += bias.index_select(0, idx)
-                place_columns(part, idx, weight.shape[0], out=yc)
+                yc.zero_()
+                yc.index_copy_(1, idx, part)
             else:  # "in"
-                w_ctx = take_columns(weight, idx)
-                xs = take_columns(xc, idx)
+                w_ctx = weight.index_select(1, idx)
+                xs = xc.index_select(1, idx)
                 torch.addmm(bias, xs, w_ctx.t(), out=yc) if bias is not None else torch.mm(xs, w_ctx.t(), out=yc)
         h = keep = None
         if lora_a is not None:
@@ -71,7 +70,7 @@ class _SplitLoRALinear(torch.autograd.Function):
         x, weight, idx, lora_a, lora_b, h, keep, w_ctx = ctx.saved_tensors
         n_ctx, mode, scale = ctx.n_ctx, ctx.mode, ctx.scale
         if n_ctx and w_ctx is None:
-            w_ctx = weight.index_select(0, idx) if mode == "out" else take_columns(weight, idx)
+            w_ctx = weight.index_select(0 if mode == "out" else 1, idx)
         if keep is not None:
             keep = keep.to(lora_a.dtype)
         gy = gy.contiguous()
@@ -83,9 +82,11 @@ class _SplitLoRALinear(torch.autograd.Function):
                 torch.mm(gy[n_ctx:], weight, out=gx[n_ctx:])
             if n_ctx:
                 if mode == "out":
-                    torch.mm(take_columns(gy[:n_ctx], idx), w_ctx, out=gx[:n_ctx])
+                    torch.mm(gy[:n_ctx].index_select(1, idx), w_ctx, out=gx[:n_ctx])
                 else:
-                    place_columns(gy[:n_ctx] @ w_ctx, idx, x.shape[1], out=gx[:n_ctx])
+                    gxc = gx[:n_ctx]
+                    gxc.zero_()
+                    gxc.index_copy_(1, idx, gy[:n_ctx] @ w_ctx)
         if lora_a is not None:
             gyl = gy.to(lora_b.dtype)
             gb = gyl.t() @ h
@@ -176,7 +177,7 @@ class _SplitFFN(torch.autograd.Function):
         pick = lambda b: None if b is None else b.index_select(0, keep)  # noqa: E731
         saved, sliced = [], (None, None, None)
         for rows, ws in ((slice(0, n_ctx), None if not n_ctx else
-                          (wg.index_select(0, keep), pick(bg), wu.index_select(0, keep), pick(bu), take_columns(wd, keep))),
+                          (wg.index_select(0, keep), pick(bg), wu.index_select(0, keep), pick(bu), wd.index_select(1, keep))),
                          (slice(n_ctx, N), None if N == n_ctx else (wg, bg, wu, bu, wd))):
             if ws is None:
                 saved += [None] * 2
@@ -211,7 +212,7 @@ class _SplitFFN(torch.autograd.Function):
                 continue
             if rows.start == 0 and n_ctx:
                 g_w, u_w, d_w = sliced if sliced[0] is not None else (
-                    wg.index_select(0, keep), wu.index_select(0, keep), take_columns(wd, keep))
+                    wg.index_select(0, keep), wu.index_select(0, keep), wd.index_select(1, keep))
             else:
                 g_w, u_w, d_w = wg, wu, wd
             gh = gy[rows] @ d_w
