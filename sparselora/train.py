@@ -43,7 +43,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from sparselora import SparseLoRACallback, apply_sparselora, remove_sparselora, set_enabled, use_packed_attention
 from sparselora.calibrate import calibrate, frozen_loss
 from sparselora.data import DataCollator, load_examples, tokenize_examples
-from sparselora.fastpath import choose_path, flop_cut_warning, small_model_warning
+from sparselora.fastpath import choose_path, flop_cut_warning, paying_config, small_model_warning
 from sparselora.flop_count import flops
 from sparselora.loading import load_model
 from sparselora.io import atomic_write_json
@@ -306,6 +306,10 @@ def _apply(cfg: RunConfig, run: _Loaded, path, use_cpu: bool, say):
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
     estimator_dir = Path(cfg.estimator_dir).expanduser() if cfg.estimator_dir else None
+    if not cfg.dense:
+        run.sp_cfg, line = paying_config(run.sp_cfg, "cpu" if use_cpu else "cuda")
+        if line:
+            say(line)
     # the dense baseline runs the same patched model with the sparse path switched off. The estimator's small
     # float64 eigendecompositions run single-threaded: on a busy CPU, multi-threaded LAPACK is up to 100x slower
     threads = torch.get_num_threads()
