@@ -6,10 +6,11 @@ scan does not see the interactions; this measures them).
     python benchmarks/probe_configs.py --task math --configs "ffn=0.5@4-20" preset:qwen2.5-coder-0.5b-gsm8k
 
 A config is 'preset:NAME', a YAML path, or 'ffn=S@LAYERS[,attn=S@LAYERS]'. Uses the first --batches batches of the
-seed-0 training order of benchmarks/accuracy.py (bf16, CPU by default).
+training examples in file order (benchmarks/accuracy.py's training files; bf16, CPU by default).
 """
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy as A  # noqa: E402
 
 from sparselora import SparseLoRAConfig  # noqa: E402
-from sparselora.data import DataCollator  # noqa: E402
+from sparselora.data import DataCollator, load_examples, tokenize_examples  # noqa: E402
 from sparselora.flop_count import flops  # noqa: E402
 from sparselora.loading import load_model  # noqa: E402
 from sparselora.sensitivity import batch_stats, config_loss  # noqa: E402
@@ -49,14 +50,18 @@ def main(argv=None):
     p.add_argument("--selectors", default="svd", help="comma list: svd, labelled, oracle, random, l2")
     p.add_argument("--ranks", default="8", help="comma list of estimator ranks to try (svd)")
     p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     model, tok = load_model(a.model, dtype=torch.bfloat16, device=a.device)
     model.requires_grad_(False)
-    args = A.parse_args(["--model", a.model, "--task", a.task, "--data-dir", a.data_dir, "--max-steps", str(a.batches)])
-    feats, batches, _ = A.training_data(args, A.load_train_pool(a.task, Path(a.data_dir)), tok, 0)
+    n = a.batches * a.batch_size
+    with tempfile.TemporaryDirectory() as work:  # the commonsense mix file is written there
+        examples = load_examples(A.train_file(a.task, Path(a.data_dir), Path(work)), limit=n)
+    feats, _ = tokenize_examples(list(examples), tok, max_length=512)
     collate = DataCollator(pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    bs = [{k: v.to(a.device) for k, v in collate([feats[i] for i in b]).items()} for b in batches[: a.batches]]
+    bs = [{k: v.to(a.device) for k, v in collate(feats[i:i + a.batch_size]).items()}
+          for i in range(0, len(feats), a.batch_size)][: a.batches]
     st = batch_stats(bs)
     with torch.no_grad():
         dense = sum(model(**b).loss.float().item() for b in bs) / len(bs)
@@ -68,7 +73,7 @@ def main(argv=None):
             cfg = parse_config(spec)
             cfg.selector, cfg.estimator_rank = selector, rank
             label = f"{selector}-r{rank}" if selector == "svd" else selector
-            ratio = flops(model.config, cfg, (8, round(st["avg_length"])), round(st["avg_labelled"]),
+            ratio = flops(model.config, cfg, (a.batch_size, round(st["avg_length"])), round(st["avg_labelled"]),
                           labelled_only_head=True)["ratio"]
             t = time.time()
             loss = config_loss(model, bs, cfg, estimator_dir=A.REPO / ".cache" / "estimators")
