@@ -16,48 +16,6 @@ from __future__ import annotations
 
 import torch
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-class _Beside:
-    """Run the context rows' GEMMs on a second CUDA stream while the dense rows' run on the current one.
-
-    Splitting a projection by rows leaves two GEMMs of about half the rows each; run one after the other, each fills
-    only part of the GPU (Llama-3-8B k/v at 2,000 rows: a few dozen output tiles for 132 SMs), so the split cost
-    more than its FLOPs. On two streams (also inside a CUDA graph, as parallel branches) they share the GPU.
-    ``fork()`` before the side work, ``side()`` as its stream context, ``join()`` after the main work: every
-    tensor the side stream touches is an input or output that outlives the join, or its own temporary. Only while a
-    CUDA graph is captured (the fork and join cost host time an eager step, host-bound already, does not have) and
-    when both parts have rows; otherwise all three do nothing."""
-
-    def __init__(self, x: torch.Tensor, split: bool):
-        self.on = split and x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if self.on:
-            self.main = torch.cuda.current_stream(x.device)
-            stream = _SIDE_STREAMS.get(x.device)
-            if stream is None:
-                stream = _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
-            self.stream = stream
-
-    def fork(self) -> None:
-        if self.on:
-            self.stream.wait_stream(self.main)
-
-    def side(self):
-        return torch.cuda.stream(self.stream) if self.on else _NoStream()
-
-    def join(self) -> None:
-        if self.on:
-            self.main.wait_stream(self.stream)
-
-
-class _NoStream:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
 
 def _save_slices(x: torch.Tensor) -> bool:
     """Whether the fused ops keep the context rows' sliced weights for the backward (GPU: time counts) or slice
@@ -71,26 +29,22 @@ class _SplitLoRALinear(torch.autograd.Function):
         N = x.shape[0]
         y = x.new_empty(N, weight.shape[0])
         xd, yd = x[n_ctx:], y[n_ctx:]
-        beside = _Beside(x, 0 < n_ctx < N)
-        w_ctx = None
-        beside.fork()
-        if n_ctx:
-            with beside.side():
-                xc, yc = x[:n_ctx], y[:n_ctx]
-                if mode == "out":
-                    w_ctx = weight.index_select(0, idx)
-                    part = xc @ w_ctx.t()
-                    if bias is not None:
-                        part += bias.index_select(0, idx)
-                    yc.zero_()
-                    yc.index_copy_(1, idx, part)
-                else:  # "in"
-                    w_ctx = weight.index_select(1, idx)
-                    xs = xc.index_select(1, idx)
-                    torch.addmm(bias, xs, w_ctx.t(), out=yc) if bias is not None else torch.mm(xs, w_ctx.t(), out=yc)
         if N > n_ctx:
             torch.addmm(bias, xd, weight.t(), out=yd) if bias is not None else torch.mm(xd, weight.t(), out=yd)
-        beside.join()
+        w_ctx = None
+        if n_ctx:
+            xc, yc = x[:n_ctx], y[:n_ctx]
+            if mode == "out":
+                w_ctx = weight.index_select(0, idx)
+                part = xc @ w_ctx.t()
+                if bias is not None:
+                    part += bias.index_select(0, idx)
+                yc.zero_()
+                yc.index_copy_(1, idx, part)
+            else:  # "in"
+                w_ctx = weight.index_select(1, idx)
+                xs = xc.index_select(1, idx)
+                torch.addmm(bias, xs, w_ctx.t(), out=yc) if bias is not None else torch.mm(xs, w_ctx.t(), out=yc)
         h = keep = None
         if lora_a is not None:
             xl = x.to(lora_a.dtype)
@@ -124,19 +78,15 @@ class _SplitLoRALinear(torch.autograd.Function):
         gx = ga = gb = None
         if ctx.needs_input_grad[0]:
             gx = gy.new_empty(x.shape)
-            beside = _Beside(gy, 0 < n_ctx < N)
-            beside.fork()
-            if n_ctx:
-                with beside.side():
-                    if mode == "out":
-                        torch.mm(gy[:n_ctx].index_select(1, idx), w_ctx, out=gx[:n_ctx])
-                    else:
-                        gxc = gx[:n_ctx]
-                        gxc.zero_()
-                        gxc.index_copy_(1, idx, gy[:n_ctx] @ w_ctx)
             if N > n_ctx:
                 torch.mm(gy[n_ctx:], weight, out=gx[n_ctx:])
-            beside.join()
+            if n_ctx:
+                if mode == "out":
+                    torch.mm(gy[:n_ctx].index_select(1, idx), w_ctx, out=gx[:n_ctx])
+                else:
+                    gxc = gx[:n_ctx]
+                    gxc.zero_()
+                    gxc.index_copy_(1, idx, gy[:n_ctx] @ w_ctx)
         if lora_a is not None:
             gyl = gy.to(lora_b.dtype)
             gb = gyl.t() @ h
@@ -226,23 +176,20 @@ class _SplitFFN(torch.autograd.Function):
         liger = _swiglu() if x.is_cuda else None
         pick = lambda b: None if b is None else b.index_select(0, keep)  # noqa: E731
         saved, sliced = [], (None, None, None)
-        beside = _Beside(x, 0 < n_ctx < N)
-        beside.fork()
-        for context, rows in ((True, slice(0, n_ctx)), (False, slice(n_ctx, N))):
-            if rows.start == rows.stop:
+        for rows, ws in ((slice(0, n_ctx), None if not n_ctx else
+                          (wg.index_select(0, keep), pick(bg), wu.index_select(0, keep), pick(bu), wd.index_select(1, keep))),
+                         (slice(n_ctx, N), None if N == n_ctx else (wg, bg, wu, bu, wd))):
+            if ws is None:
                 saved += [None] * 2
                 continue
-            with beside.side() if context else _NoStream():  # the context rows beside the dense ones
-                g_w, g_b, u_w, u_b, d_w = (wg, bg, wu, bu, wd) if not context else (
-                    wg.index_select(0, keep), pick(bg), wu.index_select(0, keep), pick(bu), wd.index_select(1, keep))
-                xs = x[rows]
-                g, u = _linear(xs, g_w, g_b), _linear(xs, u_w, u_b)
-                h = liger[0](g, u)[2] if liger is not None else torch.nn.functional.silu(g) * u
-                torch.addmm(bd, h, d_w.t(), out=y[rows]) if bd is not None else torch.mm(h, d_w.t(), out=y[rows])
+            g_w, g_b, u_w, u_b, d_w = ws
+            xs = x[rows]
+            g, u = _linear(xs, g_w, g_b), _linear(xs, u_w, u_b)
+            h = liger[0](g, u)[2] if liger is not None else torch.nn.functional.silu(g) * u
+            torch.addmm(bd, h, d_w.t(), out=y[rows]) if bd is not None else torch.mm(h, d_w.t(), out=y[rows])
             saved += [g, u]
-            if context and _save_slices(x):
+            if ws is not None and rows.start == 0 and _save_slices(x):
                 sliced = (g_w, u_w, d_w)
-        beside.join()
         # on a CPU the full weights and ``keep``, not the context rows' sliced copies (three weight-sized copies per
         # sparse layer held until the backward otherwise): the backward slices them again; on a GPU the slices are
         # kept (memory is ample there, a gather per weight is not free)
@@ -260,27 +207,23 @@ class _SplitFFN(torch.autograd.Function):
         n_ctx, N = ctx.n_ctx, gy.shape[0]
         gx = gy.new_empty(N, ctx.width)
         liger = _swiglu() if ctx.liger else None
-        beside = _Beside(gy, 0 < n_ctx < N)
-        beside.fork()
-        for context, rows, (g, u) in ((True, slice(0, n_ctx), saved[:2]), (False, slice(n_ctx, N), saved[2:])):
+        for rows, (g, u) in ((slice(0, n_ctx), saved[:2]), (slice(n_ctx, N), saved[2:])):
             if g is None:
                 continue
-            with beside.side() if context else _NoStream():  # the context rows beside the dense ones
-                if context:
-                    g_w, u_w, d_w = sliced if sliced[0] is not None else (
-                        wg.index_select(0, keep), wu.index_select(0, keep), wd.index_select(1, keep))
-                else:
-                    g_w, u_w, d_w = wg, wu, wd
-                gh = gy[rows] @ d_w
-                if liger is not None:  # liger's backward overwrites g and u with their gradients (as its node does)
-                    gg, gu = liger[1](g, u, gh)
-                else:  # autograd's backward of F.silu(g) * u, op for op
-                    gu = gh * torch.nn.functional.silu(g)
-                    gg = torch.ops.aten.silu_backward(gh * u, g)
-                out = gx[rows]
-                torch.mm(gg, g_w, out=out)
-                out.add_(gu @ u_w)  # autograd sums the two input gradients the same way
-        beside.join()
+            if rows.start == 0 and n_ctx:
+                g_w, u_w, d_w = sliced if sliced[0] is not None else (
+                    wg.index_select(0, keep), wu.index_select(0, keep), wd.index_select(1, keep))
+            else:
+                g_w, u_w, d_w = wg, wu, wd
+            gh = gy[rows] @ d_w
+            if liger is not None:  # liger's backward overwrites g and u with their gradients (as its autograd node does)
+                gg, gu = liger[1](g, u, gh)
+            else:  # autograd's backward of F.silu(g) * u, op for op
+                gu = gh * torch.nn.functional.silu(g)
+                gg = torch.ops.aten.silu_backward(gh * u, g)
+            out = gx[rows]
+            torch.mm(gg, g_w, out=out)
+            out.add_(gu @ u_w)  # autograd sums the two input gradients the same way
         return gx, None, None, None, None, None, None, None, None
 
 
