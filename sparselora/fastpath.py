@@ -103,18 +103,20 @@ def packed_data(features: Sequence[dict], path: TrainingPath, pad_token_id: int)
     return packs, PackedCollator(pad_token_id, path.max_tokens, path.max_segments, seg)
 
 
-# Attention sparsity below this level runs dense on a GPU: there the context-sparse q/k/v/o (row-split GEMMs,
-# channel slices, the selection) cost more than the FLOPs they save. Measured on an H200 (Llama-3-8B shape, one
-# layer's q/k/v/o forward + backward in a CUDA graph, LoRA r=32; dense 1.31-1.34 ms): at 3,600 context rows of
-# 4,096, 20% sparsity 1.60 ms with the selection, 50% 1.27, 75% 1.03; at 2,000 rows 1.57 / 1.38 / 1.25. Through
-# the Trainer on the commonsense mix (llama3-8b-csr170k, attention at 20% in 11 layers) the step took 164.9 ms
-# with its attention sparse and 159.8 ms with it dense (docs/performance.md). The FFN's slices pay at any level.
+# Attention sparsity below this level runs dense: there the context-sparse q/k/v/o (row-split GEMMs, channel
+# slices, the selection) cost more than the FLOPs they save. Measured on an H200 (Llama-3-8B shape, one layer's
+# q/k/v/o forward + backward in a CUDA graph, LoRA r=32; dense 1.31-1.34 ms): at 3,600 context rows of 4,096, 20%
+# sparsity 1.60 ms with the selection, 50% 1.27, 75% 1.03; at 2,000 rows 1.57 / 1.38 / 1.25. Through the Trainer on
+# the commonsense mix (llama3-8b-csr170k, attention at 20% in 11 layers) the step took 164.9 ms with its attention
+# sparse and 159.8 ms with it dense. On the 2-core CPU (`benchmarks/bench_cpu.py`, FFN 0.9, two runs each) the
+# sparse step took 3,435 / 3,542 ms with attention at 0.5 and 3,437 / 3,308 ms with it dense, 3,070 at 0.75
+# (docs/performance.md). The FFN's slices pay at any level.
 MIN_PAYING_ATTN_SPARSITY = 0.5
 
 
-def paying_config(cfg, device_type: str):
-    """(config, line): on a GPU, ``cfg`` without its attention levels below `MIN_PAYING_ATTN_SPARSITY` (those layers'
-    attention runs dense: faster, and exact), with the line that says so; elsewhere ``cfg`` itself and None.
+def paying_config(cfg):
+    """(config, line): ``cfg`` without its attention levels below `MIN_PAYING_ATTN_SPARSITY` (those layers' attention
+    runs dense: as fast or faster, and exact), with the line that says so; ``cfg`` itself and None when it has none.
     `sparselora finetune` and the benchmark's fast methods run what this returns; `apply_sparselora` applies a
     config as given."""
     import dataclasses
@@ -122,13 +124,13 @@ def paying_config(cfg, device_type: str):
     from sparselora.config import _compact
 
     low = {i: s for i, s in cfg.attn_sparsity.items() if 0 < s < MIN_PAYING_ATTN_SPARSITY}
-    if device_type != "cuda" or not low:
+    if not low:
         return cfg, None
     kept = {i: s for i, s in cfg.attn_sparsity.items() if i not in low}
     levels = "; ".join(f"{v:g} in layers {','.join(k for k, x in _compact(low).items() if x == v)}"
                        for v in sorted(set(low.values())))
-    line = (f"attention sparsity {levels} runs dense: on a GPU attention sparser than {MIN_PAYING_ATTN_SPARSITY:g} "
-            "costs more than it saves (measured, docs/performance.md); the FFN sparsity is kept")
+    line = (f"attention sparsity {levels} runs dense: attention sparsity below {MIN_PAYING_ATTN_SPARSITY:g} costs "
+            "more than it saves (measured on GPU and CPU, docs/performance.md); the FFN sparsity is kept")
     return dataclasses.replace(cfg, attn_sparsity=kept), line
 
 

@@ -307,7 +307,7 @@ def _apply(cfg: RunConfig, run: _Loaded, path, use_cpu: bool, say):
         model.enable_input_require_grads()
     estimator_dir = Path(cfg.estimator_dir).expanduser() if cfg.estimator_dir else None
     if not cfg.dense:
-        run.sp_cfg, line = paying_config(run.sp_cfg, "cpu" if use_cpu else "cuda")
+        run.sp_cfg, line = paying_config(run.sp_cfg)
         if line:
             say(line)
     # the dense baseline runs the same patched model with the sparse path switched off. The estimator's small

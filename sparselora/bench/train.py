@@ -157,7 +157,7 @@ def run_method(name: str, args, examples: list[dict], lengths: list[int], device
             cfg = SparseLoRAConfig.from_preset(args.preset, **layers, **({"selector": selector} if selector else {}))
             cfg.start_step = 0  # sparse from the first step: the steady state is what is timed
             if method != "sparselora_trainer":  # the fast methods run what `sparselora finetune` runs
-                cfg, line = paying_config(cfg, device.type)
+                cfg, line = paying_config(cfg)
                 if line:
                     print(f"  {method}: {line}")
         else:
@@ -286,7 +286,7 @@ def main(argv=None) -> int:
               "lengths": {"tokenizer": lengths["tokenizer"], "sources": lengths["sources"],
                           "mean_prompt": statistics.mean(lengths["prompt"]),
                           "mean_answer": statistics.mean(lengths["answer"])},
-              "vocab": vocab, "flops": _flop_bound(args, lengths, device.type), "methods": {}}
+              "vocab": vocab, "flops": _flop_bound(args, lengths), "methods": {}}
     for name in methods:
         print(f"-- {name}: {METHODS[name.partition('@')[0]][2]}", flush=True)
         try:
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _flop_bound(args, lengths: dict, device_type: str) -> dict | None:
+def _flop_bound(args, lengths: dict) -> dict | None:
     """Analytic FLOPs of a step at the mix's mean prompt/answer lengths (labelled-only head on both sides): the
     speed-up the sparse config could reach if time followed FLOPs; the config as the fast methods run it."""
     from sparselora import SparseLoRAConfig, flops
@@ -313,7 +313,7 @@ def _flop_bound(args, lengths: dict, device_type: str) -> dict | None:
     layers = {"num_layers": cfg.num_hidden_layers} if args.preset == "scaled" else {}
     p, a = statistics.mean(lengths["prompt"]), statistics.mean(lengths["answer"])
     rows = max(1, round(args.tokens_per_step / (p + a)))
-    run_cfg = paying_config(SparseLoRAConfig.from_preset(args.preset, **layers), device_type)[0]
+    run_cfg = paying_config(SparseLoRAConfig.from_preset(args.preset, **layers))[0]
     f = flops(cfg, run_cfg, (rows, round(p + a)), round(a), labelled_only_head=True)
     return {"dense": f["dense"], "sparse": f["sparse"], "speedup_bound": f["dense"] / f["sparse"],
             "context_fraction": p / (p + a), "at": f"{rows} rows of {round(p)} prompt + {round(a)} answer tokens"}
