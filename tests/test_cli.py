@@ -393,3 +393,24 @@ def test_every_command_is_registered_and_an_import_error_is_not_hidden(monkeypat
         monkeypatch.setattr(importlib, "import_module", broken)
         with pytest.raises(ModuleNotFoundError):
             build_parser()
+
+
+def test_random_model_folder_of_a_bench_shape_trains_with_finetune(env, tmp_path):
+    """`save_random_model` (benchmarks/random_model.py): the shape with the tokenizer's vocabulary and special
+    tokens, loadable as a folder, and `sparselora finetune` runs on it (how the GPU timing of finetune is made)."""
+    from transformers import AutoConfig
+
+    from sparselora.bench.shapes import SHAPES, save_random_model
+
+    tok_dir = tmp_path / "tok"
+    tiny_tokenizer(chat=True).save_pretrained(str(tok_dir))
+    folder = save_random_model("tiny", tok_dir, tmp_path / "tiny-shape", device="cpu")
+    cfg = AutoConfig.from_pretrained(folder)
+    tok = tiny_tokenizer(chat=True)
+    assert cfg.vocab_size == len(tok) != SHAPES["tiny"][1]["vocab_size"]
+    assert (cfg.eos_token_id, cfg.hidden_size, cfg.num_hidden_layers) == (tok.eos_token_id, 128, 6)
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(folder), "--data", env["data"], "--output", str(out), "--no-progress",
+                 "--estimator-dir", env["est"], "--batch-size", "4", "--max-steps", "2", "--loss-bound", "off",
+                 "--heldout", "0"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2

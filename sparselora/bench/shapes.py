@@ -78,6 +78,31 @@ def build_base_model(shape: str | None, model_path: str | None, device: torch.de
     return model.train()
 
 
+def save_random_model(shape: str, tokenizer_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 0,
+                      device: str | None = None) -> Path:
+    """A model folder of ``shape`` with random bf16 weights and the tokenizer of ``tokenizer_dir`` (its vocabulary
+    and special tokens replace the shape's), so that `sparselora finetune` can time a shape that has no real
+    checkpoint here on real, tokenized data."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = make_config(shape)
+    cfg.vocab_size = len(tok)
+    for name in ("bos", "eos", "pad"):
+        setattr(cfg, f"{name}_token_id", getattr(tok, f"{name}_token_id"))
+    torch.manual_seed(seed)
+    with torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    out = Path(out)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    if (Path(tokenizer_dir) / "chat_template.jinja").exists():
+        shutil.copy(Path(tokenizer_dir) / "chat_template.jinja", out)
+    return out
+
+
 def gpu_slug(device: torch.device) -> str:
     """A short file-name-safe name of the accelerator: 'h100', 'h200', ..., or 'cpu'."""
     if device.type != "cuda":
