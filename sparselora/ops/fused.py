@@ -47,11 +47,12 @@ class _SplitLoRALinear(torch.autograd.Function):
                 torch.addmm(bias, xs, w_ctx.t(), out=yc) if bias is not None else torch.mm(xs, w_ctx.t(), out=yc)
         h = keep = None
         if lora_a is not None:
-            xl = x.to(lora_a.dtype)
+            xl, s = x.to(lora_a.dtype), scale
             if p_drop > 0:
                 keep = dropout_keep(xl, p_drop)  # saved as bool: a quarter of a float32 mask, the same values
-                xl = xl * keep.to(xl.dtype) / (1.0 - p_drop)
-            h = (xl @ lora_a.t()) * scale
+                # one pass over the input: dropout's 1 / (1 - p) goes on the rank-r product, not the full width
+                xl, s = xl * keep, scale / (1.0 - p_drop)
+            h = (xl @ lora_a.t()) * s
             if lora_b.dtype == y.dtype:
                 y.addmm_(h, lora_b.t())
             else:  # wider adapters (PEFT's default fp32 on a bf16 base): add in their dtype, round once, as PEFT
@@ -71,8 +72,6 @@ class _SplitLoRALinear(torch.autograd.Function):
         n_ctx, mode, scale = ctx.n_ctx, ctx.mode, ctx.scale
         if n_ctx and w_ctx is None:
             w_ctx = weight.index_select(0 if mode == "out" else 1, idx)
-        if keep is not None:
-            keep = keep.to(lora_a.dtype)
         gy = gy.contiguous()
         N = gy.shape[0]
         gx = ga = gb = None
@@ -92,12 +91,13 @@ class _SplitLoRALinear(torch.autograd.Function):
             gb = gyl.t() @ h
             gh = (gyl @ lora_b) * scale
             xl = x.to(lora_a.dtype)
-            if keep is not None:
-                xl = xl * keep / (1.0 - ctx.p_drop)
+            if keep is not None:  # d/dx of (x * keep / (1 - p)) A^T: the scale on the rank-r gh, the mask once
+                gh = gh / (1.0 - ctx.p_drop)
+                xl = xl * keep
             ga = gh.t() @ xl
             if gx is not None:
                 if keep is not None:
-                    gx += ((gh @ lora_a) * keep / (1.0 - ctx.p_drop)).to(gx.dtype)
+                    gx += (gh @ lora_a).mul_(keep).to(gx.dtype)
                 elif lora_a.dtype == gx.dtype:
                     gx.addmm_(gh, lora_a)
                 else:
