@@ -402,11 +402,10 @@ def test_random_model_folder_of_a_bench_shape_trains_with_finetune(env, tmp_path
 
     from sparselora.bench.shapes import SHAPES, save_random_model
 
-    tok_dir = tmp_path / "tok"
-    tiny_tokenizer(chat=True).save_pretrained(str(tok_dir))
+    tok, tok_dir = tiny_tokenizer(chat=True), tmp_path / "tok"
+    tok.save_pretrained(str(tok_dir))
     folder = save_random_model("tiny", tok_dir, tmp_path / "tiny-shape", device="cpu")
     cfg = AutoConfig.from_pretrained(folder)
-    tok = tiny_tokenizer(chat=True)
     assert cfg.vocab_size == len(tok) != SHAPES["tiny"][1]["vocab_size"]
     assert (cfg.eos_token_id, cfg.hidden_size, cfg.num_hidden_layers) == (tok.eos_token_id, 128, 6)
     out = tmp_path / "run"

@@ -83,8 +83,6 @@ def save_random_model(shape: str, tokenizer_dir: str | os.PathLike, out: str | o
     """A model folder of ``shape`` with random bf16 weights and the tokenizer of ``tokenizer_dir`` (its vocabulary
     and special tokens replace the shape's), so that `sparselora finetune` can time a shape that has no real
     checkpoint here on real, tokenized data."""
-    import shutil
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -97,9 +95,7 @@ def save_random_model(shape: str, tokenizer_dir: str | os.PathLike, out: str | o
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     out = Path(out)
     model.save_pretrained(out)
-    tok.save_pretrained(out)
-    if (Path(tokenizer_dir) / "chat_template.jinja").exists():
-        shutil.copy(Path(tokenizer_dir) / "chat_template.jinja", out)
+    tok.save_pretrained(out)  # its chat template too
     return out
 
 
