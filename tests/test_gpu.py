@@ -221,6 +221,36 @@ def test_cuda_graph_step_on_packed_rows_matches_eager(sparse):
     assert 1 <= step.captures <= 6
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_seeded_dropout_kernels(p, dtype):
+    """The seeded mask (`ops.dropout`): p of the entries dropped, in every lane of a Philox draw and row alike, with
+    independent neighbours; the same seed gives the same mask (the backward's regeneration), a new draw another;
+    the masked add equals its reference. An odd shape, so the last tile is partial."""
+    from sparselora.ops import dropout
+
+    x = torch.randn(1031, 517, device="cuda", dtype=dtype)
+    seed = dropout.draw(x, p)
+    assert seed.dtype == torch.int64 and seed.numel() == 1  # the seeded path, not torch's bool mask
+    keep = dropout.keep_of(seed, x, p)
+    flat = keep.flatten().float()
+    assert abs(flat.mean().item() - (1 - p)) < 0.005
+    for lane in range(4):
+        assert abs(flat[lane::4].mean().item() - (1 - p)) < 0.01, f"lane {lane} of the Philox draws is off"
+    both_dropped = ((flat[:-1] == 0) & (flat[1:] == 0)).float().mean().item()
+    assert abs(both_dropped - p * p) < 0.01, f"neighbours are correlated: {both_dropped} vs {p * p}"
+    assert not torch.equal(keep[0], keep[1])
+    out = dropout.dropped(x, seed, p, dtype)
+    assert torch.equal(out, torch.where(keep, x, torch.zeros_like(x)))
+    assert torch.equal(dropout.dropped(x, seed, p, dtype), out)
+    assert not torch.equal(dropout.keep_of(dropout.draw(x, p), x, p), keep)
+    acc = torch.randn_like(x)
+    t = torch.randn(x.shape, device="cuda", dtype=torch.float32)
+    want = (acc.float() + t * keep).to(dtype)
+    got = dropout.add_dropped_(acc.clone(), t, seed, p)
+    assert_close(got, want, "masked add", dtype)
+
+
 def test_cuda_graph_step_draws_new_lora_dropout_each_replay():
     """LoRA dropout inside captured graphs: each replay draws a new mask (RNG offsets advance), as eager steps do."""
     from peft import LoraConfig, get_peft_model

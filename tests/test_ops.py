@@ -42,7 +42,7 @@ def grads_of(module, x, fn):
         p.grad = None
     x = x.detach().clone().requires_grad_(True)
     y = fn(x)
-    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    (y.float() * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
     g = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
     return y.detach(), x.grad.clone(), g
 
@@ -267,38 +267,44 @@ def test_fused_split_lora_linear(dtype, mode, lora):
         assert_close(xa, xb, "fused input grad", dtype)
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", [None, "out", "in"])
-def test_fused_lora_dropout(dtype, mode):
+def test_fused_lora_dropout(dtype, mode, device):
     """LoRA dropout inside the fused op: the same function as PEFT's branch on the same dropout mask (drawn from
-    the same RNG state), forward and every gradient; and the mask really drops (p of the entries, scaled)."""
-    from sparselora.ops.fused import dropout_mask, split_lora_linear
+    the same RNG state), forward and every gradient; and the mask really drops (p of the entries, scaled). On
+    CUDA the mask is a seed's, regenerated in the backward (`ops.dropout`)."""
+    from sparselora.ops import dropout
+    from sparselora.ops.fused import split_lora_linear
     from sparselora.ops.lora_layer import lora_parts
 
     torch.manual_seed(0)
-    m = get_peft_model(Block().to(dtype), LoraConfig(r=3, lora_alpha=5, target_modules=["proj"], lora_dropout=0.3))
+    m = get_peft_model(Block().to(device, dtype), LoraConfig(r=3, lora_alpha=5, target_modules=["proj"], lora_dropout=0.3))
     with torch.no_grad():
         m.base_model.model.proj.lora_B["default"].weight.normal_(0, 0.3)
     m = m.base_model.model
     proj = m.proj
     n_ctx = 0 if mode is None else 7
-    idx = torch.tensor([0, 3, 4, 17, 36]) if mode == "in" else torch.tensor([0, 3, 4, 17, 52])
-    x = torch.randn(19, 37, dtype=dtype)
-    ctx = torch.zeros(19, 1, dtype=dtype)
+    idx = torch.tensor([0, 3, 4, 17, 36] if mode == "in" else [0, 3, 4, 17, 52], device=device)
+    x = torch.randn(19, 37, dtype=dtype, device=device)
+    ctx = torch.zeros(19, 1, dtype=dtype, device=device)
     ctx[:n_ctx] = 1
     base, A, B = proj.base_layer, proj.lora_A["default"], proj.lora_B["default"]
 
     def ref(x):
         torch.manual_seed(123)
-        keep = dropout_mask(x.to(A.weight.dtype), 0.3)
+        keep = dropout.keep_of(dropout.draw(x, 0.3), x, 0.3).to(A.weight.dtype)
         assert 0.5 < keep.float().mean() < 0.9
         lora = B(A(x * keep / 0.7)) * proj.scaling["default"]
         if mode == "out":
-            k = torch.zeros(53, dtype=dtype)
+            k = torch.zeros(53, dtype=dtype, device=device)
             k[idx] = 1
             y = F.linear(x, base.weight, base.bias) * (1 - ctx * (1 - k))
         elif mode == "in":
-            k = torch.zeros(37, dtype=dtype)
+            k = torch.zeros(37, dtype=dtype, device=device)
             k[idx] = 1
             y = F.linear(x * (1 - ctx * (1 - k)), base.weight, base.bias)
         else:
@@ -413,7 +419,7 @@ def test_fused_ffn_under_autocast(base_dtype):
         xi = x.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = fn(xi)
-        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        (y.float() * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
         outs.append((y.detach(), xi.grad))
     (ya, ga), (yb, gb) = outs
     assert ya.dtype == yb.dtype == torch.bfloat16 and ga.dtype == base_dtype

@@ -5,8 +5,9 @@ Rows arrive permuted, context rows first (`TokenSplit`). For a projection ``y = 
 - mode ``"in"`` (o): context rows read only input channels ``idx``;
 - ``n_ctx = 0``: the plain dense LoRA projection.
 The LoRA branch is dense for every row and added into the base output by the GEMM itself (``addmm_``). LoRA
-dropout (PEFT's ``lora_dropout``, on the branch's input) is drawn as a mask from torch's RNG, so it replays under
-CUDA graphs and gradient checkpointing like ``nn.Dropout``.
+dropout (PEFT's ``lora_dropout``, on the branch's input) is drawn from torch's RNG (`ops.dropout`: on CUDA a seed,
+the mask regenerated in the backward), so it replays under CUDA graphs and gradient checkpointing like
+``nn.Dropout``.
 The backward is written out: input gradient through the same sliced weights, LoRA A/B gradients; frozen base
 weights get none. This replaces ~20 small autograd ops per projection with ~6 kernels each way, which is what
 keeps the GPU fed (the step is otherwise host-bound).
@@ -15,6 +16,8 @@ keeps the GPU fed (the step is otherwise host-bound).
 from __future__ import annotations
 
 import torch
+
+from sparselora.ops import dropout
 
 
 def _save_slices(x: torch.Tensor) -> bool:
@@ -49,9 +52,9 @@ class _SplitLoRALinear(torch.autograd.Function):
         if lora_a is not None:
             xl, s = x.to(lora_a.dtype), scale
             if p_drop > 0:
-                keep = dropout_keep(xl, p_drop)  # saved as bool: a quarter of a float32 mask, the same values
+                keep = dropout.draw(x, p_drop)
                 # one pass over the input: dropout's 1 / (1 - p) goes on the rank-r product, not the full width
-                xl, s = xl * keep, scale / (1.0 - p_drop)
+                xl, s = dropout.dropped(x, keep, p_drop, lora_a.dtype), scale / (1.0 - p_drop)
             h = (xl @ lora_a.t()) * s
             if lora_b.dtype == y.dtype:
                 y.addmm_(h, lora_b.t())
@@ -90,29 +93,20 @@ class _SplitLoRALinear(torch.autograd.Function):
             gyl = gy.to(lora_b.dtype)
             gb = gyl.t() @ h
             gh = (gyl @ lora_b) * scale
-            xl = x.to(lora_a.dtype)
             if keep is not None:  # d/dx of (x * keep / (1 - p)) A^T: the scale on the rank-r gh, the mask once
                 gh = gh / (1.0 - ctx.p_drop)
-                xl = xl * keep
+                xl = dropout.dropped(x, keep, ctx.p_drop, lora_a.dtype)
+            else:
+                xl = x.to(lora_a.dtype)
             ga = gh.t() @ xl
             if gx is not None:
                 if keep is not None:
-                    gx += (gh @ lora_a).mul_(keep).to(gx.dtype)
+                    dropout.add_dropped_(gx, gh @ lora_a, keep, ctx.p_drop)
                 elif lora_a.dtype == gx.dtype:
                     gx.addmm_(gh, lora_a)
                 else:
                     gx += (gh @ lora_a).to(gx.dtype)
         return gx, None, None, ga, gb, None, None, None, None, None
-
-
-def dropout_keep(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The kept entries of a dropout of ``x`` (same shape, bool), from torch's global RNG."""
-    return torch.rand_like(x) >= p
-
-
-def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The kept entries of a dropout of ``x`` (same shape, x's dtype, 0/1), from torch's global RNG."""
-    return dropout_keep(x, p).to(x.dtype)
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

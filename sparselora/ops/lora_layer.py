@@ -54,7 +54,7 @@ def lora_parts(module: nn.Module):
     """(weight, bias, A, B, scale, dropout p) when ``module`` is a frozen Linear or a plain single-adapter PEFT LoRA
     layer the fused op reproduces (A, B None: no active adapter); None otherwise, with the reason in
     `unfused_reason`. Under autocast the fused op casts as a linear layer does there (`ops.fused`). Dropout is
-    reproduced in distribution, not draw for draw: its mask comes from `dropout_mask`, not from ``nn.Dropout``."""
+    reproduced in distribution, not draw for draw: its mask comes from `ops.dropout`, not from ``nn.Dropout``."""
     return _parts(module)[0]
 
 
