@@ -251,6 +251,40 @@ def test_seeded_dropout_kernels(p, dtype):
     assert_close(got, want, "masked add", dtype)
 
 
+def test_seeded_lora_dropout_under_gradient_checkpointing():
+    """Checkpointing recomputes a layer's forward in the backward: the seeded masks must be the same ones (torch's
+    checkpoint restores the CUDA generator, from which the seeds are drawn), so the gradients equal those of the
+    same step without checkpointing; and dropout really acts (another seed, another loss)."""
+    from peft import LoraConfig, get_peft_model
+
+    from helpers import tiny_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama", attn_implementation="sdpa"),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3,
+                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])).cuda()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    ckpt = clone(model)
+    for m in (model, ckpt):
+        apply_sparselora(m, SparseLoRAConfig(ffn_sparsity={"1-2": 0.5}, attn_sparsity={"1-2": 0.5}, start_step=0),
+                         fast_kernels=True)
+        m.train()
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = {k: v.cuda() for k, v in make_batch(seed=4).items()}
+    outs = []
+    for m, seed in ((model, 5), (ckpt, 5), (model, 6)):
+        torch.manual_seed(seed)
+        outs.append(run(m, batch))
+    (_, la, ga), (_, lb, gb), (_, lc, _) = outs
+    assert_close(la, lb, "checkpointed loss")
+    for n in ga:
+        assert_close(ga[n], gb[n], f"checkpointed grad {n}")
+    assert la.item() != lc.item(), "the dropout masks did not change with the seed"
+
+
 def test_cuda_graph_step_draws_new_lora_dropout_each_replay():
     """LoRA dropout inside captured graphs: each replay draws a new mask (RNG offsets advance), as eager steps do."""
     from peft import LoraConfig, get_peft_model
