@@ -19,7 +19,7 @@ from sparselora.config import SparseLoRAConfig
 from sparselora.estimator import Estimator
 from sparselora.models.registry import ATTN_PROJS, PROJS, arch_info, causal_lm, decoder_layers, projection, sliced_projections
 from sparselora.modules import SparseAttention, SparseMLP
-from sparselora.modules.linear import FusedLoRALinear
+from sparselora.modules.linear import FusedLoRALinear, FusedQKV
 from sparselora.modules.stream import PermutedStream, runs, wants_hidden_states
 from sparselora.ops.lora_layer import base_weight_bias
 from sparselora.selection import SELECTORS
@@ -101,11 +101,14 @@ def apply_sparselora(
                 wrappers.append(SparseAttention(layers[i].self_attn, i, config.attn_sparsity[i], state))
             if wrappers:
                 state.layers[i] = wrappers
-            # SparseAttention runs its four projections itself; every other projection (the FFN's too: SparseMLP
-            # routes its dense rows through them) is a FusedLoRALinear
-            for p in PROJS:
-                if not (p in ATTN_PROJS and p in sliced.get(i, ())):
-                    state.fused.append(FusedLoRALinear(projection(layers[i], p)))
+            # SparseAttention runs its four projections itself; q/k/v of other blocks are a FusedQKV, every other
+            # projection (the FFN's too: SparseMLP routes its dense rows through them) a FusedLoRALinear
+            own = [p for p in PROJS if not (p in ATTN_PROJS and p in sliced.get(i, ()))]
+            if {"q", "k", "v"} <= set(own):
+                state.fused.append(FusedQKV({p: projection(layers[i], p) for p in ("q", "k", "v")}))
+                own = [p for p in own if p not in ("q", "k", "v")]
+            for p in own:
+                state.fused.append(FusedLoRALinear(projection(layers[i], p)))
         if fast_kernels:
             from sparselora.modules import fast
 

@@ -318,6 +318,91 @@ def test_fused_lora_dropout(dtype, mode, device):
     check(m, x, fast, ref, dtype, f"fused dropout/{mode}")
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_ctx", [0, 7, 19])
+@pytest.mark.parametrize("p_drop", [0.0, 0.3])
+@pytest.mark.parametrize("adapters", ["qkv", "qv"])
+def test_fused_qkv_group_equals_its_projections(dtype, n_ctx, p_drop, adapters, device):
+    """q/k/v as one node (`split_lora_linears`: sliced weights side by side, one input gradient, stacked LoRA A
+    without dropout) against the three projections one by one, forward and every gradient: biases, GQA widths,
+    different ranks and scales, a projection without an adapter, dropout (the same masks: drawn in the same
+    order), no / some / all rows context."""
+    from sparselora.ops.fused import split_lora_linear, split_lora_linears
+
+    K, outs, ranks, scales = 37, (53, 16, 16), (3, 5, 3), (1.7, 2.0, 0.5)
+    mode = "out" if n_ctx else None
+
+    def build(dt):
+        """The same values in dtype ``dt``: the group in ``dtype`` is judged by its distance from the projections
+        one by one in float64 (in bfloat16 those sum three rounded input gradients, the group one)."""
+        g = torch.Generator().manual_seed(0)
+        rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(device, dt)  # noqa: E731 (dtype's values)
+        parts, leaves = [], []
+        for name, o, r, s in zip("qkv", outs, ranks, scales):
+            w, bias, a, b = rnd(o, K) * 0.2, rnd(o), rnd(r, K) * 0.3, rnd(o, r) * 0.3
+            if name in adapters:
+                leaves += [a.requires_grad_(), b.requires_grad_()]
+            else:
+                a = b = None
+            parts.append((w, bias, a, b, s, p_drop))
+        idxs = [torch.randperm(o, generator=g)[: o // 2 + 1].sort().values.to(device) for o in outs]
+        return parts, leaves, rnd(19, K).requires_grad_(), [rnd(19, o) for o in outs], idxs if n_ctx else None
+
+    def grads(dt, fn):
+        parts, leaves, x, weights, idxs = build(dt)
+        torch.manual_seed(11)
+        ys = fn(parts, x, idxs)
+        sum((y.double() * w.double()).sum() for y, w in zip(ys, weights)).backward()
+        return [y.detach() for y in ys], [t.grad for t in [x, *leaves]]
+
+    def one_by_one(parts, x, idxs):
+        return [split_lora_linear(pr, x, n_ctx, mode, None if idxs is None else idxs[i]) for i, pr in enumerate(parts)]
+
+    want = grads(torch.float64, one_by_one)
+    got = grads(dtype, lambda parts, x, idxs: split_lora_linears(parts, x, n_ctx, mode, idxs))
+    names = [f"output {q}" for q in "qkv"] + ["input grad"] + [f"{f} grad of {q}" for q in adapters for f in "AB"]
+    pairs = list(zip(names, got[0] + got[1], want[0] + want[1]))
+    if dtype != torch.bfloat16:
+        for name, a, b in pairs:
+            assert_close(a, b, f"group {name}", dtype)
+        return
+    # bfloat16 rounds every GEMM's output: element-wise cancellation exceeds any fixed tolerance, so the group's
+    # distance from float64 is held to that of the projections one by one in bfloat16
+    sep = grads(dtype, one_by_one)
+    for (name, a, b), c in zip(pairs, sep[0] + sep[1]):
+        err = lambda t: ((t.double() - b).norm() / b.norm()).item()  # noqa: E731
+        assert err(a) <= 1.5 * err(c) + 2e-3, f"group {name}: {err(a):.3g} from float64, one by one {err(c):.3g}"
+
+
+def test_dense_attention_blocks_run_q_k_v_as_one_fused_node():
+    """With LoRA on q/k/v/o, an attention block SparseLoRA leaves dense runs two fused projection nodes (q/k/v, o),
+    not four, and the step's loss and gradients are those of PEFT's forward."""
+    import sparselora.ops.fused as fused
+    from sparselora import SparseLoRAConfig, apply_sparselora
+
+    from helpers import clone, make_batch, step_outputs, tiny_peft
+
+    model = tiny_peft("llama", targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    ref = clone(model)
+    # sparse FFN in one layer from step 2: this step runs dense, so it must equal PEFT's to rounding
+    apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={1: 0.5}, attn_sparsity={}, start_step=2))
+    calls = []
+    real = fused._apply_as_autocast
+    fused._apply_as_autocast = lambda fn, x, *a: calls.append((fn, len(a))) or real(fn, x, *a)
+    try:
+        got = step_outputs(model, make_batch(seed=3))
+    finally:
+        fused._apply_as_autocast = real
+    layers = model.base_model.model.config.num_hidden_layers
+    projs = [n for fn, n in calls if fn is fused._SplitLoRALinear]
+    assert projs.count(4 + 3 * 5) == layers, projs  # a q/k/v group passes 3 x 5 tensors, one projection 5
+    want = step_outputs(ref, make_batch(seed=3))
+    assert_close(got[1], want[1], "loss")
+    for n in want[2]:
+        assert_close(got[2][n], want[2][n], f"grad {n}")
+
+
 def test_fused_refuses_what_it_cannot_reproduce():
     from sparselora.ops.lora_layer import lora_parts
 

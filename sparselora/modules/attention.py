@@ -15,7 +15,8 @@ from torch import nn
 from sparselora.models.registry import ATTN_PROJS, module_name
 from sparselora.modules.base import ForwardSwap, note_unfused
 from sparselora.ops import proj_in_sparse, proj_out_sparse
-from sparselora.ops.fused import lora_linear, split_lora_linear
+from sparselora.modules.linear import SharedInput
+from sparselora.ops.fused import lora_linear, lora_linears, split_lora_linear, split_lora_linears
 from sparselora.ops.lora_layer import base_weight_bias, check_lora_module, lora_parts
 from sparselora.selection import SELECTORS, labelled_rows, select_attention
 
@@ -37,11 +38,13 @@ class SparseAttention:
         self.attn, self.layer, self.sparsity, self.state = attn, layer, sparsity, state
         self.kept: dict[str, torch.Tensor] | None = None
         self._inputs: _Inputs | None = None  # of the current call; dropped by o_proj
+        self.shared = SharedInput()  # q/k/v outputs computed by the first of them called
         self.swaps = {p: ForwardSwap(m, self._make_forward(p)) for p, m in self.projs.items()}
         self.handle = attn.register_forward_pre_hook(self._select, with_kwargs=True)
 
     def _select(self, module, args, kwargs):
         self._inputs = None
+        self.shared.put(None, {})
         self.kept = None  # set again below when this call runs sparse: never a stale channel set
         split = self.state.split if self.state.active else None
         permuted = self.state.permuted_at(self.layer)
@@ -64,27 +67,47 @@ class SparseAttention:
         self._inputs = _Inputs(x, xc, xd, xp)
         return None
 
-    def _fused(self, p: str, parts, x: torch.Tensor, split) -> torch.Tensor:
-        """The fused op on rows permuted context-first; q/k/v share one permutation of their input. q/k/v come
-        out in sequence order (for RoPE and the attention kernel), o in the stream's."""
-        xp = self._inputs.permuted if x is self._inputs.x else split.permute(x)
-        y = split_lora_linear(parts, xp, split.num_context, "in" if p == "o" else "out", self.kept[p])
-        return split.stream_of(y, self.state.permuted_at(self.layer)) if p == "o" else split.unpermute(y)
+    def _fused_o(self, parts, x: torch.Tensor, split) -> torch.Tensor:
+        """o on rows permuted context-first; its output stays in the stream's order."""
+        y = split_lora_linear(parts, split.permute(x), split.num_context, "in", self.kept["o"])
+        return split.stream_of(y, self.state.permuted_at(self.layer))
+
+    def _fused_qkv(self, p: str, parts, x: torch.Tensor, split) -> torch.Tensor:
+        """q/k/v in one fused node (those that fuse), called by the first of them; the others take their outputs
+        from `shared`. Sparse (``split`` given) they run on rows permuted context-first (one permutation for the
+        three) and come out in sequence order, for RoPE and the attention kernel."""
+        others = {q: lora_parts(self.projs[q]) for q in "qkv" if q != p}
+        others = {q: g for q, g in others.items() if g is not None}
+        names, plist = [p, *others], [parts, *others.values()]
+        if split is None:
+            ys = lora_linears(plist, x)
+        else:
+            xp = self._inputs.permuted if x is self._inputs.x else split.permute(x)
+            ys = [split.unpermute(y) for y in split_lora_linears(plist, xp, split.num_context, "out",
+                                                                  [self.kept[q] for q in names])]
+        self.shared.put(x, dict(zip(names[1:], ys[1:])))
+        return ys[0]
 
     def _make_forward(self, p: str):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             inputs = self._inputs
+            if p != "o" and not (args or kwargs):
+                y = self.shared.take(p, x)
+                if y is not None:
+                    return y
             parts = None if (args or kwargs) else lora_parts(self.projs[p])
             if parts is None:
                 note_unfused(self.projs[p])
             if inputs is None:
-                return self.swaps[p].original(x, *args, **kwargs) if parts is None else lora_linear(parts, x)
+                if parts is None:
+                    return self.swaps[p].original(x, *args, **kwargs)
+                return lora_linear(parts, x) if p == "o" else self._fused_qkv(p, parts, x, None)
             split = self.state.split
             if parts is not None:
-                y = self._fused(p, parts, x, split)
-                if p == "o":
-                    self._inputs = None
-                return y
+                if p != "o":
+                    return self._fused_qkv(p, parts, x, split)
+                self._inputs = None
+                return self._fused_o(parts, x, split)
             xc, xd = (inputs.ctx, inputs.dense) if x is inputs.x else split.gather(x)
             if p == "o":
                 yc = proj_in_sparse(self.projs[p], xc, self.kept["o"])

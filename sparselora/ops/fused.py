@@ -1,4 +1,5 @@
-"""One autograd node per projection: base (dense rows + sliced context rows) and LoRA in a few GEMMs.
+"""One autograd node per projection (or per q/k/v group): base (dense rows + sliced context rows) and LoRA in a few
+GEMMs.
 
 Rows arrive permuted, context rows first (`TokenSplit`). For a projection ``y = x W^T + b + s (x A^T) B^T``:
 - mode ``"out"`` (q/k/v): context rows get the base only on output channels ``idx`` (zero elsewhere);
@@ -26,87 +27,149 @@ def _save_slices(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
+def _into(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out = x W^T (+ b), written in place."""
+    torch.addmm(b, x, w.t(), out=out) if b is not None else torch.mm(x, w.t(), out=out)
+
+
+def _blocks(widths):
+    """Column slices of blocks of these widths laid side by side."""
+    out, start = [], 0
+    for w in widths:
+        out.append(slice(start, start + w))
+        start += w
+    return out
+
+
+def _cat(ts, dim: int) -> torch.Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
+
+
 class _SplitLoRALinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, n_ctx, mode, idx, p_drop):
-        N = x.shape[0]
-        y = x.new_empty(N, weight.shape[0])
-        xd, yd = x[n_ctx:], y[n_ctx:]
-        if N > n_ctx:
-            torch.addmm(bias, xd, weight.t(), out=yd) if bias is not None else torch.mm(xd, weight.t(), out=yd)
-        w_ctx = None
-        if n_ctx:
-            xc, yc = x[:n_ctx], y[:n_ctx]
-            if mode == "out":
-                w_ctx = weight.index_select(0, idx)
-                part = xc @ w_ctx.t()
-                if bias is not None:
-                    part += bias.index_select(0, idx)
-                yc.zero_()
-                yc.index_copy_(1, idx, part)
-            else:  # "in"
-                w_ctx = weight.index_select(1, idx)
-                xs = xc.index_select(1, idx)
-                torch.addmm(bias, xs, w_ctx.t(), out=yc) if bias is not None else torch.mm(xs, w_ctx.t(), out=yc)
-        h = keep = None
-        if lora_a is not None:
-            xl, s = x.to(lora_a.dtype), scale
-            if p_drop > 0:
-                keep = dropout.draw(x, p_drop)
-                # one pass over the input: dropout's 1 / (1 - p) goes on the rank-r product, not the full width
-                xl, s = dropout.dropped(x, keep, p_drop, lora_a.dtype), scale / (1.0 - p_drop)
-            h = (xl @ lora_a.t()) * s
-            if lora_b.dtype == y.dtype:
-                y.addmm_(h, lora_b.t())
-            else:  # wider adapters (PEFT's default fp32 on a bf16 base): add in their dtype, round once, as PEFT
-                y.copy_(torch.addmm(y.to(lora_b.dtype), h, lora_b.t()))
-        # on a CPU the sliced weight is not saved: the backward selects it again from ``idx`` (a copy of a few MB
-        # per projection and layer would otherwise stay resident until the backward; host memory is what limits
-        # CPU runs). On a GPU the saved slice spares the backward a gather (time is what limits GPU runs).
-        if not _save_slices(x):
-            w_ctx = None
-        ctx.save_for_backward(x, weight, idx, lora_a, lora_b, h, keep, w_ctx)
-        ctx.n_ctx, ctx.mode, ctx.scale, ctx.p_drop = n_ctx, mode, scale, p_drop
-        return y
+    """Projections that read the same input (q, k and v, or one projection alone), as one node. Beside what one
+    projection does, a group shares what it can: the context rows' sliced weights sit side by side, so one GEMM
+    serves all of them each way; the input gradients accumulate into one buffer in the GEMMs (no autograd sum of
+    three full-width gradients); without dropout the LoRA A factors are stacked (one GEMM reads the input, once
+    forward and once for their gradients)."""
 
     @staticmethod
-    def backward(ctx, gy):
-        x, weight, idx, lora_a, lora_b, h, keep, w_ctx = ctx.saved_tensors
-        n_ctx, mode, scale = ctx.n_ctx, ctx.mode, ctx.scale
+    def forward(ctx, x, n_ctx, mode, scales, p_drops, *flat):
+        projs = [flat[i:i + 5] for i in range(0, len(flat), 5)]  # (weight, bias, lora_a, lora_b, idx) each
+        N = x.shape[0]
+        ys = [x.new_empty(N, w.shape[0]) for w, *_ in projs]
+        if N > n_ctx:
+            for (w, b, *_), y in zip(projs, ys):
+                _into(x[n_ctx:], w, b, y[n_ctx:])
+        w_ctx = None
+        if n_ctx:
+            xc = x[:n_ctx]
+            if mode == "out":
+                w_ctx = _cat([w.index_select(0, idx) for w, _, _, _, idx in projs], 0)
+                part = xc @ w_ctx.t()
+                for (w, b, _, _, idx), y, cols in zip(projs, ys, _blocks(pr[4].numel() for pr in projs)):
+                    pc = part[:, cols]
+                    if b is not None:
+                        pc += b.index_select(0, idx)
+                    yc = y[:n_ctx]
+                    yc.zero_()
+                    yc.index_copy_(1, idx, pc)
+            else:  # "in": one projection
+                (w, b, _, _, idx), = projs
+                w_ctx = w.index_select(1, idx)
+                _into(xc.index_select(1, idx), w_ctx, b, ys[0][:n_ctx])
+        lora = [i for i, pr in enumerate(projs) if pr[2] is not None]
+        hs, masks, a_cat = [None] * len(projs), [None] * len(projs), None
+        if len(lora) > 1 and all(p_drops[i] == 0 for i in lora) and len({projs[i][2].dtype for i in lora}) == 1:
+            a_cat = torch.cat([projs[i][2] for i in lora])
+            h_cat = x.to(a_cat.dtype) @ a_cat.t()
+            for i, cols in zip(lora, _blocks(projs[i][2].shape[0] for i in lora)):
+                hs[i] = h_cat[:, cols].mul_(scales[i])
+        for i in lora:
+            a, b_lora, s, p = projs[i][2], projs[i][3], scales[i], p_drops[i]
+            if hs[i] is None:
+                xl = x.to(a.dtype)
+                if p > 0:
+                    masks[i] = dropout.draw(x, p)
+                    # one pass over the input: dropout's 1 / (1 - p) goes on the rank-r product, not the full width
+                    xl, s = dropout.dropped(x, masks[i], p, a.dtype), s / (1.0 - p)
+                hs[i] = (xl @ a.t()) * s
+            y = ys[i]
+            if b_lora.dtype == y.dtype:
+                y.addmm_(hs[i], b_lora.t())
+            else:  # wider adapters (PEFT's default fp32 on a bf16 base): add in their dtype, round once, as PEFT
+                y.copy_(torch.addmm(y.to(b_lora.dtype), hs[i], b_lora.t()))
+        # on a CPU the sliced weights are not saved: the backward selects them again from the indices (a copy of a
+        # few MB per projection and layer would otherwise stay resident until the backward; host memory is what
+        # limits CPU runs). On a GPU the saved slices spare the backward a gather (time is what limits GPU runs).
+        if not _save_slices(x):
+            w_ctx = None
+        per = [t for pr, h, m in zip(projs, hs, masks) for t in (pr[0], pr[4], pr[2], pr[3], h, m)]
+        ctx.save_for_backward(x, w_ctx, a_cat, *per)
+        ctx.n_ctx, ctx.mode, ctx.scales, ctx.p_drops = n_ctx, mode, scales, p_drops
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *gys):
+        x, w_ctx, a_cat, *per = ctx.saved_tensors
+        projs = [per[i:i + 6] for i in range(0, len(per), 6)]  # (weight, idx, lora_a, lora_b, h, mask) each
+        n_ctx, mode = ctx.n_ctx, ctx.mode
         if n_ctx and w_ctx is None:
-            w_ctx = weight.index_select(0 if mode == "out" else 1, idx)
-        gy = gy.contiguous()
-        N = gy.shape[0]
-        gx = ga = gb = None
+            w_ctx = (_cat([w.index_select(0, idx) for w, idx, *_ in projs], 0) if mode == "out"
+                     else projs[0][0].index_select(1, projs[0][1]))
+        gys = [g.contiguous() for g in gys]
+        N = x.shape[0]
+        gx = None
+        grads = [[None] * 5 for _ in projs]  # per projection: weight, bias, lora_a, lora_b, idx
         if ctx.needs_input_grad[0]:
-            gx = gy.new_empty(x.shape)
+            gx = gys[0].new_empty(x.shape)
             if N > n_ctx:
-                torch.mm(gy[n_ctx:], weight, out=gx[n_ctx:])
+                out = gx[n_ctx:]
+                torch.mm(gys[0][n_ctx:], projs[0][0], out=out)
+                for (w, *_), gy in zip(projs[1:], gys[1:]):
+                    out.addmm_(gy[n_ctx:], w)
             if n_ctx:
                 if mode == "out":
-                    torch.mm(gy[:n_ctx].index_select(1, idx), w_ctx, out=gx[:n_ctx])
+                    gyc = _cat([gy[:n_ctx].index_select(1, idx) for (_, idx, *_), gy in zip(projs, gys)], 1)
+                    torch.mm(gyc, w_ctx, out=gx[:n_ctx])
                 else:
                     gxc = gx[:n_ctx]
                     gxc.zero_()
-                    gxc.index_copy_(1, idx, gy[:n_ctx] @ w_ctx)
-        if lora_a is not None:
-            gyl = gy.to(lora_b.dtype)
-            gb = gyl.t() @ h
-            gh = (gyl @ lora_b) * scale
-            if keep is not None:  # d/dx of (x * keep / (1 - p)) A^T: the scale on the rank-r gh, the mask once
-                gh = gh / (1.0 - ctx.p_drop)
-                xl = dropout.dropped(x, keep, ctx.p_drop, lora_a.dtype)
-            else:
-                xl = x.to(lora_a.dtype)
-            ga = gh.t() @ xl
+                    gxc.index_copy_(1, projs[0][1], gys[0][:n_ctx] @ w_ctx)
+        lora = [i for i, pr in enumerate(projs) if pr[2] is not None]
+        ghs = {}
+        for i in lora:
+            _, _, a, b_lora, h, mask = projs[i]
+            gyl = gys[i].to(b_lora.dtype)
+            grads[i][3] = gyl.t() @ h
+            ghs[i] = (gyl @ b_lora) * ctx.scales[i]
+        if a_cat is not None:  # stacked A: one GEMM for their gradients, one for their input gradient
+            gh = torch.cat([ghs[i] for i in lora], 1)
+            ga = gh.t() @ x.to(a_cat.dtype)
+            for i, rows in zip(lora, _blocks(projs[i][2].shape[0] for i in lora)):
+                grads[i][2] = ga[rows]
             if gx is not None:
-                if keep is not None:
-                    dropout.add_dropped_(gx, gh @ lora_a, keep, ctx.p_drop)
-                elif lora_a.dtype == gx.dtype:
-                    gx.addmm_(gh, lora_a)
+                if a_cat.dtype == gx.dtype:
+                    gx.addmm_(gh, a_cat)
                 else:
-                    gx += (gh @ lora_a).to(gx.dtype)
-        return gx, None, None, ga, gb, None, None, None, None, None
+                    gx += (gh @ a_cat).to(gx.dtype)
+        else:
+            for i in lora:
+                _, _, a, _, _, mask = projs[i]
+                gh, p = ghs[i], ctx.p_drops[i]
+                if mask is not None:  # d/dx of (x * keep / (1 - p)) A^T: the scale on the rank-r gh, the mask once
+                    gh = gh / (1.0 - p)
+                    xl = dropout.dropped(x, mask, p, a.dtype)
+                else:
+                    xl = x.to(a.dtype)
+                grads[i][2] = gh.t() @ xl
+                if gx is not None:
+                    if mask is not None:
+                        dropout.add_dropped_(gx, gh @ a, mask, p)
+                    elif a.dtype == gx.dtype:
+                        gx.addmm_(gh, a)
+                    else:
+                        gx += (gh @ a).to(gx.dtype)
+        return (gx, None, None, None, None, *[g for gr in grads for g in gr])
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -129,17 +192,32 @@ def _apply_as_autocast(fn, x: torch.Tensor, *args):
         return fn.apply(*cast)
 
 
+def split_lora_linears(parts_list, x: torch.Tensor, n_ctx: int = 0, mode: str | None = None,
+                       idxs=None) -> tuple[torch.Tensor, ...]:
+    """The fused projections of one 2-D input ``x`` (rows permuted context-first when ``n_ctx`` > 0; mode "in" takes
+    one projection), one output each; under autocast they compute in the autocast dtype, as the projections' own
+    forwards would."""
+    idxs = idxs or [None] * len(parts_list)
+    flat = [t for (w, b, a, bb, _, _), idx in zip(parts_list, idxs) for t in (w, b, a, bb, idx)]
+    scales = tuple(pr[4] for pr in parts_list)
+    p_drops = tuple(pr[5] for pr in parts_list)
+    return _apply_as_autocast(_SplitLoRALinear, x, n_ctx, mode, scales, p_drops, *flat)
+
+
 def split_lora_linear(parts, x: torch.Tensor, n_ctx: int = 0, mode: str | None = None, idx: torch.Tensor | None = None):
-    """The fused projection of 2-D ``x`` (rows permuted context-first when ``n_ctx`` > 0); under autocast it
-    computes in the autocast dtype, as the projection's own forward would."""
-    weight, bias, a, b, scale, p = parts
-    return _apply_as_autocast(_SplitLoRALinear, x, weight, bias, a, b, scale, n_ctx, mode, idx, p)
+    """The fused projection of 2-D ``x`` (rows permuted context-first when ``n_ctx`` > 0)."""
+    return split_lora_linears([parts], x, n_ctx, mode, [idx])[0]
+
+
+def lora_linears(parts_list, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The fused dense projections of one input ``x`` of any leading shape."""
+    ys = split_lora_linears(parts_list, x.reshape(-1, x.shape[-1]))
+    return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
 
 
 def lora_linear(parts, x: torch.Tensor) -> torch.Tensor:
     """The fused dense projection of ``x`` of any leading shape."""
-    y = split_lora_linear(parts, x.reshape(-1, x.shape[-1]))
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return lora_linears([parts], x)[0]
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
