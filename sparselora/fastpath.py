@@ -169,11 +169,11 @@ def small_model_warning(hidden_size: int, device_type: str) -> str | None:
 def eager_gpu_warning(device_type: str, graphed: bool, sparse: bool) -> str | None:
     """A warning when the sparse path trains eagerly on a GPU (no CUDA graphs: gradient checkpointing, several
     processes, float16, or a plain Trainer): the eager sparse step is host-bound. Measured on an H200 (Llama-3-8B
-    shape, math mix, a9b0f8b): 369.0 ms a step against 276.9 for packed PEFT + liger, 0.80x of its tokens/s
+    shape, math mix, fec67c7): 287.7 ms a step against 273.6 for packed PEFT + liger, 0.94x of its tokens/s
     (docs/performance.md, "The eager path re-measured")."""
     if device_type != "cuda" or graphed or not sparse:
         return None
     return ("the sparse path trains eagerly on this GPU (no CUDA graphs); eager it is host-bound and measured slower "
-            "than dense (0.80x of packed PEFT + liger's tokens/s on Llama-3-8B, docs/performance.md). For the "
+            "than dense (0.94x of packed PEFT + liger's tokens/s on Llama-3-8B, docs/performance.md). For the "
             "speed-up use sparselora.CUDAGraphTrainer with packed rows (what `sparselora finetune` picks when "
             "nothing keeps graphs off: gradient checkpointing, several processes, float16), or train dense")
