@@ -169,11 +169,11 @@ def small_model_warning(hidden_size: int, device_type: str) -> str | None:
 def eager_gpu_warning(device_type: str, graphed: bool, sparse: bool) -> str | None:
     """A warning when the sparse path trains eagerly on a GPU (no CUDA graphs: gradient checkpointing, several
     processes, float16, or a plain Trainer): the eager sparse step is host-bound. Measured on an H200 (Llama-3-8B
-    shape, math mix, fec67c7): 287.7 ms a step against 273.6 for packed PEFT + liger, 0.94x of its tokens/s
-    (docs/performance.md, "The eager path re-measured")."""
+    shape, math mix, b86f5bb): 275.5 ms a step against 272.5 for packed PEFT + liger, 1.02x of its tokens/s,
+    against 1.27x for the graphed path (docs/performance.md, "The eager path re-measured")."""
     if device_type != "cuda" or graphed or not sparse:
         return None
-    return ("the sparse path trains eagerly on this GPU (no CUDA graphs); eager it is host-bound and measured slower "
-            "than dense (0.94x of packed PEFT + liger's tokens/s on Llama-3-8B, docs/performance.md). For the "
+    return ("the sparse path trains eagerly on this GPU (no CUDA graphs); eager it is host-bound and measured no "
+            "faster than dense (1.02x packed PEFT + liger's tokens/s on Llama-3-8B, docs/performance.md). For the "
             "speed-up use sparselora.CUDAGraphTrainer with packed rows (what `sparselora finetune` picks when "
             "nothing keeps graphs off: gradient checkpointing, several processes, float16), or train dense")
