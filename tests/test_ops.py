@@ -403,6 +403,39 @@ def test_dense_attention_blocks_run_q_k_v_as_one_fused_node():
         assert_close(got[2][n], want[2][n], f"grad {n}")
 
 
+def test_fused_qkv_serves_each_input_its_own_outputs():
+    """The q/k/v group (`FusedQKV`) hands k and v the outputs computed with q only for that same input tensor:
+    k/v called on another tensor (or first, or twice) compute their own, and each result equals PEFT's forward."""
+    from sparselora.modules.linear import FusedQKV
+
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(12, 16), nn.Linear(12, 8), nn.Linear(12, 8)
+
+    m = get_peft_model(Attn(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"]))
+    attn = m.base_model.model
+    with torch.no_grad():
+        for n, p in attn.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    want = {p: getattr(attn, f"{p}_proj") for p in "qkv"}
+    x, other = torch.randn(5, 12), torch.randn(5, 12)
+    ref = {p: want[p](x).detach() for p in "qkv"}
+    ref_other = {p: want[p](other).detach() for p in "qkv"}
+    group = FusedQKV(want)
+    try:
+        for order, inputs in ((("q", "k", "v"), (x, x, x)), (("k", "q", "v"), (x, x, x)),
+                              (("q", "k", "v"), (x, other, x)), (("q", "q", "v", "k"), (x, x, x, x))):
+            for p, t in zip(order, inputs):
+                got = getattr(attn, f"{p}_proj")(t)
+                assert_close(got, (ref if t is x else ref_other)[p], f"{p} after {order}")
+    finally:
+        group.remove()
+
+
 def test_fused_refuses_what_it_cannot_reproduce():
     from sparselora.ops.lora_layer import lora_parts
 
