@@ -76,17 +76,14 @@ class SparseAttention:
         """q/k/v in one fused node (those that fuse), called by the first of them; the others take their outputs
         from `shared`. Sparse (``split`` given) they run on rows permuted context-first (one permutation for the
         three) and come out in sequence order, for RoPE and the attention kernel."""
-        others = {q: lora_parts(self.projs[q]) for q in "qkv" if q != p}
-        others = {q: g for q, g in others.items() if g is not None}
-        names, plist = [p, *others], [parts, *others.values()]
-        if split is None:
-            ys = lora_linears(plist, x)
-        else:
+        def run(names, plist):
+            if split is None:
+                return lora_linears(plist, x)
             xp = self._inputs.permuted if x is self._inputs.x else split.permute(x)
-            ys = [split.unpermute(y) for y in split_lora_linears(plist, xp, split.num_context, "out",
-                                                                  [self.kept[q] for q in names])]
-        self.shared.put(x, dict(zip(names[1:], ys[1:])))
-        return ys[0]
+            return [split.unpermute(y) for y in split_lora_linears(plist, xp, split.num_context, "out",
+                                                                    [self.kept[q] for q in names])]
+
+        return self.shared.first(p, parts, {q: self.projs[q] for q in "qkv"}, x, run)
 
     def _make_forward(self, p: str):
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

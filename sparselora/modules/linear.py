@@ -50,6 +50,16 @@ class SharedInput:
     def put(self, x: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
         self.x, self.pending = (x, outputs) if outputs else (None, {})
 
+    def first(self, p: str, parts, modules: dict[str, nn.Module], x: torch.Tensor, run) -> torch.Tensor:
+        """Projection ``p``'s output, called first on ``x``: ``run(names, parts_list)`` computes it together with
+        those of its siblings in ``modules`` that fuse (``lora_parts`` not None), whose outputs are kept for them."""
+        others = {q: lora_parts(m) for q, m in modules.items() if q != p}
+        others = {q: g for q, g in others.items() if g is not None}
+        names = [p, *others]
+        ys = run(names, [parts, *others.values()])
+        self.put(x, dict(zip(names[1:], ys[1:])))
+        return ys[0]
+
 
 class FusedQKV:
     """q, k and v of an attention block that SparseLoRA does not slice: the first called computes the fusable ones
@@ -73,11 +83,7 @@ class FusedQKV:
             if parts is None:
                 note_unfused(self.modules[p])
                 return self.swaps[p].original(x)
-            others = {q: lora_parts(m) for q, m in self.modules.items() if q != p}
-            others = {q: g for q, g in others.items() if g is not None}
-            ys = lora_linears([parts, *others.values()], x)
-            self.shared.put(x, dict(zip(others, ys[1:])))
-            return ys[0]
+            return self.shared.first(p, parts, self.modules, x, lambda names, plist: lora_linears(plist, x))
 
         return forward
 
