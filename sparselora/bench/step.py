@@ -86,6 +86,9 @@ def make_batch(vocab: int, batch: int, seq: int, labelled: int, device: torch.de
 
 ALL_METHODS = ["peft", "peft_liger", "dense_fast", "sparselora", "oracle", "labelled",
                "dense_fast_graph", "sparselora_graph", "labelled_graph"]
+# ablations of sparselora_graph, run only when named: the selection inline on the capture stream, and no selection
+# at all (the first step's channels kept: the floor that the selection's cost inside the graphed step is read from)
+ABLATIONS = ["sparselora_graph_inline", "sparselora_graph_fixed_channels"]
 GiB = 2**30
 
 
@@ -165,7 +168,7 @@ def make_step(model, params, ctx=contextlib.nullcontext):
     return step
 
 
-def make_graph_step(model, params):
+def make_graph_step(model, params, ctx=contextlib.nullcontext):
     """The timed unit with forward + backward from sparselora.CUDAGraphStep (captured on the first call)."""
     from sparselora import CUDAGraphStep
 
@@ -174,7 +177,8 @@ def make_graph_step(model, params):
 
     def step(batch, clock):
         clock.mark()
-        loss = graph_step(**batch)
+        with ctx():
+            loss = graph_step(**batch)
         clock.mark()
         clock.mark()
         opt.step()
@@ -261,7 +265,49 @@ def build_peft_liger(bench: Bench) -> Method:
                   {"adapter_dtype": "bfloat16"})
 
 
-def _build_sparselora(bench: Bench, name: str, enabled: bool, graph: bool = False, **changes) -> Method:
+@contextlib.contextmanager
+def selection_inline():
+    """The channel selection on the capture stream, as before `modules.overlap`."""
+    from sparselora.modules import overlap
+
+    overlap.ENABLED = False
+    try:
+        yield
+    finally:
+        overlap.ENABLED = True
+
+
+class FixedChannels:
+    """The library's selection functions replaced by the channels each layer chose on its first call: a step with
+    the same sparse work and no selection at all."""
+
+    def __init__(self):
+        import sparselora.modules.attention as attention_module
+        import sparselora.modules.mlp as mlp_module
+
+        self.kept: dict[tuple[str, int], object] = {}
+        # keyed by the module (FFN: its gate_proj) or bound forward (attention: q's) each layer passes
+        self.swaps = [(mlp_module, {"select_ffn": self._cached(mlp_module.select_ffn, 3)}),
+                      (attention_module, {"select_attention": self._cached(attention_module.select_attention, 5)})]
+
+    def _cached(self, fn, key_arg: int):
+        def cached(*args, **kwargs):
+            key = (fn.__name__, id(args[key_arg]))
+            if key not in self.kept:
+                self.kept[key] = fn(*args, **kwargs)
+            return self.kept[key]
+        return cached
+
+    @contextlib.contextmanager
+    def active(self):
+        with contextlib.ExitStack() as stack:
+            for mod, repl in self.swaps:
+                stack.enter_context(swapped_globals(mod, repl))
+            yield
+
+
+def _build_sparselora(bench: Bench, name: str, enabled: bool, graph: bool = False, ctx=contextlib.nullcontext,
+                      **changes) -> Method:
     cfg = bench.sparsity_config(start_step=0, **changes)  # sparse from the first timed step
     model = bench.lora_model()
     if bench.args.sl_adapters == "bf16":
@@ -275,7 +321,7 @@ def _build_sparselora(bench: Bench, name: str, enabled: bool, graph: bool = Fals
     if graph:
         if bench.device.type != "cuda":
             raise Skip("CUDA graphs need a CUDA device")
-        return Method(name, model, make_graph_step(model, trainable(model)), flops, src,
+        return Method(name, model, make_graph_step(model, trainable(model), ctx), flops, src,
                       {"sparsity_config": _cfg_dict(cfg), "cuda_graph": True})
     timer = SelectionTimer(bench.device)
     m = Method(name, model, make_step(model, trainable(model), timer.active), flops, src,
@@ -309,7 +355,11 @@ BUILDERS = {"peft": build_peft, "peft_liger": build_peft_liger, "dense_fast": bu
             "dense_fast_graph": lambda b: _build_sparselora(b, "dense_fast_graph", enabled=False, graph=True),
             "sparselora_graph": lambda b: _build_sparselora(b, "sparselora_graph", enabled=True, graph=True),
             "labelled_graph": lambda b: _build_sparselora(b, "labelled_graph", enabled=True, graph=True,
-                                                          selector="labelled")}
+                                                          selector="labelled"),
+            "sparselora_graph_inline": lambda b: _build_sparselora(b, "sparselora_graph_inline", enabled=True,
+                                                                   graph=True, ctx=selection_inline),
+            "sparselora_graph_fixed_channels": lambda b: _build_sparselora(
+                b, "sparselora_graph_fixed_channels", enabled=True, graph=True, ctx=FixedChannels().active)}
 
 
 class SelectionTimer:
@@ -466,7 +516,8 @@ def parse_args(argv=None):
     p.add_argument("--labelled", type=int, default=None, help="labelled tokens at the end of each row")
     p.add_argument("--preset", default=None,
                    help="SparseLoRA preset (default: the one matching shape and batch preset, else 'scaled')")
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list from {ALL_METHODS}")
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help=f"comma list from {ALL_METHODS}, or the ablations {ABLATIONS}")
     p.add_argument("--lora-targets", default="qkvo", choices=["qkvo", "all"], help="q,k,v,o or all seven")
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--lora-alpha", type=int, default=64)
@@ -497,9 +548,9 @@ def parse_args(argv=None):
     a.batch_size, a.seq = b, t
     a.labelled = a.labelled if a.labelled is not None else min(lab, t)
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    unknown = sorted(set(a.methods) - set(ALL_METHODS))
+    unknown = sorted(set(a.methods) - set(ALL_METHODS) - set(ABLATIONS))
     if unknown:
-        p.error(f"unknown methods {unknown}; choose from {ALL_METHODS}")
+        p.error(f"unknown methods {unknown}; choose from {ALL_METHODS + ABLATIONS}")
     if a.preset is None:  # a real checkpoint gets the depth-generic preset unless told otherwise
         a.preset = "scaled" if a.model else paper_preset(a.shape, a.batch_preset)
     return a
