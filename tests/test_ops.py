@@ -396,7 +396,7 @@ def test_dense_attention_blocks_run_q_k_v_as_one_fused_node():
         fused._apply_as_autocast = real
     layers = model.base_model.model.config.num_hidden_layers
     projs = [n for fn, n in calls if fn is fused._SplitLoRALinear]
-    assert projs.count(5 + 3 * 5) == layers, projs  # n_ctx, mode, scales, p_drops, ready, then 5 tensors a projection
+    assert projs.count(4 + 3 * 5) == layers, projs  # a q/k/v group passes 3 x 5 tensors, one projection 5
     want = step_outputs(ref, make_batch(seed=3))
     assert_close(got[1], want[1], "loss")
     for n in want[2]:

@@ -86,9 +86,9 @@ def make_batch(vocab: int, batch: int, seq: int, labelled: int, device: torch.de
 
 ALL_METHODS = ["peft", "peft_liger", "dense_fast", "sparselora", "oracle", "labelled",
                "dense_fast_graph", "sparselora_graph", "labelled_graph"]
-# ablations of sparselora_graph, run only when named: the selection inline on the capture stream, and no selection
-# at all (the first step's channels kept: the floor that the selection's cost inside the graphed step is read from)
-ABLATIONS = ["sparselora_graph_inline", "sparselora_graph_fixed_channels"]
+# an ablation of sparselora_graph, run only when named: no channel selection at all (each layer keeps the channels of
+# its first call), the floor that the selection's cost inside the graphed step is read from
+ABLATIONS = ["sparselora_graph_fixed_channels"]
 GiB = 2**30
 
 
@@ -265,18 +265,6 @@ def build_peft_liger(bench: Bench) -> Method:
                   {"adapter_dtype": "bfloat16"})
 
 
-@contextlib.contextmanager
-def selection_inline():
-    """The channel selection on the capture stream, as before `modules.overlap`."""
-    from sparselora.modules import overlap
-
-    overlap.ENABLED = False
-    try:
-        yield
-    finally:
-        overlap.ENABLED = True
-
-
 class FixedChannels:
     """The library's selection functions replaced by the channels each layer chose on its first call: a step with
     the same sparse work and no selection at all."""
@@ -356,8 +344,6 @@ BUILDERS = {"peft": build_peft, "peft_liger": build_peft_liger, "dense_fast": bu
             "sparselora_graph": lambda b: _build_sparselora(b, "sparselora_graph", enabled=True, graph=True),
             "labelled_graph": lambda b: _build_sparselora(b, "labelled_graph", enabled=True, graph=True,
                                                           selector="labelled"),
-            "sparselora_graph_inline": lambda b: _build_sparselora(b, "sparselora_graph_inline", enabled=True,
-                                                                   graph=True, ctx=selection_inline),
             "sparselora_graph_fixed_channels": lambda b: _build_sparselora(
                 b, "sparselora_graph_fixed_channels", enabled=True, graph=True, ctx=FixedChannels().active)}
 

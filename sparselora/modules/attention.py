@@ -16,7 +16,6 @@ from sparselora.models.registry import ATTN_PROJS, module_name
 from sparselora.modules.base import ForwardSwap, note_unfused
 from sparselora.ops import proj_in_sparse, proj_out_sparse
 from sparselora.modules.linear import SharedInput
-from sparselora.modules.overlap import select_beside
 from sparselora.ops.fused import lora_linear, lora_linears, split_lora_linear, split_lora_linears
 from sparselora.ops.lora_layer import base_weight_bias, check_lora_module, lora_parts
 from sparselora.selection import SELECTORS, labelled_rows, select_attention
@@ -39,13 +38,12 @@ class SparseAttention:
         self.attn, self.layer, self.sparsity, self.state = attn, layer, sparsity, state
         self.kept: dict[str, torch.Tensor] | None = None
         self._inputs: _Inputs | None = None  # of the current call; dropped by o_proj
-        self._join = None  # of the current call's selection, while it runs beside (`modules.overlap`)
         self.shared = SharedInput()  # q/k/v outputs computed by the first of them called
         self.swaps = {p: ForwardSwap(m, self._make_forward(p)) for p, m in self.projs.items()}
         self.handle = attn.register_forward_pre_hook(self._select, with_kwargs=True)
 
     def _select(self, module, args, kwargs):
-        self._inputs, self._join = None, None
+        self._inputs = None
         self.shared.put(None, {})
         self.kept = None  # set again below when this call runs sparse: never a stale channel set
         split = self.state.split if self.state.active else None
@@ -62,18 +60,12 @@ class SparseAttention:
         factors = est.stacked(self.layer, "qkv", xs.device) if sel.needs_factors else None
         orig = {p: s.original for p, s in self.swaps.items()}
         biases = [base_weight_bias(self.projs[p])[1] for p in "qkv"]  # Qwen2's q/k/v biases
-        self.kept, self._join = select_beside(xs, lambda: select_attention(
+        self.kept = select_attention(
             cfg.selector, self.sparsity, xs, self.state.arch, cfg.rope_pairs, orig["q"], orig["k"], orig["v"], factors,
             biases, cfg.sample_rows,
-        ))
+        )
         self._inputs = _Inputs(x, xc, xd, xp)
         return None
-
-    def _ready(self) -> None:
-        """Wait for a selection running beside (`modules.overlap`), once: call before reading `kept`."""
-        join, self._join = self._join, None
-        if join is not None:
-            join()
 
     def _fused_o(self, parts, x: torch.Tensor, split) -> torch.Tensor:
         """o on rows permuted context-first; its output stays in the stream's order."""
@@ -88,9 +80,8 @@ class SparseAttention:
             if split is None:
                 return lora_linears(plist, x)
             xp = self._inputs.permuted if x is self._inputs.x else split.permute(x)
-            join, self._join = self._join, None
             return [split.unpermute(y) for y in split_lora_linears(plist, xp, split.num_context, "out",
-                                                                    [self.kept[q] for q in names], join)]
+                                                                    [self.kept[q] for q in names])]
 
         return self.shared.first(p, parts, {q: self.projs[q] for q in "qkv"}, x, run)
 
@@ -113,9 +104,7 @@ class SparseAttention:
                 if p != "o":
                     return self._fused_qkv(p, parts, x, split)
                 self._inputs = None
-                self._ready()
                 return self._fused_o(parts, x, split)
-            self._ready()
             xc, xd = (inputs.ctx, inputs.dense) if x is inputs.x else split.gather(x)
             if p == "o":
                 yc = proj_in_sparse(self.projs[p], xc, self.kept["o"])

@@ -7,7 +7,6 @@ from torch import nn
 
 from sparselora.models.registry import FFN_PROJS, module_name
 from sparselora.modules.base import ForwardSwap
-from sparselora.modules.overlap import select_beside
 from sparselora.ops import ffn_context
 from sparselora.ops.fused import ffn_parts, split_ffn
 from sparselora.ops.fused_kernels import silu_mul
@@ -39,14 +38,11 @@ class SparseMLP:
         if sel.needs_factors:
             factors = self.state.estimator.stacked(self.layer, ("gate", "up"), xc.device)
         n = base_weight_bias(mlp.gate_proj)[0].shape[0]
-        keep, join = select_beside(xc, lambda: select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj,
-                                                          factors, n, cfg.sample_rows))
+        keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n, cfg.sample_rows)
         self.kept = keep
         parts = ffn_parts(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if parts is not None:  # no adapter on the FFN (LoRA on attention only): one fused node for all rows
-            return split.stream_of(split_ffn(parts, xp, split.num_context, keep, join), permuted)
-        if join is not None:
-            join()
+            return split.stream_of(split_ffn(parts, xp, split.num_context, keep), permuted)
         yc = ffn_context(mlp.gate_proj, mlp.up_proj, mlp.down_proj, xc, keep)
         yd = mlp.down_proj(silu_mul(mlp.gate_proj(xd), mlp.up_proj(xd))) if xd.shape[0] else yc.new_empty(0, yc.shape[-1])
         return split.scatter(yc, yd, permuted)

@@ -45,28 +45,6 @@ def _cat(ts, dim: int) -> torch.Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
 
 
-def _lora_products(x, projs, scales, p_drops):
-    """The LoRA branches' rank-r products s (x A^T) of the projections that have one (None for the others), their
-    dropout masks, and the stacked A when one GEMM serves them all (more than one adapter, no dropout, one dtype)."""
-    lora = [i for i, pr in enumerate(projs) if pr[2] is not None]
-    hs, masks, a_cat = [None] * len(projs), [None] * len(projs), None
-    if len(lora) > 1 and all(p_drops[i] == 0 for i in lora) and len({projs[i][2].dtype for i in lora}) == 1:
-        a_cat = torch.cat([projs[i][2] for i in lora])
-        h_cat = x.to(a_cat.dtype) @ a_cat.t()
-        for i, cols in zip(lora, _blocks(projs[i][2].shape[0] for i in lora)):
-            hs[i] = h_cat[:, cols].mul_(scales[i])
-    for i in lora:
-        if hs[i] is None:
-            a, s, p = projs[i][2], scales[i], p_drops[i]
-            xl = x.to(a.dtype)
-            if p > 0:
-                masks[i] = dropout.draw(x, p)
-                # one pass over the input: dropout's 1 / (1 - p) goes on the rank-r product, not the full width
-                xl, s = dropout.dropped(x, masks[i], p, a.dtype), s / (1.0 - p)
-            hs[i] = (xl @ a.t()) * s
-    return hs, masks, a_cat
-
-
 class _SplitLoRALinear(torch.autograd.Function):
     """Projections that read the same input (q, k and v, or one projection alone), as one node. Beside what one
     projection does, a group shares what it can: the context rows' sliced weights sit side by side, so one GEMM
@@ -75,16 +53,13 @@ class _SplitLoRALinear(torch.autograd.Function):
     forward and once for their gradients)."""
 
     @staticmethod
-    def forward(ctx, x, n_ctx, mode, scales, p_drops, ready, *flat):
+    def forward(ctx, x, n_ctx, mode, scales, p_drops, *flat):
         projs = [flat[i:i + 5] for i in range(0, len(flat), 5)]  # (weight, bias, lora_a, lora_b, idx) each
         N = x.shape[0]
         ys = [x.new_empty(N, w.shape[0]) for w, *_ in projs]
         if N > n_ctx:
             for (w, b, *_), y in zip(projs, ys):
                 _into(x[n_ctx:], w, b, y[n_ctx:])
-        hs, masks, a_cat = _lora_products(x, projs, scales, p_drops)  # before `ready`: they need no channels
-        if ready is not None:
-            ready()
         w_ctx = None
         if n_ctx:
             xc = x[:n_ctx]
@@ -102,8 +77,23 @@ class _SplitLoRALinear(torch.autograd.Function):
                 (w, b, _, _, idx), = projs
                 w_ctx = w.index_select(1, idx)
                 _into(xc.index_select(1, idx), w_ctx, b, ys[0][:n_ctx])
-        for i in (i for i, pr in enumerate(projs) if pr[2] is not None):
-            b_lora, y = projs[i][3], ys[i]
+        lora = [i for i, pr in enumerate(projs) if pr[2] is not None]
+        hs, masks, a_cat = [None] * len(projs), [None] * len(projs), None
+        if len(lora) > 1 and all(p_drops[i] == 0 for i in lora) and len({projs[i][2].dtype for i in lora}) == 1:
+            a_cat = torch.cat([projs[i][2] for i in lora])
+            h_cat = x.to(a_cat.dtype) @ a_cat.t()
+            for i, cols in zip(lora, _blocks(projs[i][2].shape[0] for i in lora)):
+                hs[i] = h_cat[:, cols].mul_(scales[i])
+        for i in lora:
+            a, b_lora, s, p = projs[i][2], projs[i][3], scales[i], p_drops[i]
+            if hs[i] is None:
+                xl = x.to(a.dtype)
+                if p > 0:
+                    masks[i] = dropout.draw(x, p)
+                    # one pass over the input: dropout's 1 / (1 - p) goes on the rank-r product, not the full width
+                    xl, s = dropout.dropped(x, masks[i], p, a.dtype), s / (1.0 - p)
+                hs[i] = (xl @ a.t()) * s
+            y = ys[i]
             if b_lora.dtype == y.dtype:
                 y.addmm_(hs[i], b_lora.t())
             else:  # wider adapters (PEFT's default fp32 on a bf16 base): add in their dtype, round once, as PEFT
@@ -179,7 +169,7 @@ class _SplitLoRALinear(torch.autograd.Function):
                         gx.addmm_(gh, a)
                     else:
                         gx += (gh @ a).to(gx.dtype)
-        return (gx, None, None, None, None, None, *[g for gr in grads for g in gr])
+        return (gx, None, None, None, None, *[g for gr in grads for g in gr])
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -203,22 +193,20 @@ def _apply_as_autocast(fn, x: torch.Tensor, *args):
 
 
 def split_lora_linears(parts_list, x: torch.Tensor, n_ctx: int = 0, mode: str | None = None,
-                       idxs=None, ready=None) -> tuple[torch.Tensor, ...]:
+                       idxs=None) -> tuple[torch.Tensor, ...]:
     """The fused projections of one 2-D input ``x`` (rows permuted context-first when ``n_ctx`` > 0; mode "in" takes
     one projection), one output each; under autocast they compute in the autocast dtype, as the projections' own
-    forwards would. ``ready``: called before the first read of ``idxs``, once the work that needs no channels is
-    issued (the join of a selection running beside it: `modules.overlap`)."""
+    forwards would."""
     idxs = idxs or [None] * len(parts_list)
     flat = [t for (w, b, a, bb, _, _), idx in zip(parts_list, idxs) for t in (w, b, a, bb, idx)]
     scales = tuple(pr[4] for pr in parts_list)
     p_drops = tuple(pr[5] for pr in parts_list)
-    return _apply_as_autocast(_SplitLoRALinear, x, n_ctx, mode, scales, p_drops, ready, *flat)
+    return _apply_as_autocast(_SplitLoRALinear, x, n_ctx, mode, scales, p_drops, *flat)
 
 
-def split_lora_linear(parts, x: torch.Tensor, n_ctx: int = 0, mode: str | None = None, idx: torch.Tensor | None = None,
-                      ready=None):
+def split_lora_linear(parts, x: torch.Tensor, n_ctx: int = 0, mode: str | None = None, idx: torch.Tensor | None = None):
     """The fused projection of 2-D ``x`` (rows permuted context-first when ``n_ctx`` > 0)."""
-    return split_lora_linears([parts], x, n_ctx, mode, [idx], ready)[0]
+    return split_lora_linears([parts], x, n_ctx, mode, [idx])[0]
 
 
 def lora_linears(parts_list, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -254,31 +242,26 @@ class _SplitFFN(torch.autograd.Function):
     node instead of ~15."""
 
     @staticmethod
-    def forward(ctx, x, wg, bg, wu, bu, wd, bd, n_ctx, keep, ready):
+    def forward(ctx, x, wg, bg, wu, bu, wd, bd, n_ctx, keep):
         N = x.shape[0]
         y = x.new_empty(N, wd.shape[0])
         liger = _swiglu() if x.is_cuda else None
         pick = lambda b: None if b is None else b.index_select(0, keep)  # noqa: E731
-
-        def rows(xs, g_w, g_b, u_w, u_b, d_w, out):
+        saved, sliced = [], (None, None, None)
+        for rows, ws in ((slice(0, n_ctx), None if not n_ctx else
+                          (wg.index_select(0, keep), pick(bg), wu.index_select(0, keep), pick(bu), wd.index_select(1, keep))),
+                         (slice(n_ctx, N), None if N == n_ctx else (wg, bg, wu, bu, wd))):
+            if ws is None:
+                saved += [None] * 2
+                continue
+            g_w, g_b, u_w, u_b, d_w = ws
+            xs = x[rows]
             g, u = _linear(xs, g_w, g_b), _linear(xs, u_w, u_b)
             h = liger[0](g, u)[2] if liger is not None else torch.nn.functional.silu(g) * u
-            torch.addmm(bd, h, d_w.t(), out=out) if bd is not None else torch.mm(h, d_w.t(), out=out)
-            return g, u
-
-        # the dense rows first: they need no channels, so a selection running beside them (`ready`) can finish
-        g_d = u_d = g_c = u_c = None
-        if N > n_ctx:
-            g_d, u_d = rows(x[n_ctx:], wg, bg, wu, bu, wd, y[n_ctx:])
-        if ready is not None:
-            ready()
-        sliced = (None, None, None)
-        if n_ctx:
-            g_w, u_w, d_w = wg.index_select(0, keep), wu.index_select(0, keep), wd.index_select(1, keep)
-            g_c, u_c = rows(x[:n_ctx], g_w, pick(bg), u_w, pick(bu), d_w, y[:n_ctx])
-            if _save_slices(x):
+            torch.addmm(bd, h, d_w.t(), out=y[rows]) if bd is not None else torch.mm(h, d_w.t(), out=y[rows])
+            saved += [g, u]
+            if ws is not None and rows.start == 0 and _save_slices(x):
                 sliced = (g_w, u_w, d_w)
-        saved = [g_c, u_c, g_d, u_d]
         # on a CPU the full weights and ``keep``, not the context rows' sliced copies (three weight-sized copies per
         # sparse layer held until the backward otherwise): the backward slices them again; on a GPU the slices are
         # kept (memory is ample there, a gather per weight is not free)
@@ -289,7 +272,7 @@ class _SplitFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         if not ctx.needs_input_grad[0]:
-            return (None,) * 10
+            return (None,) * 9
         gy = gy.contiguous()
         wg, wu, wd, keep, *saved = ctx.saved_tensors
         saved, sliced = saved[:4], saved[4:]
@@ -313,7 +296,7 @@ class _SplitFFN(torch.autograd.Function):
             out = gx[rows]
             torch.mm(gg, g_w, out=out)
             out.add_(gu @ u_w)  # autograd sums the two input gradients the same way
-        return gx, None, None, None, None, None, None, None, None, None
+        return gx, None, None, None, None, None, None, None, None
 
 
 def ffn_parts(gate, up, down):
@@ -330,8 +313,7 @@ def ffn_parts(gate, up, down):
     return tuple(out)
 
 
-def split_ffn(parts, x: torch.Tensor, n_ctx: int, keep: torch.Tensor, ready=None) -> torch.Tensor:
-    """The fused FFN of 2-D ``x`` (rows permuted context-first; ``n_ctx`` of them sparse on channels ``keep``).
-    ``ready``: called before the first read of ``keep``, after the dense rows' work (see `split_lora_linears`)."""
+def split_ffn(parts, x: torch.Tensor, n_ctx: int, keep: torch.Tensor) -> torch.Tensor:
+    """The fused FFN of 2-D ``x`` (rows permuted context-first; ``n_ctx`` of them sparse on channels ``keep``)."""
     wg, bg, wu, bu, wd, bd = parts
-    return _apply_as_autocast(_SplitFFN, x, wg, bg, wu, bu, wd, bd, n_ctx, keep, ready)
+    return _apply_as_autocast(_SplitFFN, x, wg, bg, wu, bu, wd, bd, n_ctx, keep)
