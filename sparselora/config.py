@@ -92,18 +92,6 @@ def _compact(mapping: dict[int, float]) -> dict[str, float]:
     return out
 
 
-def _step_of(name: str, value: float, total_steps: int | None) -> int:
-    """A schedule point as a step: ``value`` > 1 is a step count, else a fraction of ``total_steps``."""
-    if value > 1:
-        return int(value)
-    if not total_steps:
-        raise ValueError(
-            f"{name}={value} is a fraction of the run, so the total number of steps is needed; pass total_steps "
-            "(the Trainer callback reads state.max_steps)"
-        )
-    return int(round(value * total_steps))
-
-
 @dataclass
 class SparseLoRAConfig:
     """Where and how SparseLoRA skips base-model work on context tokens.
@@ -133,12 +121,6 @@ class SparseLoRAConfig:
         default=0.05,
         metadata={"help": "dense warm-up: a fraction of total steps if <= 1, else a step count"},
     )
-    end_step: float | None = field(
-        default=None,
-        metadata={"help": "dense finish: from this step on, training runs dense again, so the adapter ends on the "
-                          "forward it is evaluated with (a fraction of total steps if <= 1, else a step count); "
-                          "None: sparse to the end"},
-    )
     dense_output_tokens: bool = field(
         default=True, metadata={"help": "labelled (output) tokens always take the dense path"}
     )
@@ -165,13 +147,6 @@ class SparseLoRAConfig:
             raise ValueError(
                 f"start_step must be >= 0 (a fraction of total steps if <= 1, else a step count), got {self.start_step!r}"
             )
-        if self.end_step is not None:
-            if isinstance(self.end_step, bool) or not isinstance(self.end_step, (int, float)) or self.end_step <= 0:
-                raise ValueError(f"end_step must be None or > 0 (a fraction of total steps if <= 1, else a step "
-                                 f"count), got {self.end_step!r}")
-            if (self.start_step <= 1) == (self.end_step <= 1) and self.end_step <= self.start_step:
-                raise ValueError(f"end_step={self.end_step} is not after start_step={self.start_step}: no step "
-                                 "would run sparse; raise end_step or set it to None (sparse to the end)")
         if not self.is_sparse:
             warnings.warn(
                 "SparseLoRAConfig leaves every layer dense (no ffn_sparsity or attn_sparsity > 0): training "
@@ -195,17 +170,16 @@ class SparseLoRAConfig:
 
     def start_step_for(self, total_steps: int | None) -> int:
         """The first sparse step: `start_step` read as a fraction of `total_steps` when <= 1."""
-        return 0 if self.start_step == 0 else _step_of("start_step", self.start_step, total_steps)
-
-    def end_step_for(self, total_steps: int | None) -> int | None:
-        """The first step of the dense finish (`end_step` read as a fraction of `total_steps` when <= 1), or None."""
-        return None if self.end_step is None else _step_of("end_step", self.end_step, total_steps)
-
-    def sparse_at(self, step: int, total_steps: int | None = None) -> bool:
-        """Whether optimizer step ``step`` (0-based) runs sparse under the schedule: from `start_step` on, before
-        `end_step`."""
-        end = self.end_step_for(total_steps)
-        return step >= self.start_step_for(total_steps) and (end is None or step < end)
+        if self.start_step > 1:
+            return int(self.start_step)
+        if self.start_step == 0:
+            return 0
+        if not total_steps:
+            raise ValueError(
+                f"start_step={self.start_step} is a fraction of the run, so the total number of steps is "
+                "needed; pass total_steps (the Trainer callback reads state.max_steps)"
+            )
+        return int(round(self.start_step * total_steps))
 
     # -- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -182,13 +182,12 @@ def dense(model: nn.Module):
 
 
 def schedule(model: nn.Module, step: int, total_steps: int | None = None) -> bool:
-    """Progressive sparsity for custom loops: dense before ``config.start_step``, sparse from it on (and dense
-    again from ``config.end_step``, when set).
+    """Progressive sparsity for custom loops: dense before ``config.start_step``, sparse from it on.
 
     Call before each step with the number of completed optimizer steps; returns whether the step is sparse.
     """
     state = get_state(model)
-    state.scheduled_on = state.config.sparse_at(step, total_steps)
+    state.scheduled_on = step >= state.config.start_step_for(total_steps)
     return state.active
 
 

@@ -65,25 +65,6 @@ def test_warmup_schedule():
         sparselora.schedule(model, 3)
 
 
-def test_dense_finish_schedule():
-    """end_step: sparse from start_step, dense again from end_step (a fraction of the run, or a step count; the
-    two may mix), and the dense steps give the dense loss."""
-    model, batch = tiny_peft(), make_batch()
-    ref = clone(model)
-    apply_sparselora(model, cfg(start_step=0.1, end_step=0.9))
-    dense = loss(ref, batch)
-    assert [sparselora.schedule(model, s, 100) for s in (9, 10, 89, 90, 99)] == [False, True, True, False, False]
-    assert_close(loss(model, batch), dense, "step 99 of 100: the dense finish")
-    assert sparselora.schedule(model, 50, 100) and not torch.allclose(loss(model, batch), dense)
-    remove_sparselora(model)
-    apply_sparselora(model, cfg(start_step=5, end_step=0.5))
-    assert [sparselora.schedule(model, s, 20) for s in (4, 5, 9, 10)] == [False, True, True, False]
-    remove_sparselora(model)
-    apply_sparselora(model, cfg(start_step=0, end_step=0.5))
-    with pytest.raises(ValueError, match="end_step=0.5 is a fraction of the run"):
-        sparselora.schedule(model, 3)
-
-
 def test_remove_restores_and_other_models_untouched():
     model, batch = tiny_peft(), make_batch()
     other = clone(model)

@@ -59,15 +59,6 @@ def test_trainer_warmup_then_sparse(tmp_path):
     assert sparselora.kept_channels(model)[1]["ffn"].numel() == round(0.2 * 86)
 
 
-def test_trainer_dense_finish(tmp_path):
-    """With end_step the Trainer's last steps run dense again (and the logged flag says so)."""
-    model = tiny_peft()
-    apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={1: 0.8}, start_step=0.2, end_step=0.7))
-    spy = Spy()
-    make_trainer(tmp_path, model, spy).train()
-    assert spy.active == [False] * 2 + [True] * 5 + [False] * 3  # steps 2-6 of 10 sparse
-
-
 def test_resumed_run_keeps_schedule(tmp_path):
     model = tiny_peft()
     apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={1: 0.8}, start_step=0.5))

@@ -160,9 +160,7 @@ def callbacks():
             if st is None or not st.enabled:
                 post["sparsity"] = "off (dense)"
             elif not st.active:
-                end = st.config.end_step_for(state.max_steps)
-                finish = end is not None and state.global_step - 1 >= end  # the step that just ran
-                post["sparsity"] = "dense finish" if finish else "warm-up (dense)"
+                post["sparsity"] = "warm-up (dense)"
             else:
                 ffn = self.last.get("sparselora/ffn_kept")
                 post["sparsity"] = f"on, ffn kept {ffn:.0%}" if ffn is not None else "on"
