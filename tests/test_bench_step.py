@@ -96,3 +96,34 @@ def test_benchmark_scripts_use_the_package_helpers():
         assert getattr(common, name) is getattr(home, name), name  # one home, re-exported
     assert common.REPO == shapes.REPO
     assert _load_script("bench_step").main is step.main
+
+
+def test_fixed_channels_ablation_selects_once_per_layer(monkeypatch):
+    """`sparselora_graph_fixed_channels` prices the selection by removing it: under `FixedChannels.active` each sparse
+    layer chooses its channels on its first call only and keeps them; other batches then run on those channels."""
+    from helpers import make_batch, tiny_peft
+
+    import sparselora.modules.attention as attention_module
+    import sparselora.modules.mlp as mlp_module
+
+    calls = []
+    for mod, name in ((mlp_module, "select_ffn"), (attention_module, "select_attention")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    model = tiny_peft()
+    sparselora.apply_sparselora(model, sparselora.SparseLoRAConfig(ffn_sparsity={"1-2": 0.5}, attn_sparsity={2: 0.5},
+                                                                   start_step=0))
+    fixed = step.FixedChannels()
+    kept = []
+    with fixed.active():
+        for seed in (1, 2, 3):
+            model(**make_batch(seed=seed)).loss.backward()
+            kept.append(sparselora.kept_channels(model))
+    assert sorted(calls) == ["select_attention", "select_ffn", "select_ffn"]  # the first batch only
+    assert kept[0].keys() == kept[2].keys() == {1, 2}
+    for layer in kept[0]:
+        for kind in kept[0][layer]:
+            assert torch.equal(kept[0][layer][kind], kept[2][layer][kind])
+    calls.clear()
+    model(**make_batch(seed=4)).loss.backward()  # outside the ablation: the library selects again
+    assert sorted(calls) == ["select_attention", "select_ffn", "select_ffn"]
