@@ -204,6 +204,15 @@ def swapped_globals(module, replacements: dict):
 
 
 @contextlib.contextmanager
+def swapped_in(swaps):
+    """`swapped_globals` for several modules at once: ``swaps`` is (module, replacements) pairs."""
+    with contextlib.ExitStack() as stack:
+        for module, replacements in swaps:
+            stack.enter_context(swapped_globals(module, replacements))
+        yield
+
+
+@contextlib.contextmanager
 def restored_globals(module):
     """Undo any module-level rebinding done inside (liger swaps classes in transformers' modeling file)."""
     saved = dict(vars(module))
@@ -286,12 +295,8 @@ class FixedChannels:
             return self.kept[key]
         return cached
 
-    @contextlib.contextmanager
     def active(self):
-        with contextlib.ExitStack() as stack:
-            for mod, repl in self.swaps:
-                stack.enter_context(swapped_globals(mod, repl))
-            yield
+        return swapped_in(self.swaps)
 
 
 def _build_sparselora(bench: Bench, name: str, enabled: bool, graph: bool = False, ctx=contextlib.nullcontext,
@@ -372,12 +377,8 @@ class SelectionTimer:
             return out
         return timed
 
-    @contextlib.contextmanager
     def active(self):
-        with contextlib.ExitStack() as stack:
-            for mod, repl in self.wrapped.items():
-                stack.enter_context(swapped_globals(mod, repl))
-            yield
+        return swapped_in(self.wrapped.items())
 
     def pop_ms(self) -> float | None:
         if not self.wrapped:
