@@ -10,8 +10,9 @@ preset) makes sparse, a forward pre-hook on the dense model's MLP / attention ta
 own `select_ffn` / `select_attention` and the layer's real projections:
 
 * ``oracle``      true activations of every context row (the reference);
-* ``sampled``     the library's default: the oracle's score on `SAMPLE_ROWS` evenly spaced context rows;
-  ``sampled-S`` the same on S rows;
+* ``sampled``     the library's default: the oracle's score on `SAMPLE_ROWS` evenly spaced context rows, for the
+  FFN averaged over the earlier batches in order (`RunningScore`, the default `score_momentum`), as in training;
+  ``sampled-m0`` the FFN's without that average (each batch's sample alone); ``sampled-S`` that on S rows;
 * ``mean``        the oracle's score of the mean context row (how the reference implementation scores the FFN);
 * ``labelled``    the oracle's score on the batch's labelled rows (the library's labelled selector);
 * ``svd``         the library's estimator at its default rank 8 (q/k/v biases included), ``svd-rN`` rank N;
@@ -75,7 +76,8 @@ def main(argv=None):
     from sparselora.loading import load_model
     from sparselora.models.registry import arch_info, decoder_layers
     from sparselora.ops.lora_layer import base_weight_bias
-    from sparselora.selection import DEFAULT_SELECTOR, SAMPLE_ROWS, labelled_rows, select_attention, select_ffn
+    from sparselora.selection import (DEFAULT_SELECTOR, SAMPLE_ROWS, RunningScore, labelled_rows, select_attention,
+                                      select_ffn)
     from sparselora.tokens import context_mask
 
     torch.set_num_threads(args.threads)
@@ -104,6 +106,8 @@ def main(argv=None):
     # store[metric][kind][level][selector][layer] -> values over batches
     store = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list)))))
     rows = {}
+    momentum = cfg.score_momentum
+    running = {i: RunningScore(momentum) for i in ffn_layers}  # committed after each batch, as begin_batch does
 
     def record(kind, s, name, layer, chosen, best, true):
         store["recall"][kind][s][name][layer].append(_overlap(chosen, best))
@@ -121,9 +125,11 @@ def main(argv=None):
             true = (torch.nn.functional.silu(g) * u).norm(dim=0)
             for s in levels:
                 best = select_ffn("oracle", s, xc, lambda _: g, lambda _: u, None, n)
-                cands = {"sampled" if S == SAMPLE_ROWS else f"sampled-{S}": (
+                cands = {"sampled-m0" if S == SAMPLE_ROWS else f"sampled-{S}": (
                     select_ffn("sampled", s, xc, mod.gate_proj, mod.up_proj, None, n, rows=S))
                     for S in sorted({SAMPLE_ROWS, *SAMPLES})}
+                cands["sampled"] = select_ffn("sampled", s, xc, mod.gate_proj, mod.up_proj, None, n,
+                                              running=running[i])
                 cands["mean"] = select_ffn("oracle", s, xc.mean(0, keepdim=True), mod.gate_proj, mod.up_proj, None, n)
                 cands["labelled"] = select_ffn("oracle", s, xl, mod.gate_proj, mod.up_proj, None, n)
                 cands["l2"] = select_ffn("l2", s, xc, lambda _: g, lambda _: u, None, n)
@@ -175,6 +181,8 @@ def main(argv=None):
         n_lab += int(rows["lab"].sum())
         with torch.no_grad():
             model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        for r in running.values():
+            r.commit()
         print(f"batch {bi + 1}/{len(batches)} ({time.time() - t0:.0f}s)", flush=True)
     for h in handles:
         h.remove()
@@ -214,6 +222,7 @@ def main(argv=None):
                                                  for n, d in pl.items()}
     doc = {
         "model": args.model, "default_selector": DEFAULT_SELECTOR, "sample_rows": SAMPLE_ROWS,
+        "score_momentum": momentum,
         "architecture": arch.__dict__ | {"group_size": arch.group_size},
         "data": str(Path(args.data).resolve().relative_to(REPO.parent)) if Path(args.data).resolve().is_relative_to(REPO.parent) else args.data,
         "samples": len(feats), "batch_size": args.batch_size, "batches": len(batches), "seed": args.seed,

@@ -89,15 +89,19 @@ def set_levels(model, cfg: SparseLoRAConfig) -> None:
 @contextlib.contextmanager
 def _frozen(model):
     """Eval mode (no dropout) with the schedule switched on, the model's mode and switches restored after; yields
-    the state, whose ``enabled`` picks the sparse (True) or dense (False) path of the next forwards."""
+    the state, whose ``enabled`` picks the sparse (True) or dense (False) path of the next forwards. The running
+    FFN scores start empty and are emptied after: a probe that re-reads its batches must not score a batch with
+    its own history (optimistic), and training must not start from the probe's batches."""
     state = get_state(model)
     was_training, enabled, on = model.training, state.enabled, state.scheduled_on
     model.eval()
     state.scheduled_on = True
+    state.reset_running_scores()
     try:
         yield state
     finally:
         state.enabled, state.scheduled_on = enabled, on
+        state.reset_running_scores()
         model.train(was_training)
 
 

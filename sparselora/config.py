@@ -117,6 +117,11 @@ class SparseLoRAConfig:
         default=SAMPLE_ROWS,
         metadata={"help": "context rows per batch whose true activations the sampled selector scores (evenly spaced)"},
     )
+    score_momentum: float = field(
+        default=0.5,
+        metadata={"help": "sampled selector, FFN: weight of the earlier batches in a layer's channel scores (an "
+                          "average over batches; 0: each batch's sample alone)"},
+    )
     start_step: float = field(
         default=0.05,
         metadata={"help": "dense warm-up: a fraction of total steps if <= 1, else a step count"},
@@ -136,6 +141,9 @@ class SparseLoRAConfig:
             raise ValueError(f"estimator_rank must be a positive integer, got {self.estimator_rank!r}")
         if isinstance(self.sample_rows, bool) or not isinstance(self.sample_rows, int) or self.sample_rows < 1:
             raise ValueError(f"sample_rows must be a positive integer, got {self.sample_rows!r}")
+        if isinstance(self.score_momentum, bool) or not isinstance(self.score_momentum, (int, float)) or not (
+                0 <= self.score_momentum < 1):
+            raise ValueError(f"score_momentum must be in [0, 1) (0: no average over batches), got {self.score_momentum!r}")
         if self.selector not in SELECTORS:
             raise ValueError(f"selector {self.selector!r} is unknown; choose one of {', '.join(SELECTORS)}")
         if _REGISTRY[self.selector].scores_labelled and not self.dense_output_tokens:

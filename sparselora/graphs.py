@@ -194,7 +194,8 @@ class CUDAGraphStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.stream(side):  # warm-up: lazy inits, Triton compilation, cuBLAS workspaces
+            # warm-up: lazy inits (the running FFN scores' buffers too), Triton compilation, cuBLAS workspaces
+            with torch.cuda.stream(side), self.state.running_scores_kept():
                 for _ in range(self.warmup if not self.captures else 1):  # later captures: kernels are built
                     for p in self.params:
                         p.grad = None

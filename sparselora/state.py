@@ -4,7 +4,8 @@ context/output split. It lives on the model instance, never on a class.
 The per-batch lifecycle, and who does what:
 
 1. **begin** — the causal LM's forward pre-hook (`patch.apply_sparselora`) calls `begin_batch(labels,
-   attention_mask, shape)` at every forward. It validates the labels' shape (`tokens.check_labels`, the one
+   attention_mask, shape)` at every forward. It commits the last forward's running FFN scores
+   (`selection.RunningScore`: not in a recompute, which runs no causal-LM forward), validates the labels' shape (`tokens.check_labels`, the one
    check), then sets `split`: None without labels or while the path is off (`active` False), else the batch's
    `TokenSplit` (`tokens.split_tokens`, one host sync), or, inside `pinned`, the pinned split as is.
 2. **use** — each `SparseMLP` / `SparseAttention` of a sparse layer reads `split` (if `active`) during the
@@ -62,6 +63,7 @@ class SparseLoRAState:
         self.stream_permuted = False
         self.stream_layers: set[int] = set()  # the layers inside a `PermutedStream` run (set by apply_sparselora)
         self.layers: dict[int, list] = {}  # layer index -> its wrappers (SparseMLP / SparseAttention)
+        self.running_scores: list = []  # the FFN layers' `selection.RunningScore`s, committed at every begin_batch
         self.fused: list = []  # FusedLoRALinear wrappers of the projections not sliced
         self.handles: list = []
         self.hub_kernels = False  # transformers' hub kernels were on before apply (patch.apply_sparselora)
@@ -84,6 +86,8 @@ class SparseLoRAState:
         ``hidden_states_out``: the forward returns every layer's hidden states, so the stream stays in order."""
         self.split = None
         self.stream_permuted = False
+        for r in self.running_scores:  # the last forward's scores become the past of this one (recompute-safe)
+            r.commit()
         if labels is None:
             return None
         check_labels(labels, shape)
@@ -95,6 +99,25 @@ class SparseLoRAState:
         # a batch the sparse layers run dense (`nothing_to_rank`) is not permuted either
         self.stream_permuted = split is not None and not hidden_states_out and not self.nothing_to_rank
         return self.split
+
+    def reset_running_scores(self) -> None:
+        for r in self.running_scores:
+            r.reset()
+
+    @contextlib.contextmanager
+    def running_scores_kept(self) -> Iterator[None]:
+        """Forwards inside leave the running FFN scores as they were (CUDA-graph warm-ups: they repeat a batch,
+        which training should see once). Buffers first allocated inside are kept, zeroed (graphs read them)."""
+        saved = [None if r.running is None else (r.running.clone(), r.pending.clone()) for r in self.running_scores]
+        try:
+            yield
+        finally:
+            for r, s in zip(self.running_scores, saved):
+                if s is None:
+                    r.reset()
+                else:
+                    r.running.copy_(s[0])
+                    r.pending.copy_(s[1])
 
     @property
     def nothing_to_rank(self) -> bool:

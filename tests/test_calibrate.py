@@ -248,3 +248,15 @@ def test_kl_criterion_backs_off_until_the_kl_is_within_the_bound():
     assert "KL(dense || sparse) <=" in cal.lines()[0] and "KL " in cal.lines()[-2]
     with pytest.raises(ValueError, match="criterion"):
         calibrate(model, _batches(), criterion="mean")
+
+
+def test_probe_rounds_do_not_share_running_scores():
+    """Each probe round scores its batches afresh (a round re-reading batches that an earlier round already
+    averaged in would be optimistic), and training starts from empty running scores, not from the probe's."""
+    model = tiny_peft("llama")
+    apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={"0-3": 0.9}, start_step=0, sample_rows=5))
+    state = get_state(model)
+    assert state.running_scores and state.config.score_momentum > 0
+    losses = [frozen_loss(model, _batches(), sparse=True) for _ in range(2)]
+    assert losses[0] == losses[1]  # the second call saw no history of the first
+    assert all(not r.running.any() and not r.pending.any() for r in state.running_scores)

@@ -118,3 +118,7 @@ def test_selector_fields_roundtrip_and_registry():
         assert SparseLoRAConfig.from_yaml(c.to_yaml()) == c
     with pytest.raises(ValueError, match="sampled"):
         SparseLoRAConfig(ffn_sparsity={1: 0.5}, selector="nope")
+    assert cfg.score_momentum == 0.5 and SparseLoRAConfig(ffn_sparsity={1: 0.5}, score_momentum=0).score_momentum == 0
+    for bad in (1.0, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match="score_momentum must be in"):
+            SparseLoRAConfig(ffn_sparsity={1: 0.5}, score_momentum=bad)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sparselora import SparseLoRAConfig, apply_sparselora, kept_channels
+from sparselora.patch import get_state
 
 from helpers import assert_close, clone, make_batch, step_outputs, tiny_peft
 from reference import assert_bf16_close_to_reference, install_reference
@@ -134,6 +135,11 @@ def test_cuda_graph_step_matches_eager_training(padded, selector):
     for (n, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
         if p.requires_grad:
             assert_close(p, q, f"weight {n} after 5 steps", rtol=1e-3, atol=1e-4)
+    # the running FFN scores saw each batch once: the capture's warm-up forwards left them as they were
+    mine, theirs = get_state(model).running_scores, get_state(eager).running_scores
+    assert len(mine) == len(theirs) == (4 if selector == "sampled" else 0)
+    for j, (r, e) in enumerate(zip(mine, theirs)):
+        assert_close(r.running, e.running, f"running FFN scores of sparse layer {j}", rtol=1e-4, atol=1e-6)
 
 
 def test_cuda_graph_trainer_matches_trainer_on_gpu(tmp_path):

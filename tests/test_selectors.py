@@ -106,10 +106,17 @@ def _run(arch, selector, seed=3, **cfg_kw):
                 p.mul_(5)
             elif "base_layer.weight" in name and "o_proj" not in name and "down_proj" not in name:
                 p.div_(p.norm(dim=1, keepdim=True))  # equal row norms: which rows are scored decides the channels
-    batch = make_batch(batch=3, seq=24, labelled=(3, 5, 2), lengths=(24, 19, 15), seed=seed)
     cfg = SparseLoRAConfig(ffn_sparsity={i: SPARSITY for i in LAYERS}, attn_sparsity={i: SPARSITY for i in LAYERS},
                            selector=selector, start_step=0, sample_rows=ROWS, **cfg_kw)
+    apply_sparselora(model, cfg)
     blocks = model.base_model.model.model.layers
+    return (model, blocks, *_forward_seen(model, blocks, seed))
+
+
+def _forward_seen(model, blocks, seed):
+    """One sparse forward of a batch: each sparse layer's MLP / attention input (sequence order), the kept
+    channels, and the batch's context and labelled rows (flattened (batch, seq) order)."""
+    batch = make_batch(batch=3, seq=24, labelled=(3, 5, 2), lengths=(24, 19, 15), seed=seed)
     seen = {}
     hooks = []
     for i in LAYERS:
@@ -118,7 +125,6 @@ def _run(arch, selector, seed=3, **cfg_kw):
         hooks.append(blocks[i].self_attn.register_forward_pre_hook(
             lambda m, a, kw, i=i: seen.__setitem__(("attn", i), kw.get("hidden_states", a[0] if a else None).detach().double()),
             with_kwargs=True))
-    apply_sparselora(model, cfg)
     torch.manual_seed(11)
     with torch.no_grad():
         model(**batch)
@@ -131,7 +137,7 @@ def _run(arch, selector, seed=3, **cfg_kw):
     labels, mask = batch["labels"].reshape(-1), batch["attention_mask"].reshape(-1)
     ctx = [j for j in range(labels.numel()) if labels[j] == -100 and mask[j] == 1]  # flattened (batch, seq) order
     lab = [j for j in range(labels.numel()) if labels[j] != -100]
-    return model, blocks, seen, kept_channels(model), ctx, lab
+    return seen, kept_channels(model), ctx, lab
 
 
 def _rows(x, idx):
@@ -180,6 +186,41 @@ def test_kept_channels_match_independent_scores(arch, selector):
             _assert_top(kept[i]["v"], v.norm(dim=0), len(kept[i]["v"]), f"{arch}/l2 layer {i} v")
         else:
             _check_attention(kept[i], q, k, v, a, SPARSITY, f"{arch}/{selector} layer {i} attention")
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.8])
+def test_ffn_scores_average_over_batches(momentum):
+    """score_momentum m: batch t's FFN channels are the top of sum_j m^(t-j) s_j, s_j = the mean over batch j's
+    sampled rows of the squared activation (the first batch: its own sample); attention is not averaged;
+    `reset_running_scores` forgets. (Recomputes: test_eager_fast's checkpointing test.)"""
+    model, blocks, seen, kept, ctx, lab = _run("qwen2", "sampled", seed=3, score_momentum=momentum)
+    state = get_state(model)
+    assert len(state.running_scores) == (len(LAYERS) if momentum else 0)
+    a = arch_info(model.config)
+
+    def per_row(seen, ctx, i):
+        x = _rows(seen[("mlp", i)], _sampled(ctx))
+        return _ffn_scores("sampled", blocks[i].mlp, x).pow(2) / x.shape[0]
+
+    past = {i: per_row(seen, ctx, i) for i in LAYERS}
+    differs = False
+    for seed in (4, 5):
+        seen, kept, ctx, lab = _forward_seen(model, blocks, seed)
+        for i in LAYERS:
+            now = per_row(seen, ctx, i)
+            avg = now + momentum * past[i]  # the library's (1 - m) x this: the same order
+            _assert_top(kept[i]["ffn"], avg, _keep(avg.numel(), SPARSITY), f"m={momentum} seed {seed} layer {i} ffn")
+            differs |= _top(avg, len(kept[i]["ffn"])) != _top(now, len(kept[i]["ffn"]))
+            past[i] = avg
+            xa = _rows(seen[("attn", i)], _sampled(ctx))
+            q, k, v = (_lin(getattr(blocks[i].self_attn, f"{p}_proj"), xa) for p in "qkv")
+            _check_attention(kept[i], q, k, v, a, SPARSITY, f"m={momentum} layer {i} attention")
+    assert differs == (momentum > 0)  # the average picked other channels than each batch alone (else: vacuous)
+    state.reset_running_scores()
+    seen, kept, ctx, lab = _forward_seen(model, blocks, 6)
+    for i in LAYERS:
+        now = per_row(seen, ctx, i)
+        _assert_top(kept[i]["ffn"], now, _keep(now.numel(), SPARSITY), f"after reset, layer {i} ffn")
 
 
 def test_wrong_inputs_are_caught():

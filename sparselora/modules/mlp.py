@@ -11,7 +11,7 @@ from sparselora.ops import ffn_context
 from sparselora.ops.fused import ffn_parts, split_ffn
 from sparselora.ops.fused_kernels import silu_mul
 from sparselora.ops.lora_layer import base_weight_bias, check_lora_module
-from sparselora.selection import SELECTORS, select_ffn, select_ffn_from_activations
+from sparselora.selection import SELECTORS, RunningScore, select_ffn, select_ffn_from_activations
 
 
 class SparseMLP:
@@ -20,6 +20,11 @@ class SparseMLP:
             check_lora_module(getattr(mlp, module_name(p)))
         self.mlp, self.layer, self.sparsity, self.state = mlp, layer, sparsity, state
         self.kept: torch.Tensor | None = None  # channels kept in the last sparse forward
+        cfg = state.config
+        self.running = None  # the sampled selector's scores averaged over batches
+        if cfg.selector == "sampled" and cfg.score_momentum > 0:
+            self.running = RunningScore(cfg.score_momentum)
+            state.running_scores.append(self.running)
         self.swap = ForwardSwap(mlp, self.forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +43,8 @@ class SparseMLP:
         if sel.needs_factors:
             factors = self.state.estimator.stacked(self.layer, ("gate", "up"), xc.device)
         n = base_weight_bias(mlp.gate_proj)[0].shape[0]
-        keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n, cfg.sample_rows)
+        keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n, cfg.sample_rows,
+                          self.running)
         self.kept = keep
         parts = ffn_parts(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if parts is not None:  # no adapter on the FFN (LoRA on attention only): one fused node for all rows
