@@ -49,7 +49,8 @@ from common import REPO, base_checksum, git_commit, gpu_slug, versions  # noqa: 
 from sparselora.io import atomic_write_json  # noqa: E402
 from sparselora.selection import DEFAULT_SELECTOR  # noqa: E402
 
-SWAPPED = ("svd", "oracle", "labelled", "random")  # the sparselora run's config with another selector
+# the sparselora run's config with another selector; sampled-m0: the default selector without its average over batches
+SWAPPED = ("svd", "oracle", "labelled", "random", "sampled-m0")
 METHODS = ("base", "dense", "sparselora") + SWAPPED
 COMMONSENSE_TRAIN = ("boolq", "arc_easy", "arc_challenge", "openbookqa")
 COMMONSENSE_TEST = ("boolq", "piqa", "social_i_qa", "winogrande", "arc_easy", "openbookqa")
@@ -153,7 +154,10 @@ def run_config(name: str, seed: int, args, model: str, data: Path, work: Path, r
     else:
         raise RuntimeError(f"{calibrated} missing and the table records no sparselora run of seed {seed}: that run "
                            "must run first")
-    cfg.selector = name
+    if name == "sampled-m0":
+        cfg.selector, cfg.score_momentum = "sampled", 0.0
+    else:
+        cfg.selector = name
     path = work / f"{name}-s{seed}.sparsity.yaml"
     cfg.to_yaml(path)
     return RunConfig(sparsity=str(path), loss_bound=None, **common)

@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 GOAL_POINTS = 0.5
 GOAL_RATIO = {"math": 0.80, "commonsense": 0.55}  # GSM8K: half its tokens are labelled answers (floor ~69%)
-ORDER = ["base", "dense", "sparselora", "svd", "oracle", "labelled", "random"]
+ORDER = ["base", "dense", "sparselora", "sampled-m0", "svd", "oracle", "labelled", "random"]
 # How the tables were made on one H200: the model file reassembled there (see ../shared/data/README.md for the
 # package parts; sparselora converts it once to a bf16 folder), the data copied to /root/xfer/data.
 GPU_COMMANDS = """```bash
@@ -56,7 +56,7 @@ def accuracy_section(doc: dict, path: Path) -> list[str]:
     cfg = doc.get("config", {})
     sets = list(next((m["accuracy"] for m in doc["methods"].values() if m.get("accuracy")), {}) or TASK_SETS[doc["task"]])
     tests = cfg.get("tests", {})
-    head = ["method", "seeds"] + [f"{s} (n={tests.get(s, {}).get('n', '?')})" for s in sets] + ["average", "FLOPs % dense", "train s/run"]
+    head = ["method", "seeds"] + [f"{s} (n={tests.get(s, {}).get('n', '?')})" for s in sets] + ["average", "FLOPs % dense", "held-out loss (dense eval)", "train s/run"]
     model = path.stem.removeprefix("accuracy-").removesuffix(f"-{doc['task']}")  # the alias, not the file name used
     lines = [f"### {model} — {doc['task']}", ""]
     lines.append(f"GPU: {doc.get('gpu')}; versions: " + ", ".join(f"{k} {v}" for k, v in (doc.get("versions") or {}).items() if v)
@@ -68,15 +68,19 @@ def accuracy_section(doc: dict, path: Path) -> list[str]:
     for name in names:
         m = doc["methods"][name]
         if not m.get("seeds") and m.get("errors"):
-            lines.append(f"| {name} | – | " + " | ".join("error" for _ in sets) + " | error | – | – |")
+            lines.append(f"| {name} | – | " + " | ".join("error" for _ in sets) + " | error | – | – | – |")
             continue
         if not m.get("seeds"):  # asked for, not run (the GPU time ran out): say so, never a number
-            lines.append(f"| {name} (not run) | – | " + " | ".join("–" for _ in sets) + " | – | – | – |")
+            lines.append(f"| {name} (not run) | – | " + " | ".join("–" for _ in sets) + " | – | – | – | – |")
             continue
         acc = m.get("accuracy", {})
         fl = f"{100 * m['flops_ratio']:.1f}" if "flops_ratio" in m and name != "base" else ("–" if name == "base" else "100.0")
         ts = pm(m.get("train_seconds"), 1.0) if m.get("train_seconds") else "–"
-        row = [name, ",".join(map(str, m.get("seeds", [])))] + [pm(acc.get(s)) for s in sets] + [pm(m.get("average")), fl, ts]
+        held = [v for v in m.get("heldout_dense_loss") or [] if v is not None]
+        hl = "–" if not held else (f"{statistics.fmean(held):.4f}" if len(held) == 1 else
+                                   f"{statistics.fmean(held):.4f} ± {(max(held) - min(held)) / 2:.4f}")
+        row = [name, ",".join(map(str, m.get("seeds", [])))] + [pm(acc.get(s)) for s in sets] + [pm(m.get("average")), fl,
+                                                                                                    hl, ts]
         if m.get("errors"):
             row[0] += " (errors: " + ", ".join(f"seed {k}" for k in m["errors"]) + ")"
         if diverged(m):
@@ -96,7 +100,8 @@ def accuracy_section(doc: dict, path: Path) -> list[str]:
         f"{cfg.get('sparsity') or 'the finetune default'}, "
         + (f"probe KL <= {cfg.get('kl_bound')} nats/token " if cfg.get("probe") == "kl"
            else f"probe: loss bound +{100 * (cfg.get('loss_bound') or 0):.0f}% (the default before the KL probe) ")
-        + "(svd/oracle/...: the same seed's calibrated sparselora config, selector swapped). Default selector: "
+        + "(svd/oracle/...: the same seed's calibrated sparselora config, selector swapped; sampled-m0: the default "
+        "selector without its average over batches, `score_momentum` 0). Default selector: "
         + f"`{doc.get('default_selector')}`. Evaluation: greedy, max {cfg.get('max_new_tokens')} new tokens"
         + ("; test subsets: " + ", ".join(f"{k} {v['n']}/{v['n_total']}" for k, v in tests.items() if v["n"] < v["n_total"])
            if any(v["n"] < v["n_total"] for v in tests.values()) else "; full test sets") + ".")

@@ -35,7 +35,7 @@ def test_methods_and_order():
         acc.parse_methods("dense,svd", [0])
     from sparselora.selection import SELECTORS
 
-    assert set(acc.SWAPPED) <= set(SELECTORS)  # every swapped method is a library selector
+    assert set(acc.SWAPPED) - {"sampled-m0"} <= set(SELECTORS)  # every other swapped method is a library selector
 
 
 def test_swapped_selector_reuses_the_calibrated_config(tmp_path):
@@ -49,6 +49,8 @@ def test_swapped_selector_reuses_the_calibrated_config(tmp_path):
     cfg = acc.run_config("oracle", 0, args, "m", tmp_path / "d.jsonl", tmp_path)
     used = SparseLoRAConfig.from_yaml(cfg.sparsity)
     assert used.selector == "oracle" and used.ffn_sparsity == {2: 0.3, 3: 0.3, 4: 0.3, 5: 0.3} and cfg.loss_bound is None
+    m0 = SparseLoRAConfig.from_yaml(acc.run_config("sampled-m0", 0, args, "m", tmp_path / "d.jsonl", tmp_path).sparsity)
+    assert m0.selector == "sampled" and m0.score_momentum == 0 and m0.ffn_sparsity == used.ffn_sparsity
     dense = acc.run_config("dense", 1, args, "m", tmp_path / "d.jsonl", tmp_path)
     assert dense.dense and dense.seed == 1 and dense.max_steps == 3 and dense.output.endswith("dense-s1")
     assert dense.logging_steps == 1  # every step's loss, as the earlier tables
