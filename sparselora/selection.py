@@ -114,8 +114,8 @@ class RunningScore:
     `SparseLoRAState.begin_batch`) moves `pending` into `running`. A gradient-checkpointing recompute therefore
     picks the channels of its original forward, and under CUDA graphs both buffers are static (allocated in the
     warm-up, before capture) and the commit is a captured copy. Zero-initialised: the first batch ranks by its
-    own sample (an EMA's missing bias correction is one scalar a batch, which no ranking sees). Not checkpointed: a
-    resumed run starts its averages afresh, so its first batches rank by fewer rows, as a new run's do."""
+    own sample (an EMA's missing bias correction is one scalar a batch, which no ranking sees). `SparseLoRACallback`
+    saves the averages with each Trainer checkpoint, so a resumed run chooses as the uninterrupted one would."""
 
     def __init__(self, momentum: float):
         self.momentum = momentum
@@ -136,6 +136,19 @@ class RunningScore:
     def commit(self) -> None:
         if self.pending is not None:
             self.running.copy_(self.pending)
+
+    def latest(self) -> torch.Tensor | None:
+        """The average including the last forward's batch (what the next forward's commit makes the past)."""
+        return self.pending
+
+    def load(self, scores: torch.Tensor) -> None:
+        """Continue from a saved `latest` (a resumed run); in place when the buffers exist (graphs read them)."""
+        scores = scores.to(torch.float32)
+        if self.running is not None and self.running.shape == scores.shape:
+            self.running.copy_(scores)
+            self.pending.copy_(scores)
+        else:
+            self.running, self.pending = scores.clone(), scores.clone()
 
     def reset(self) -> None:
         """Forget the past, in place (a captured graph keeps reading these buffers)."""

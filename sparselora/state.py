@@ -63,7 +63,8 @@ class SparseLoRAState:
         self.stream_permuted = False
         self.stream_layers: set[int] = set()  # the layers inside a `PermutedStream` run (set by apply_sparselora)
         self.layers: dict[int, list] = {}  # layer index -> its wrappers (SparseMLP / SparseAttention)
-        self.running_scores: list = []  # the FFN layers' `selection.RunningScore`s, committed at every begin_batch
+        # layer -> its FFN `selection.RunningScore`, committed at every begin_batch
+        self.running_scores: dict[int, object] = {}
         self.fused: list = []  # FusedLoRALinear wrappers of the projections not sliced
         self.handles: list = []
         self.hub_kernels = False  # transformers' hub kernels were on before apply (patch.apply_sparselora)
@@ -86,7 +87,7 @@ class SparseLoRAState:
         ``hidden_states_out``: the forward returns every layer's hidden states, so the stream stays in order."""
         self.split = None
         self.stream_permuted = False
-        for r in self.running_scores:  # the last forward's scores become the past of this one (recompute-safe)
+        for r in self.running_scores.values():  # the last forward's scores become the past of this one (recompute-safe)
             r.commit()
         if labels is None:
             return None
@@ -101,18 +102,34 @@ class SparseLoRAState:
         return self.split
 
     def reset_running_scores(self) -> None:
-        for r in self.running_scores:
+        for r in self.running_scores.values():
             r.reset()
+
+    def running_scores_state(self) -> dict[str, torch.Tensor]:
+        """``{"ffn.<layer>": scores}`` of the layers that have run sparse (what a checkpoint keeps): copies on the
+        scores' device, so that taking them at every step's start costs no host sync."""
+        return {f"ffn.{i}": r.latest().clone() for i, r in self.running_scores.items() if r.latest() is not None}
+
+    def load_running_scores(self, tensors: dict[str, torch.Tensor], device) -> None:
+        """Continue the averages of `running_scores_state` (a resumed run). A layer this config does not average
+        is an error: the checkpoint belongs to another config."""
+        unknown = sorted(k for k in tensors if not k.startswith("ffn.") or int(k[4:]) not in self.running_scores)
+        if unknown:
+            raise ValueError(f"saved running FFN scores {unknown} match no averaged layer of this config (layers "
+                             f"{sorted(self.running_scores)}): the checkpoint was made with another sparsity config")
+        for key, t in tensors.items():
+            self.running_scores[int(key[4:])].load(t.to(device))
 
     @contextlib.contextmanager
     def running_scores_kept(self) -> Iterator[None]:
         """Forwards inside leave the running FFN scores as they were (CUDA-graph warm-ups: they repeat a batch,
         which training should see once). Buffers first allocated inside are kept, zeroed (graphs read them)."""
-        saved = [None if r.running is None else (r.running.clone(), r.pending.clone()) for r in self.running_scores]
+        rs = list(self.running_scores.values())
+        saved = [None if r.running is None else (r.running.clone(), r.pending.clone()) for r in rs]
         try:
             yield
         finally:
-            for r, s in zip(self.running_scores, saved):
+            for r, s in zip(rs, saved):
                 if s is None:
                     r.reset()
                 else:

@@ -193,7 +193,57 @@ def test_crash_then_resume_matches_uninterrupted_run(env, uninterrupted):
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
 
 
-def test_keyboard_interrupt_saves_checkpoint_and_resume_matches(env, uninterrupted, monkeypatch, capsys):
+def test_resume_continues_the_running_ffn_scores(env, tmp_path):
+    """The FFN scores averaged over batches are saved with each checkpoint and loaded on resume, so a crashed run
+    resumes exactly; resumed from a checkpoint without them (an older version's) the run warns and trains otherwise."""
+    import shutil
+
+    from transformers import TrainerCallback
+
+    from sparselora import SparseLoRAConfig
+
+    sp = tmp_path / "sp.yaml"  # 3 sampled rows: which earlier batches are in the average changes the channels
+    SparseLoRAConfig(ffn_sparsity={"0-3": 0.8}, start_step=0, sample_rows=3).to_yaml(sp)
+    kw = dict(sparsity=str(sp), loss_bound=None, lora_dropout=0.0)
+    want = _losses(finetune(run_cfg(env, tmp_path / "full", **kw), progress=False))
+
+    class Crash(TrainerCallback):
+        def on_step_begin(self, args, state, control, **k):
+            if state.global_step == 4:
+                raise RuntimeError("simulated crash")
+
+    out = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        finetune(run_cfg(env, out, **kw), callbacks=[Crash()], progress=False)
+    saved = out / "checkpoints" / "checkpoint-4" / "sparselora_running_scores_rank0.safetensors"
+    assert saved.is_file()
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "checkpoints" / "checkpoint-4" / saved.name).unlink()
+    got = _losses(finetune(run_cfg(env, out, **kw), resume=True, progress=False))
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+    fresh = _losses(finetune(run_cfg(env, old, **kw), resume=True, progress=False))
+    assert fresh[5] != pytest.approx(want[5], rel=1e-6, abs=1e-7)  # the scores matter: without them step 5 differs
+
+
+@pytest.fixture(scope="module")
+def averaged(env):
+    """A config whose running FFN scores change the channels (3 sampled rows), and its uninterrupted run."""
+    from sparselora import SparseLoRAConfig
+
+    sp = env["root"] / "averaged.yaml"
+    SparseLoRAConfig(ffn_sparsity={"0-3": 0.8}, start_step=0, sample_rows=3).to_yaml(sp)
+    return sp, finetune(run_cfg(env, env["root"] / "resume" / "averaged-full", sparsity=str(sp), loss_bound=None),
+                        progress=False)
+
+
+@pytest.mark.parametrize("averaged_scores", [False, True])
+def test_keyboard_interrupt_saves_checkpoint_and_resume_matches(env, uninterrupted, averaged, averaged_scores,
+                                                                monkeypatch, capsys):
+    """Interrupted after step 3's forward and backward: the checkpoint at step 2 holds the RNG and (with the
+    averaged config) the running FFN scores as they were at step 2's end, not as step 3's forward left them."""
     import transformers
 
     original = transformers.Trainer.training_step
@@ -204,10 +254,13 @@ def test_keyboard_interrupt_saves_checkpoint_and_resume_matches(env, uninterrupt
             raise KeyboardInterrupt
         return loss
 
-    out = env["root"] / "resume" / "interrupted"
+    out = env["root"] / "resume" / f"interrupted-{averaged_scores}"
     args = ["finetune", "--model", env["model"], "--data", env["data"], "--output", str(out), "--no-progress",
             "--estimator-dir", env["est"], "--batch-size", "4", "--max-steps", "6", "--save-steps", "2",
             "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.1"]
+    if averaged_scores:
+        args += ["--sparsity", str(averaged[0]), "--loss-bound", "off"]
+        uninterrupted = averaged[1]
     monkeypatch.setattr(transformers.Trainer, "training_step", step_then_interrupt)
     assert main(args) == 130
     err = capsys.readouterr().err

@@ -138,7 +138,7 @@ def test_cuda_graph_step_matches_eager_training(padded, selector):
     # the running FFN scores saw each batch once: the capture's warm-up forwards left them as they were
     mine, theirs = get_state(model).running_scores, get_state(eager).running_scores
     assert len(mine) == len(theirs) == (4 if selector == "sampled" else 0)
-    for j, (r, e) in enumerate(zip(mine, theirs)):
+    for j, (r, e) in enumerate(zip(mine.values(), theirs.values())):
         assert_close(r.running, e.running, f"running FFN scores of sparse layer {j}", rtol=1e-4, atol=1e-6)
 
 

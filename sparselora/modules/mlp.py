@@ -24,7 +24,7 @@ class SparseMLP:
         self.running = None  # the sampled selector's scores averaged over batches
         if cfg.selector == "sampled" and cfg.score_momentum > 0:
             self.running = RunningScore(cfg.score_momentum)
-            state.running_scores.append(self.running)
+            state.running_scores[layer] = self.running
         self.swap = ForwardSwap(mlp, self.forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The Trainer callbacks of a run: `StepTimer` (time, tokens and sparsity of each optimizer step; the RNG
-at each step's start, for the interrupt checkpoint), `SparsityGuard` (sparsity on but a forward got no labels),
+and the running FFN scores at each step's start, for the interrupt checkpoint), `SparsityGuard` (sparsity on but a forward got no labels),
 `Progress` (one progress bar), and `TokenCounter` (the real tokens of the batches trained on)."""
 
 from __future__ import annotations
@@ -41,6 +41,13 @@ class TokenCounter:
                 )
 
 
+def _running_scores(model) -> dict | None:
+    from sparselora.patch import get_state
+
+    st = get_state(model, required=False)
+    return st.running_scores_state() if st is not None and st.running_scores else None
+
+
 def callbacks():
     """Trainer callbacks, built lazily (transformers is imported only when a run starts)."""
     from transformers import TrainerCallback
@@ -57,6 +64,7 @@ def callbacks():
             self._clock = None  # a bench.timing.Clock, on the model's device once training starts
             self._tok0 = 0
             self.rng = None
+            self.scores = None  # the running FFN scores at the current step's start (None between steps)
 
         @property
         def steps(self) -> list[dict[str, float]]:
@@ -74,6 +82,7 @@ def callbacks():
                 self._clock = Clock(next(self.model.parameters()).device)
             self._clock.mark()
             self.rng = rng_state()
+            self.scores = _running_scores(self.model)  # as at the last step's end, like the RNG
             self._tok0 = self.counter.tokens
 
         def on_step_end(self, args, state, control, **kw):
@@ -90,7 +99,7 @@ def callbacks():
                     "sparse": bool(st is not None and st.active),
                 }
             )
-            self.rng = None
+            self.rng = self.scores = None
 
         def on_train_end(self, args, state, control, **kw):
             if self._clock is not None and len(self._clock.marks) == len(self._records):

@@ -174,12 +174,21 @@ def save_interrupt_checkpoint(trainer, timer) -> int | None:
 
         trainer._save_checkpoint(trainer.model, trial=None)
         step = trainer.state.global_step
+        checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{step}"
         if timer.rng is not None:  # interrupted mid-step: the partial step consumed random numbers; undo that
-            path = Path(trainer.args.output_dir) / f"checkpoint-{step}" / "rng_state.pth"
+            path = checkpoint / "rng_state.pth"
             if path.is_file():
                 st = torch.load(path, weights_only=False)
                 st.update({k: v for k, v in timer.rng.items()})
                 torch.save(st, path)
+        from sparselora.callback import save_running_scores
+        from sparselora.patch import get_state
+
+        # the running FFN scores as at the step's end: mid-step a forward may already have averaged its batch in
+        sl = get_state(trainer.model, required=False)
+        scores = timer.scores if timer.rng is not None else (sl.running_scores_state() if sl is not None else None)
+        if scores:
+            save_running_scores(checkpoint, scores)
         return step
     except Exception as exc:  # pragma: no cover - best effort; the periodic checkpoints remain
         logger.warning("could not save a checkpoint after the interrupt: %s", exc)
