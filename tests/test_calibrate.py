@@ -260,3 +260,4 @@ def test_probe_rounds_do_not_share_running_scores():
     losses = [frozen_loss(model, _batches(), sparse=True) for _ in range(2)]
     assert losses[0] == losses[1]  # the second call saw no history of the first
     assert all(not r.running.any() and not r.pending.any() for r in state.running_scores.values())
+

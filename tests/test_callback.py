@@ -1,13 +1,17 @@
-"""SparseLoRACallback with transformers.Trainer: warm-up schedule from global_step/max_steps, logging."""
+"""SparseLoRACallback with transformers.Trainer: warm-up schedule from global_step/max_steps, logging, and the
+running FFN scores a checkpoint keeps (resume through `finetune`: test_cli.py)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 import sparselora
 from sparselora import SparseLoRACallback, SparseLoRAConfig, apply_sparselora
+
+from sparselora.patch import get_state
 
 from helpers import make_batch, tiny_peft
 
@@ -89,3 +93,13 @@ def test_gradient_accumulation_dense_equals_larger_batch(tmp_path):
         results.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora" in n})
     for n in results[0]:
         torch.testing.assert_close(results[0][n], results[1][n], rtol=1e-4, atol=1e-5)
+
+
+def test_saved_running_scores_of_another_config_are_refused():
+    model = tiny_peft("llama")
+    apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={"0-1": 0.9}, start_step=0))
+    state = get_state(model)
+    with pytest.raises(ValueError, match="another sparsity config"):
+        state.load_running_scores({"ffn.3": torch.ones(8)}, "cpu")
+    state.load_running_scores({"ffn.1": torch.arange(4.0)}, "cpu")  # continues in place of an empty average
+    assert state.running_scores_state().keys() == {"ffn.1"} and state.running_scores[1].running.tolist() == [0, 1, 2, 3]
