@@ -119,8 +119,9 @@ class SparseLoRAConfig:
     )
     score_momentum: float = field(
         default=0.5,
-        metadata={"help": "sampled selector, FFN: weight of the earlier batches in a layer's channel scores (an "
-                          "average over batches; 0: each batch's sample alone)"},
+        metadata={"help": "sampled selector, FFN: weight of the earlier batches in a layer's channel scores when "
+                          "the sample is a small part of the batch (less as it covers more, none when it is the "
+                          "whole batch; 0: each batch's sample alone)"},
     )
     start_step: float = field(
         default=0.05,

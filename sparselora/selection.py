@@ -104,7 +104,14 @@ def sample_rows(x: torch.Tensor, rows: int = SAMPLE_ROWS) -> torch.Tensor:
 
 class RunningScore:
     """One layer's FFN channel scores averaged over batches (an exponential moving average, weight ``momentum`` on
-    the past), so that a sample of a few hundred rows a batch ranks like a sample of several batches.
+    the past when the sample is a small part of the batch), so that a sample of a few hundred rows a batch ranks
+    like a sample of several batches.
+
+    The weights are those of combining two estimates by their variances: the sample's shrinks with the share f
+    of the batch's context rows it covers (a finite population: (1 - f) / rows), the past's error (other
+    batches) does not. With r = momentum / (1 - momentum) the variance ratio at f -> 0, the past's weight is
+    r (1 - f) / (r (1 - f) + 1): ``momentum`` for a small sample, 0 when the sample is the whole batch (then
+    the score is exact and the past only dilutes it; measured, docs/accuracy-notes.md).
 
     Measured on real GSM8K batches (docs/accuracy-notes.md): the previous batch's *exact* oracle scores alone keep
     0.97 of this batch's oracle mass at 90% sparsity on SmolLM2-135M, so most of a channel's importance is shared
@@ -122,15 +129,21 @@ class RunningScore:
         self.running: torch.Tensor | None = None
         self.pending: torch.Tensor | None = None
 
-    def blend(self, score: torch.Tensor) -> torch.Tensor:
-        """This batch's per-row score (mean over the sample of the squared activation) averaged with the past."""
+    def weight(self, coverage: float) -> float:
+        """The past's weight when the sample holds ``coverage`` (0-1) of the batch's context rows."""
+        r = self.momentum / (1.0 - self.momentum) * max(0.0, 1.0 - coverage)
+        return r / (r + 1.0)
+
+    def blend(self, score: torch.Tensor, coverage: float = 0.0) -> torch.Tensor:
+        """This batch's per-row score (mean over the sample of the squared activation) averaged with the past;
+        ``coverage``: the share of the batch's context rows in the sample."""
         if self.running is None or self.running.shape != score.shape or self.running.device != score.device:
             if score.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("sparselora: a RunningScore was first used inside CUDA graph capture; run a "
                                    "warm-up forward first (CUDAGraphStep does)")
             self.running = torch.zeros_like(score, dtype=torch.float32)
             self.pending = torch.zeros_like(self.running)
-        torch.lerp(score.float(), self.running, self.momentum, out=self.pending)
+        torch.lerp(score.float(), self.running, self.weight(coverage), out=self.pending)
         return self.pending
 
     def commit(self) -> None:
@@ -234,6 +247,7 @@ def select_ffn(
     if selector == "svd":
         zg, zu = _project(x, factors)
         return top_indices(ffn_scores_sq(zg, zu, *factors[1]), k)  # squared norms: same order
+    context = x.shape[0]
     if selector == "sampled":
         x = sample_rows(x, rows)
     g, u = gate(x), up(x)
@@ -242,7 +256,8 @@ def select_ffn(
     norms = _col_norms(silu_mul(g, u))  # the activation the forward computes, in its dtype
     if running is None or selector != "sampled":
         return top_indices(norms, k)
-    return top_indices(running.blend(norms.square_().div_(x.shape[0])), k)  # per row: samples of any size mix
+    per_row = norms.square_().div_(x.shape[0])  # samples of any size mix
+    return top_indices(running.blend(per_row, x.shape[0] / max(context, 1)), k)
 
 
 @functools.lru_cache(maxsize=64)

@@ -190,9 +190,10 @@ def test_kept_channels_match_independent_scores(arch, selector):
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5, 0.8])
 def test_ffn_scores_average_over_batches(momentum):
-    """score_momentum m: batch t's FFN channels are the top of sum_j m^(t-j) s_j, s_j = the mean over batch j's
-    sampled rows of the squared activation (the first batch: its own sample); attention is not averaged;
-    `reset_running_scores` forgets. (Recomputes: test_eager_fast's checkpointing test.)"""
+    """score_momentum m: batch t's FFN channels are the top of (1 - w) s_t + w e_(t-1), e the running average,
+    s_j the mean over batch j's sampled rows of the squared activation, w the past's weight for the sample's
+    share of the batch (the first batch: its own sample); attention is not averaged; `reset_running_scores`
+    forgets. (Recomputes: test_eager_fast's checkpointing test.)"""
     model, blocks, seen, kept, ctx, lab = _run("qwen2", "sampled", seed=3, score_momentum=momentum)
     state = get_state(model)
     assert len(state.running_scores) == (len(LAYERS) if momentum else 0)
@@ -202,13 +203,19 @@ def test_ffn_scores_average_over_batches(momentum):
         x = _rows(seen[("mlp", i)], _sampled(ctx))
         return _ffn_scores("sampled", blocks[i].mlp, x).pow(2) / x.shape[0]
 
-    past = {i: per_row(seen, ctx, i) for i in LAYERS}
+    rs = state.running_scores
+    w = rs[LAYERS[0]].weight(ROWS / len(ctx)) if momentum else 0.0  # the past's weight (same context count below)
+    if momentum:  # the variance-weighted rule: momentum for a tiny sample, less as it covers more of the batch
+        r = momentum / (1 - momentum) * (1 - ROWS / len(ctx))
+        assert w == pytest.approx(r / (r + 1)) and 0 < w < momentum
+        assert rs[LAYERS[0]].weight(0.0) == pytest.approx(momentum) and rs[LAYERS[0]].weight(1.0) == 0.0
+    past = {i: (1 - w) * per_row(seen, ctx, i) for i in LAYERS}  # the first batch: its own sample (zero start)
     differs = False
     for seed in (4, 5):
         seen, kept, ctx, lab = _forward_seen(model, blocks, seed)
         for i in LAYERS:
             now = per_row(seen, ctx, i)
-            avg = now + momentum * past[i]  # the library's (1 - m) x this: the same order
+            avg = (1 - w) * now + w * past[i]
             _assert_top(kept[i]["ffn"], avg, _keep(avg.numel(), SPARSITY), f"m={momentum} seed {seed} layer {i} ffn")
             differs |= _top(avg, len(kept[i]["ffn"])) != _top(now, len(kept[i]["ffn"]))
             past[i] = avg
@@ -221,6 +228,24 @@ def test_ffn_scores_average_over_batches(momentum):
     for i in LAYERS:
         now = per_row(seen, ctx, i)
         _assert_top(kept[i]["ffn"], now, _keep(now.numel(), SPARSITY), f"after reset, layer {i} ffn")
+
+
+def test_a_sample_of_the_whole_batch_is_not_averaged():
+    """When the sample is every context row, the score is exact and the past would only dilute it: the channels
+    equal those of each batch alone (score_momentum 0), batch after batch."""
+    kept = []
+    for m in (0.5, 0.0):
+        model = tiny_peft("llama").eval()
+        apply_sparselora(model, SparseLoRAConfig(ffn_sparsity={"0-3": 0.8}, start_step=0, score_momentum=m,
+                                                 sample_rows=1000))
+        per = []
+        for seed in (1, 2, 3):
+            with torch.no_grad():
+                model(**make_batch(seed=seed))
+            per.append([kept_channels(model)[i]["ffn"] for i in range(4)])
+        kept.append(per)
+    for b, (a, z) in enumerate(zip(*kept)):
+        assert all(torch.equal(x, y) for x, y in zip(a, z)), f"batch {b}"
 
 
 def test_wrong_inputs_are_caught():
