@@ -1,6 +1,7 @@
 """The Trainer callbacks of a run: `StepTimer` (time, tokens and sparsity of each optimizer step; the RNG
-and the running FFN scores at each step's start, for the interrupt checkpoint), `SparsityGuard` (sparsity on but a forward got no labels),
-`Progress` (one progress bar), and `TokenCounter` (the real tokens of the batches trained on)."""
+and the running FFN scores at each step's start, for the interrupt checkpoint), `SparsityGuard` (sparsity on
+but a forward got no labels), `Progress` (one progress bar), and `TokenCounter` (the real tokens of the batches
+trained on)."""
 
 from __future__ import annotations
 
