@@ -76,8 +76,8 @@ def main(argv=None):
     from sparselora.loading import load_model
     from sparselora.models.registry import arch_info, decoder_layers
     from sparselora.ops.lora_layer import base_weight_bias
-    from sparselora.selection import (DEFAULT_SELECTOR, SAMPLE_ROWS, RunningScore, labelled_rows, select_attention,
-                                      select_ffn)
+    from sparselora.selection import (DEFAULT_SELECTOR, SAMPLE_ROWS, RunningScore, commit_running, labelled_rows,
+                                      select_attention, select_ffn)
     from sparselora.tokens import context_mask
 
     torch.set_num_threads(args.threads)
@@ -181,8 +181,7 @@ def main(argv=None):
         n_lab += int(rows["lab"].sum())
         with torch.no_grad():
             model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        for r in running.values():
-            r.commit()
+        commit_running(running.values())
         print(f"batch {bi + 1}/{len(batches)} ({time.time() - t0:.0f}s)", flush=True)
     for h in handles:
         h.remove()

@@ -18,6 +18,13 @@ from sparselora.patch import get_state, schedule, sparsity_stats
 logger = logging.getLogger("sparselora")
 
 
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """The folder the Trainer writes the checkpoint of ``step`` to."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return Path(output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+
+
 def _scores_file(checkpoint: Path) -> Path:
     import torch.distributed as dist
 
@@ -56,7 +63,7 @@ class SparseLoRACallback(TrainerCallback):
         schedule(model, state.global_step, state.max_steps)
         # resumed after a sparse step: the Trainer loaded checkpoint-<step>, which holds the scores of that step
         if sl.running_scores and state.global_step > sl.config.start_step_for(state.max_steps):
-            self._load_scores(model, sl, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            self._load_scores(model, sl, checkpoint_dir(args.output_dir, state.global_step))
 
     @staticmethod
     def _load_scores(model, sl, checkpoint: Path) -> None:
@@ -71,7 +78,7 @@ class SparseLoRACallback(TrainerCallback):
         sl.load_running_scores(load_file(str(path)), next(model.parameters()).device)
 
     def on_save(self, args, state, control, model=None, **kwargs):  # at a step's end: the scores are that step's
-        save_running_scores(Path(args.output_dir) / f"checkpoint-{state.global_step}",
+        save_running_scores(checkpoint_dir(args.output_dir, state.global_step),
                             get_state(self._model(model)).running_scores_state())
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):

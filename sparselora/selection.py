@@ -117,8 +117,8 @@ class RunningScore:
     0.97 of this batch's oracle mass at 90% sparsity on SmolLM2-135M, so most of a channel's importance is shared
     across batches and the batch-to-batch part is what the current sample adds.
 
-    Recompute-safe: a forward reads `running` and writes `pending`; `commit` (at the start of the next forward,
-    `SparseLoRAState.begin_batch`) moves `pending` into `running`. A gradient-checkpointing recompute therefore
+    Recompute-safe: a forward reads `running` and writes `pending`; `commit_running` (at the start of the next
+    forward, `SparseLoRAState.begin_batch`) moves `pending` into `running`. A gradient-checkpointing recompute therefore
     picks the channels of its original forward, and under CUDA graphs both buffers are static (allocated in the
     warm-up, before capture) and the commit is a captured copy. Zero-initialised: the first batch ranks by its
     own sample (an EMA's missing bias correction is one scalar a batch, which no ranking sees). `SparseLoRACallback`
@@ -146,10 +146,6 @@ class RunningScore:
         torch.lerp(score.float(), self.running, self.weight(coverage), out=self.pending)
         return self.pending
 
-    def commit(self) -> None:
-        if self.pending is not None:
-            self.running.copy_(self.pending)
-
     def latest(self) -> torch.Tensor | None:
         """The average including the last forward's batch (what the next forward's commit makes the past)."""
         return self.pending
@@ -168,6 +164,13 @@ class RunningScore:
         if self.running is not None:
             self.running.zero_()
             self.pending.zero_()
+
+
+def commit_running(scores) -> None:
+    """Each `RunningScore`'s last forward becomes the past of its next one: one launch for all of them."""
+    done = [r for r in scores if r.pending is not None]
+    if done:
+        torch._foreach_copy_([r.running for r in done], [r.pending for r in done])
 
 
 @dataclass(frozen=True)

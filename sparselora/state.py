@@ -6,8 +6,9 @@ The per-batch lifecycle, and who does what:
 1. **begin** — the causal LM's forward pre-hook (`patch.apply_sparselora`) calls `begin_batch(labels,
    attention_mask, shape)` at every forward. It commits the last forward's running FFN scores
    (`selection.RunningScore`: not in a recompute, which runs no causal-LM forward), validates the labels' shape
-   (`tokens.check_labels`, the one check), then sets `split`: None without labels or while the path is off (`active` False), else the batch's
-   `TokenSplit` (`tokens.split_tokens`, one host sync), or, inside `pinned`, the pinned split as is.
+   (`tokens.check_labels`, the one check), then sets `split`: None without labels or while the path is off
+   (`active` False), else the batch's `TokenSplit` (`tokens.split_tokens`, one host sync), or, inside `pinned`,
+   the pinned split as is.
 2. **use** — each `SparseMLP` / `SparseAttention` of a sparse layer reads `split` (if `active`) during the
    forward and picks its channels from the context rows; `None` means the layer runs dense. `stream_permuted`
    (set with `split`) says whether the runs of attention-sparse layers see the residual stream context-first
@@ -32,7 +33,7 @@ import torch
 from sparselora.config import SparseLoRAConfig
 from sparselora.estimator import Estimator
 from sparselora.models.registry import ArchInfo
-from sparselora.selection import SELECTORS
+from sparselora.selection import SELECTORS, commit_running
 from sparselora.tokens import TokenSplit, check_labels, split_tokens
 
 STATE_ATTR = "_sparselora_state"
@@ -87,7 +88,7 @@ class SparseLoRAState:
         ``hidden_states_out``: the forward returns every layer's hidden states, so the stream stays in order."""
         self.split = None
         self.stream_permuted = False
-        self.commit_running_scores()
+        commit_running(self.running_scores.values())  # the last forward's scores: this one's past
         if labels is None:
             return None
         check_labels(labels, shape)
@@ -99,12 +100,6 @@ class SparseLoRAState:
         # a batch the sparse layers run dense (`nothing_to_rank`) is not permuted either
         self.stream_permuted = split is not None and not hidden_states_out and not self.nothing_to_rank
         return self.split
-
-    def commit_running_scores(self) -> None:
-        """The last forward's FFN scores become the past of the next one (one launch for all layers)."""
-        done = [r for r in self.running_scores.values() if r.pending is not None]
-        if done:
-            torch._foreach_copy_([r.running for r in done], [r.pending for r in done])
 
     def reset_running_scores(self) -> None:
         for r in self.running_scores.values():

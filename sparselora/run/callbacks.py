@@ -42,7 +42,8 @@ class TokenCounter:
                 )
 
 
-def _running_scores(model) -> dict | None:
+def running_scores(model) -> dict | None:
+    """The model's running FFN scores (`SparseLoRAState.running_scores_state`), None without any."""
     from sparselora.patch import get_state
 
     st = get_state(model, required=False)
@@ -83,7 +84,7 @@ def callbacks():
                 self._clock = Clock(next(self.model.parameters()).device)
             self._clock.mark()
             self.rng = rng_state()
-            self.scores = _running_scores(self.model)  # as at the last step's end, like the RNG
+            self.scores = running_scores(self.model)  # as at the last step's end, like the RNG
             self._tok0 = self.counter.tokens
 
         def on_step_end(self, args, state, control, **kw):

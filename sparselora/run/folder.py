@@ -172,21 +172,20 @@ def save_interrupt_checkpoint(trainer, timer) -> int | None:
     try:
         import torch
 
+        from sparselora.callback import checkpoint_dir, save_running_scores
+        from sparselora.run.callbacks import running_scores
+
         trainer._save_checkpoint(trainer.model, trial=None)
         step = trainer.state.global_step
-        checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+        checkpoint = checkpoint_dir(trainer.args.output_dir, step)
         if timer.rng is not None:  # interrupted mid-step: the partial step consumed random numbers; undo that
             path = checkpoint / "rng_state.pth"
             if path.is_file():
                 st = torch.load(path, weights_only=False)
                 st.update({k: v for k, v in timer.rng.items()})
                 torch.save(st, path)
-        from sparselora.callback import save_running_scores
-        from sparselora.patch import get_state
-
         # the running FFN scores as at the step's end: mid-step a forward may already have averaged its batch in
-        sl = get_state(trainer.model, required=False)
-        scores = timer.scores if timer.rng is not None else (sl.running_scores_state() if sl is not None else None)
+        scores = timer.scores if timer.rng is not None else running_scores(trainer.model)
         if scores:
             save_running_scores(checkpoint, scores)
         return step
