@@ -13,6 +13,7 @@ own `select_ffn` / `select_attention` and the layer's real projections:
 * ``sampled``     the library's default: the oracle's score on `SAMPLE_ROWS` evenly spaced context rows, for the
   FFN averaged over the earlier batches in order (`RunningScore`, the default `score_momentum`), as in training;
   ``sampled-m0`` the FFN's without that average (each batch's sample alone); ``sampled-S`` that on S rows;
+  ``sampled-S-mM`` (FFN) S rows averaged at momentum M (``--momenta``): what a smaller, cheaper sample keeps;
 * ``mean``        the oracle's score of the mean context row (how the reference implementation scores the FFN);
 * ``labelled``    the oracle's score on the batch's labelled rows (the library's labelled selector);
 * ``svd``         the library's estimator at its default rank 8 (q/k/v biases included), ``svd-rN`` rank N;
@@ -57,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--levels", default=",".join(map(str, LEVELS)))
     p.add_argument("--ranks", default="64", help="svd ranks besides the default rank 8 (empty: none)")
     p.add_argument("--loss-batches", type=int, default=2)
+    p.add_argument("--momenta", default="0.5,0.8",
+                   help="FFN score momenta tried with every sample size (sampled-S-mM); empty: none")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--estimator-dir", default=str(Path.home() / ".cache" / "sparselora" / "estimators"))
@@ -108,6 +111,9 @@ def main(argv=None):
     rows = {}
     momentum = cfg.score_momentum
     running = {i: RunningScore(momentum) for i in ffn_layers}  # committed after each batch, as begin_batch does
+    momenta = [float(m) for m in args.momenta.split(",") if m]
+    grid = [(S, m) for S in sorted({SAMPLE_ROWS, *SAMPLES}) for m in momenta if (S, m) != (SAMPLE_ROWS, momentum)]
+    running_grid = {(i, S, m): RunningScore(m) for i in ffn_layers for S, m in grid}
 
     def record(kind, s, name, layer, chosen, best, true):
         store["recall"][kind][s][name][layer].append(_overlap(chosen, best))
@@ -130,6 +136,9 @@ def main(argv=None):
                     for S in sorted({SAMPLE_ROWS, *SAMPLES})}
                 cands["sampled"] = select_ffn("sampled", s, xc, mod.gate_proj, mod.up_proj, None, n,
                                               running=running[i])
+                for S, m in grid:
+                    cands[f"sampled-{S}-m{m:g}"] = select_ffn("sampled", s, xc, mod.gate_proj, mod.up_proj, None, n,
+                                                             rows=S, running=running_grid[i, S, m])
                 cands["mean"] = select_ffn("oracle", s, xc.mean(0, keepdim=True), mod.gate_proj, mod.up_proj, None, n)
                 cands["labelled"] = select_ffn("oracle", s, xl, mod.gate_proj, mod.up_proj, None, n)
                 cands["l2"] = select_ffn("l2", s, xc, lambda _: g, lambda _: u, None, n)
@@ -181,7 +190,7 @@ def main(argv=None):
         n_lab += int(rows["lab"].sum())
         with torch.no_grad():
             model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        commit_running(running.values())
+        commit_running([*running.values(), *running_grid.values()])
         print(f"batch {bi + 1}/{len(batches)} ({time.time() - t0:.0f}s)", flush=True)
     for h in handles:
         h.remove()
@@ -221,7 +230,7 @@ def main(argv=None):
                                                  for n, d in pl.items()}
     doc = {
         "model": args.model, "default_selector": DEFAULT_SELECTOR, "sample_rows": SAMPLE_ROWS,
-        "score_momentum": momentum,
+        "score_momentum": momentum, "momenta_tried": momenta,
         "architecture": arch.__dict__ | {"group_size": arch.group_size},
         "data": str(Path(args.data).resolve().relative_to(REPO.parent)) if Path(args.data).resolve().is_relative_to(REPO.parent) else args.data,
         "samples": len(feats), "batch_size": args.batch_size, "batches": len(batches), "seed": args.seed,
