@@ -4,7 +4,8 @@ in a CUDA graph and replayed, as inside `CUDAGraphStep`. Reports each selector's
     python benchmarks/bench_estimator.py --shape llama3-8b --batch-preset math --step-ms 184.9 --selectors svd,sampled
 
 svd: the rank-r estimate and its scores; sampled (the default): the real projections (random bf16 weights of the
-shape) on the sampled rows, and their scores; both include the top-k and the channel mapping. Also the top-k
+shape) on the sampled rows, and their scores, for the FFN averaged over batches as in training (`RunningScore`);
+``--sample-rows`` adds ``sampled-S`` on S rows. All include the top-k and the channel mapping. Also the top-k
 alone at the preset's sizes: the library's one-launch kernel against torch.topk + sort.
 """
 
@@ -23,7 +24,8 @@ from sparselora import SparseLoRAConfig
 from sparselora.estimator import low_rank_factors, stack_factors
 from sparselora.models.registry import ArchInfo
 from sparselora.ops.topk import top_indices
-from sparselora.selection import SELECTORS, attention_keep_counts, ffn_keep_count, select_attention, select_ffn
+from sparselora.selection import (SELECTORS, RunningScore, attention_keep_counts, ffn_keep_count, select_attention,
+                                  select_ffn)
 
 
 def graph_ms(fn, reps: int) -> float:
@@ -50,6 +52,7 @@ def main(argv=None):
     p.add_argument("--preset", default=None)
     p.add_argument("--step-ms", type=float, default=None, help="the sparse step's time, for the share column")
     p.add_argument("--selectors", default="svd,sampled", help=f"comma list of {', '.join(SELECTORS)}")
+    p.add_argument("--sample-rows", default="", help="comma list of further sample sizes for sampled (sampled-S)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -80,17 +83,22 @@ def main(argv=None):
 
     ffn_f, attn_f = factors([I, I]), factors([Hq * D, Hkv * D, Hkv * D])
     gate, up, q, k, v = proj(I), proj(I), proj(Hq * D), proj(Hkv * D), proj(Hkv * D)
+    variants = [(sel, sel, cfg.sample_rows) for sel in selectors]  # (timed name, selector, sample rows)
+    if "sampled" in selectors:
+        variants += [(f"sampled-{r}", "sampled", r) for r in sorted({int(t) for t in a.sample_rows.split(",") if t})
+                     if r != cfg.sample_rows]
     table, totals = {}, {}
-    for sel in selectors:
-        rows = table[sel] = {}
+    for name, sel, n_rows in variants:
+        rows = table[name] = {}
         for s in sorted(set(cfg.ffn_sparsity.values())):
+            running = RunningScore(cfg.score_momentum) if sel == "sampled" and cfg.score_momentum > 0 else None
             rows[f"ffn@{s}"] = graph_ms(
-                lambda: select_ffn(sel, s, x, gate, up, ffn_f, I, cfg.sample_rows), a.reps)
+                lambda: select_ffn(sel, s, x, gate, up, ffn_f, I, n_rows, running), a.reps)
         for s in sorted(set(cfg.attn_sparsity.values())):
             rows[f"attn@{s}"] = graph_ms(
-                lambda: select_attention(sel, s, x, arch, cfg.rope_pairs, q, k, v, attn_f, None, cfg.sample_rows),
+                lambda: select_attention(sel, s, x, arch, cfg.rope_pairs, q, k, v, attn_f, None, n_rows),
                 a.reps)
-        totals[sel] = sum(rows[f"ffn@{s}"] for s in cfg.ffn_sparsity.values()) + \
+        totals[name] = sum(rows[f"ffn@{s}"] for s in cfg.ffn_sparsity.values()) + \
             sum(rows[f"attn@{s}"] for s in cfg.attn_sparsity.values())
     pairs = cfg.rope_pairs and D % 2 == 0
     units = Hkv * (D // 2 if pairs else D)
@@ -104,12 +112,12 @@ def main(argv=None):
                              "torch": graph_ms(lambda: sc.topk(k_, sorted=False).indices.sort().values, a.reps)}
     print(f"{a.shape} {a.batch_preset} ({B}x{T}, {B * (T - L)} context rows), preset {preset}, "
           f"rank {cfg.estimator_rank}, sample rows {cfg.sample_rows}")
-    for sel in selectors:
-        for k_, v_ in table[sel].items():
-            print(f"  {sel:<8} {k_:<12} {v_:7.3f} ms per layer")
-        share = f" = {100 * totals[sel] / a.step_ms:.1f}% of a {a.step_ms} ms step" if a.step_ms else ""
-        print(f"  {sel:<8} all sparse layers ({len(cfg.ffn_sparsity)} FFN, {len(cfg.attn_sparsity)} attention): "
-              f"{totals[sel]:.2f} ms{share}")
+    for name in table:
+        for k_, v_ in table[name].items():
+            print(f"  {name:<11} {k_:<12} {v_:7.3f} ms per layer")
+        share = f" = {100 * totals[name] / a.step_ms:.1f}% of a {a.step_ms} ms step" if a.step_ms else ""
+        print(f"  {name:<11} all sparse layers ({len(cfg.ffn_sparsity)} FFN, {len(cfg.attn_sparsity)} attention): "
+              f"{totals[name]:.2f} ms{share}")
     for nk, t in topk.items():
         print(f"  top-k {nk:<12} library {1000 * t['library']:6.1f} us   torch.topk + sort {1000 * t['torch']:6.1f} us")
     doc = {"gpu": torch.cuda.get_device_name(), "shape": a.shape, "batch_preset": a.batch_preset, "preset": preset,
