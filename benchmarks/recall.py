@@ -14,6 +14,10 @@ own `select_ffn` / `select_attention` and the layer's real projections:
   FFN averaged over the earlier batches in order (`RunningScore`, the default `score_momentum`), as in training;
   ``sampled-m0`` the FFN's without that average (each batch's sample alone); ``sampled-S`` that on S rows;
   ``sampled-S-mM`` (FFN) S rows averaged at momentum M (``--momenta``): what a smaller, cheaper sample keeps;
+  ``sampled-spread`` (FFN) the default with its rows spread over the layers by need (`calibrate.spread_rows`, as
+  `sparselora finetune`'s probe does), from the mass of each sample size measured on ``--calib-batches`` other
+  batches (the examples after the measured ones), per level; the same mean rows or fewer (``spread_rows`` in the
+  file);
 * ``mean``        the oracle's score of the mean context row (how the reference implementation scores the FFN);
 * ``labelled``    the oracle's score on the batch's labelled rows (the library's labelled selector);
 * ``svd``         the library's estimator at its default rank 8 (q/k/v biases included), ``svd-rN`` rank N;
@@ -58,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--levels", default=",".join(map(str, LEVELS)))
     p.add_argument("--ranks", default="64", help="svd ranks besides the default rank 8 (empty: none)")
     p.add_argument("--loss-batches", type=int, default=2)
+    p.add_argument("--calib-batches", type=int, default=2, help="batches that spread the rows (sampled-spread)")
     p.add_argument("--momenta", default="0.5,0.8",
                    help="FFN score momenta tried with every sample size (sampled-S-mM); empty: none")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -75,12 +80,13 @@ def main(argv=None):
     args = parse_args(argv)
     from sparselora import SparseLoRAConfig, apply_sparselora, remove_sparselora
     from sparselora.data import DataCollator, load_examples, tokenize_examples
+    from sparselora.calibrate import ROW_LADDER, spread_rows
     from sparselora.estimator import Estimator
     from sparselora.loading import load_model
     from sparselora.models.registry import arch_info, decoder_layers
     from sparselora.ops.lora_layer import base_weight_bias
-    from sparselora.selection import (DEFAULT_SELECTOR, SAMPLE_ROWS, RunningScore, commit_running, labelled_rows,
-                                      select_attention, select_ffn)
+    from sparselora.selection import (DEFAULT_SELECTOR, SAMPLE_ROWS, RunningScore, commit_running, ffn_keep_count,
+                                      labelled_rows, select_attention, select_ffn)
     from sparselora.tokens import context_mask
 
     torch.set_num_threads(args.threads)
@@ -96,9 +102,12 @@ def main(argv=None):
     pool = load_examples(args.data)
     order = list(range(len(pool)))
     random.Random(args.seed).shuffle(order)
-    feats, _ = tokenize_examples([pool[i] for i in order[: args.samples]], tok, max_length=args.max_length)
+    n_calib = args.calib_batches * args.batch_size
+    feats, _ = tokenize_examples([pool[i] for i in order[: args.samples + n_calib]], tok, max_length=args.max_length)
+    feats, calib_feats = feats[: args.samples], feats[args.samples :]
     collate = DataCollator(tok)
     batches = [collate(feats[b : b + args.batch_size]) for b in range(0, len(feats), args.batch_size)]
+    calib = [collate(calib_feats[b : b + args.batch_size]) for b in range(0, len(calib_feats), args.batch_size)]
 
     # the library's SVD factors (cached on disk: the loss runs below load the same file)
     weights = {(i, p): base_weight_bias(getattr(layers[i].mlp, f"{p}_proj"))[0] for i in ffn_layers for p in ("gate", "up")}
@@ -114,6 +123,36 @@ def main(argv=None):
     momenta = [float(m) for m in args.momenta.split(",") if m]
     grid = [(S, m) for S in sorted({SAMPLE_ROWS, *SAMPLES}) for m in momenta if (S, m) != (SAMPLE_ROWS, momentum)]
     running_grid = {(i, S, m): RunningScore(m) for i in ffn_layers for S, m in grid}
+
+    # sampled-spread: each sample size's mass on the calibration batches (alone, vs the oracle), then the rows
+    ladder = sorted({*ROW_LADDER, SAMPLE_ROWS})
+    curve = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # level -> layer -> rows -> masses
+    spread: dict[float, dict[int, int]] = {}
+    running_spread = {(i, s): RunningScore(momentum) for i in ffn_layers for s in levels}
+
+    def calib_hook(i):
+        def hook(mod, a):
+            xc = a[0].reshape(-1, a[0].shape[-1]).float()[rows["ctx"]]
+            n = arch.intermediate_size
+            true = (torch.nn.functional.silu(mod.gate_proj(xc)) * mod.up_proj(xc)).float().norm(dim=0)
+            for s in levels:
+                best = true[true.topk(ffn_keep_count(n, s)).indices].sum()
+                for S in ladder:
+                    kept = select_ffn("sampled", s, xc, mod.gate_proj, mod.up_proj, None, n, rows=S)
+                    curve[s][i][S].append((true[kept].sum() / best).item())
+        return hook
+
+    if calib:
+        handles = [layers[i].mlp.register_forward_pre_hook(calib_hook(i)) for i in ffn_layers]
+        for batch in calib:
+            rows["ctx"] = context_mask(batch["labels"], batch["attention_mask"]).reshape(-1)
+            with torch.no_grad():
+                model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        for h in handles:
+            h.remove()
+        spread = {s: spread_rows({i: {S: statistics.fmean(v) for S, v in c.items()} for i, c in curve[s].items()},
+                                 SAMPLE_ROWS, ladder) for s in levels}
+        print("spread rows, mean:", {s: statistics.fmean(r.values()) for s, r in spread.items()}, flush=True)
 
     def record(kind, s, name, layer, chosen, best, true):
         store["recall"][kind][s][name][layer].append(_overlap(chosen, best))
@@ -136,6 +175,9 @@ def main(argv=None):
                     for S in sorted({SAMPLE_ROWS, *SAMPLES})}
                 cands["sampled"] = select_ffn("sampled", s, xc, mod.gate_proj, mod.up_proj, None, n,
                                               running=running[i])
+                if spread:
+                    cands["sampled-spread"] = select_ffn("sampled", s, xc, mod.gate_proj, mod.up_proj, None, n,
+                                                         rows=spread[s][i], running=running_spread[i, s])
                 for S, m in grid:
                     cands[f"sampled-{S}-m{m:g}"] = select_ffn("sampled", s, xc, mod.gate_proj, mod.up_proj, None, n,
                                                              rows=S, running=running_grid[i, S, m])
@@ -190,7 +232,7 @@ def main(argv=None):
         n_lab += int(rows["lab"].sum())
         with torch.no_grad():
             model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        commit_running([*running.values(), *running_grid.values()])
+        commit_running([*running.values(), *running_grid.values(), *running_spread.values()])
         print(f"batch {bi + 1}/{len(batches)} ({time.time() - t0:.0f}s)", flush=True)
     for h in handles:
         h.remove()
@@ -231,6 +273,8 @@ def main(argv=None):
     doc = {
         "model": args.model, "default_selector": DEFAULT_SELECTOR, "sample_rows": SAMPLE_ROWS,
         "score_momentum": momentum, "momenta_tried": momenta,
+        "calib_batches": len(calib), "spread_rows": {str(s): {str(i): r for i, r in rows_.items()}
+                                                    for s, rows_ in spread.items()},
         "architecture": arch.__dict__ | {"group_size": arch.group_size},
         "data": str(Path(args.data).resolve().relative_to(REPO.parent)) if Path(args.data).resolve().is_relative_to(REPO.parent) else args.data,
         "samples": len(feats), "batch_size": args.batch_size, "batches": len(batches), "seed": args.seed,

@@ -77,6 +77,23 @@ def _expand(name: str, mapping: dict | None) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
+def _expand_rows(mapping: dict | None) -> dict[int, int]:
+    """``ffn_sample_rows`` read like the sparsity dicts: layer keys or ranges -> positive integers."""
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, dict):
+        raise TypeError(f"ffn_sample_rows must be a dict of layer index -> rows, got {type(mapping).__name__}")
+    out: dict[int, int] = {}
+    for key, value in mapping.items():
+        for layer in parse_layers(key):
+            if layer in out:
+                raise ValueError(f"ffn_sample_rows: layer {layer} is listed twice")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ffn_sample_rows[{layer}] = {value!r} must be a positive integer (sampled rows)")
+            out[layer] = value
+    return dict(sorted(out.items()))
+
+
 def _compact(mapping: dict[int, float]) -> dict[str, float]:
     """Inverse of `_expand` for readable YAML: consecutive layers with one value become 'a-b'."""
     out: dict[str, float] = {}
@@ -117,6 +134,12 @@ class SparseLoRAConfig:
         default=SAMPLE_ROWS,
         metadata={"help": "context rows per batch whose true activations the sampled selector scores (evenly spaced)"},
     )
+    ffn_sample_rows: dict[int, int] = field(
+        default_factory=dict,
+        metadata={"help": "layer index (or 'a-b' range) -> sampled rows of that FFN layer, instead of sample_rows; "
+                          "set by `sparselora.calibrate.allocate_sample_rows` (sparselora finetune's probe), which "
+                          "spreads sample_rows over the layers by what each needs"},
+    )
     score_momentum: float = field(
         default=0.5,
         metadata={"help": "sampled selector, FFN: weight of the earlier batches in a layer's channel scores when "
@@ -142,6 +165,11 @@ class SparseLoRAConfig:
             raise ValueError(f"estimator_rank must be a positive integer, got {self.estimator_rank!r}")
         if isinstance(self.sample_rows, bool) or not isinstance(self.sample_rows, int) or self.sample_rows < 1:
             raise ValueError(f"sample_rows must be a positive integer, got {self.sample_rows!r}")
+        self.ffn_sample_rows = _expand_rows(self.ffn_sample_rows)
+        stray = sorted(set(self.ffn_sample_rows) - set(self.ffn_sparsity))
+        if stray:
+            raise ValueError(f"ffn_sample_rows names layer(s) {stray}, whose FFN is not in ffn_sparsity: rows are "
+                             "sampled only where the FFN is sparse; remove them or add the layers to ffn_sparsity")
         if isinstance(self.score_momentum, bool) or not isinstance(self.score_momentum, (int, float)) or not (
                 0 <= self.score_momentum < 1):
             raise ValueError(f"score_momentum must be in [0, 1) (0: no average over batches), got {self.score_momentum!r}")
@@ -173,6 +201,10 @@ class SparseLoRAConfig:
                     f"use SparseLoRAConfig.from_preset('scaled', num_layers={num_layers}) or fix the indices"
                 )
 
+    def ffn_rows(self, layer: int) -> int:
+        """The sampled selector's rows in this layer's FFN (`ffn_sample_rows`, else `sample_rows`)."""
+        return self.ffn_sample_rows.get(layer, self.sample_rows)
+
     @property
     def is_sparse(self) -> bool:
         return any(v > 0 for v in self.ffn_sparsity.values()) or any(v > 0 for v in self.attn_sparsity.values())
@@ -195,6 +227,7 @@ class SparseLoRAConfig:
         d = dataclasses.asdict(self)
         d["ffn_sparsity"] = _compact(self.ffn_sparsity)
         d["attn_sparsity"] = _compact(self.attn_sparsity)
+        d["ffn_sample_rows"] = _compact(self.ffn_sample_rows)
         return d
 
     @classmethod

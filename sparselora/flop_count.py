@@ -114,7 +114,8 @@ def flops(
             cost += sum(base(p, Nd) + lora(p, Nd) for p in FFN_PROJS)
             cost += base("gate", Nc, k) + base("up", Nc, k) + base("down", Nc, k)
             cost += lora("gate", Nc, out_kept=k) + lora("up", Nc, out_kept=k) + lora("down", Nc, in_kept=k)
-            estimator += sel.flops("ffn", H, (I, I), Nc, Nl, rank, rows)
+            ffn_rows = sparsity_config.ffn_rows(layer) if sparsity_config is not None else rows
+            estimator += sel.flops("ffn", H, (I, I), Nc, Nl, rank, ffn_rows)
         else:
             cost += sum(base(p, N) + lora(p, N) for p in FFN_PROJS)
             if layer == a.num_layers - 1:

@@ -66,6 +66,7 @@ class SparseLoRAState:
         self.layers: dict[int, list] = {}  # layer index -> its wrappers (SparseMLP / SparseAttention)
         # layer -> its FFN `selection.RunningScore`, committed at every begin_batch
         self.running_scores: dict[int, object] = {}
+        self.ffn_probe = None  # called by each sparse FFN with its context rows (calibrate.allocate_sample_rows)
         self.fused: list = []  # FusedLoRALinear wrappers of the projections not sliced
         self.handles: list = []
         self.hub_kernels = False  # transformers' hub kernels were on before apply (patch.apply_sparselora)

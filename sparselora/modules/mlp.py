@@ -43,8 +43,10 @@ class SparseMLP:
         if sel.needs_factors:
             factors = self.state.estimator.stacked(self.layer, ("gate", "up"), xc.device)
         n = base_weight_bias(mlp.gate_proj)[0].shape[0]
-        keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n, cfg.sample_rows,
-                          self.running)
+        if self.state.ffn_probe is not None:  # allocate_sample_rows measuring (frozen, no_grad)
+            self.state.ffn_probe(self, xc, n)
+        keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n,
+                          cfg.ffn_rows(self.layer), self.running)
         self.kept = keep
         parts = ffn_parts(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if parts is not None:  # no adapter on the FFN (LoRA on attention only): one fused node for all rows
