@@ -46,6 +46,9 @@ class Calibration:
     bound: float
     rounds: list[dict] = field(default_factory=list)  # {"scale", "sparse_loss", "increase"[, "kl"]} per config
     criterion: str = "loss"  # what ``bound`` bounds: "increase" (relative loss rise) or "kl" (nats)
+    rows: RowAllocation | None = None  # the sampled rows spread over the FFN layers (None: not spread)
+    rows_check: dict | None = None  # the criterion with the spread rows, as a round: {"sparse_loss", ...}
+    rows_kept: bool = False  # whether the config runs with them (not when they broke the bound)
 
     @property
     def within_bound(self) -> bool:
@@ -69,6 +72,13 @@ class Calibration:
             what = f"gives KL {last['kl']:.4f}" if kl else f"raises the loss {last['increase']:+.1%}"
             out.append(f"  -> WARNING: even x{last['scale']:.2f} {what}, above the bound; {using} it (lower the "
                        "sparsity, or raise the bound)")
+        if self.rows is not None:
+            out += ["  " + line for line in self.rows.lines()]
+            c = self.rows_check
+            measured = (f"sparse loss {c['sparse_loss']:.4f} ({c['increase']:+.1%})"
+                        + (f", KL {c['kl']:.4f}" if kl else ""))
+            out.append(f"    with them: {measured}" + ("" if self.rows_kept else
+                       f"; worse against the bound, so every FFN layer keeps {self.rows.budget} rows"))
         return out
 
 
@@ -168,10 +178,12 @@ def frozen_kl(model, batches, chunk: int = 512) -> float:
 
 
 def calibrate(model, batches, bound: float | None = None, factor: float = 0.7, max_rounds: int = 6,
-              criterion: str = "loss") -> Calibration:
+              criterion: str = "loss", spread: bool = True) -> Calibration:
     """Back the applied config off until ``criterion`` on ``batches`` is within ``bound`` (``"loss"``: relative
     rise of the frozen loss, default `DEFAULT_LOSS_BOUND`; ``"kl"``: mean KL in nats, default `DEFAULT_KL_BOUND`);
-    leaves the model with the chosen levels and returns what was measured."""
+    leaves the model with the chosen levels and returns what was measured. With ``spread`` and the sampled
+    selector (and no ``ffn_sample_rows`` given), the sampled rows are then spread over the FFN layers by need
+    (`allocate_sample_rows`) and the criterion measured again; rows that break the bound are not kept."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     if bound is None:
@@ -182,23 +194,35 @@ def calibrate(model, batches, bound: float | None = None, factor: float = 0.7, m
         raise ValueError(f"need bound >= 0, 0 < factor < 1, max_rounds >= 1; got {bound}, {factor}, {max_rounds}")
     base = get_state(model).config
     cal = Calibration(base, frozen_loss(model, batches, sparse=False), bound, criterion=criterion)
-    scale = 1.0
-    for _ in range(max_rounds):
-        cfg = scaled_config(base, scale)
-        set_levels(model, cfg)
+
+    def measure() -> dict:
         if criterion == "kl":
             loss, kl = _sparse_round(model, batches)
         else:
             loss, kl = frozen_loss(model, batches, sparse=True), None
-        cal.rounds.append({"scale": scale, "sparse_loss": loss, "increase": loss / cal.dense_loss - 1.0})
-        if kl is not None:
-            cal.rounds[-1]["kl"] = kl
+        return {"sparse_loss": loss, "increase": loss / cal.dense_loss - 1.0} | ({} if kl is None else {"kl": kl})
+
+    scale = 1.0
+    for _ in range(max_rounds):
+        cfg = scaled_config(base, scale)
+        set_levels(model, cfg)
+        cal.rounds.append({"scale": scale} | measure())
         cal.config = cfg
         if cal.within_bound:
             break
         scale *= factor
     if not cal.within_bound:
         warnings.warn(cal.lines()[-1].strip(), stacklevel=2)
+    if spread and cal.config.selector == "sampled" and not cal.config.ffn_sample_rows:
+        cal.rows = allocate_sample_rows(model, batches, missing_ok=True)
+        if cal.rows is not None:
+            cal.rows_check = measure()
+            # kept unless they break the bound (or, when even the last round was above it, make it worse)
+            cal.rows_kept = cal._value(cal.rows_check) <= max(bound, cal._value(cal.rounds[-1]))
+            if cal.rows_kept:
+                cal.config = cal.rows.config
+            else:
+                get_state(model).config = cal.config
     return cal
 
 
@@ -262,22 +286,12 @@ def sample_mass(model, batches, ladder=ROW_LADDER) -> dict[int, dict[int, float]
 def spread_rows(mass: dict[int, dict[int, float]], budget: int, ladder=ROW_LADDER,
                 enough: float = ROWS_ENOUGH) -> dict[int, int]:
     """Rows per layer from the sizes of ``ladder``, at most ``budget`` a layer on average, that keep the most mass
-    in the worst layer: the highest level t (at most ``enough``) that every layer reaches with its smallest size
-    that keeps >= t, within the total. What the total has left then goes, one step up the ladder at a time, to the
-    layer that keeps the least, while it fits and that layer keeps less than ``enough``. So the cost is that of
-    ``budget`` rows everywhere, or less."""
+    in the worst layer: every layer starts at the smallest size, then the layer that keeps the least steps up the
+    ladder, while the total fits and that layer keeps less than ``enough`` (tests/test_sample_rows.py checks the
+    worst layer against exhaustive search). So the cost is that of ``budget`` rows everywhere, or less."""
     sizes = sorted(ladder)
     total = budget * len(mass)
-
-    def fewest(i, t):  # the smallest size of layer i that keeps >= t, or None
-        return next((S for S in sizes if mass[i][S] >= t), None)
-
     rows = {i: sizes[0] for i in mass}
-    for t in sorted({min(v, enough) for m in mass.values() for v in m.values()}, reverse=True):
-        need = {i: fewest(i, t) for i in mass}
-        if None not in need.values() and sum(need.values()) <= total:
-            rows = need
-            break
 
     def bigger(i):
         return sizes[sizes.index(rows[i]) + 1]
@@ -292,10 +306,11 @@ def spread_rows(mass: dict[int, dict[int, float]], budget: int, ladder=ROW_LADDE
         rows[i] = bigger(i)
 
 
-def allocate_sample_rows(model, batches, ladder=ROW_LADDER) -> RowAllocation:
+def allocate_sample_rows(model, batches, ladder=ROW_LADDER, missing_ok: bool = False) -> RowAllocation | None:
     """The sampled selector's rows spread over the applied config's sparse FFN layers by need, measured on
     ``batches`` (`sample_mass`, `spread_rows`): the config's ``sample_rows`` becomes the mean, not every layer's
-    count. The model is left with the new config (its ``ffn_sample_rows``)."""
+    count. The model is left with the new config (its ``ffn_sample_rows``). ``missing_ok``: None, not an error,
+    when no sparse FFN layer saw a context row."""
     state = get_state(model)
     cfg = state.config
     if cfg.selector != "sampled":
@@ -306,6 +321,8 @@ def allocate_sample_rows(model, batches, ladder=ROW_LADDER) -> RowAllocation:
     budget = cfg.sample_rows
     mass = sample_mass(model, batches, sorted({*ladder, budget}))
     if not mass:
+        if missing_ok:
+            return None
         raise ValueError("allocate_sample_rows: no FFN layer of the config is sparse (or no batch has context "
                          "tokens): there are no rows to spread")
     rows = spread_rows(mass, budget, sorted({*ladder, budget}))

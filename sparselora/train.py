@@ -445,7 +445,12 @@ def _write_outputs(cfg: RunConfig, run: _Loaded, path, calibration, trainer, tim
         "calibration": None if calibration is None else {"dense_loss": calibration.dense_loss,
                                                          "bound": calibration.bound, "rounds": calibration.rounds,
                                                          "criterion": calibration.criterion,
-                                                         "within_bound": calibration.within_bound},
+                                                         "within_bound": calibration.within_bound,
+                                                         "spread_rows": None if calibration.rows is None else {
+                                                             "rows": calibration.rows.config.ffn_sample_rows,
+                                                             "mass": calibration.rows.mass,
+                                                             "check": calibration.rows_check,
+                                                             "kept": calibration.rows_kept}},
         "sparsity_config": sp_cfg.to_dict(),
         "model": {"source": cfg.model, "model_type": arch.model_type, "num_layers": arch.num_layers,
                   "hidden_size": arch.hidden_size, "intermediate_size": arch.intermediate_size},

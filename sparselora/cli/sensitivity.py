@@ -456,7 +456,10 @@ def _probe(args, run: _Inputs, cfg) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the lines below say it, the warning included
-            cal = calibrate(model, batches, bound=math.inf if bound is None else bound, criterion=criterion)
+            # levels only: the sampled rows a layer needs depend on the training batch's size, so finetune's own
+            # probe spreads them on the run's batches
+            cal = calibrate(model, batches, bound=math.inf if bound is None else bound, criterion=criterion,
+                            spread=False)
     finally:
         remove_sparselora(model)
     where = f"the {len(batches)} calibration batches"
