@@ -171,6 +171,11 @@ def recall_section(doc: dict, path: Path) -> list[str]:
                  f"`{doc['commit']}`; `{doc['command']}`. Layers: the {doc['config']}'s sparse layers (FFN {_rng(cl['ffn'])}, "
                  f"attention {_rng(cl['attention'])}). Library default selector: **{doc['default_selector']}** "
                  f"({doc['sample_rows']} rows).")
+    if doc.get("spread_rows"):
+        mean = {lv: sum(r.values()) / len(r) for lv, r in doc["spread_rows"].items()}
+        lines[-1] += (" What `sparselora finetune` runs: **sampled-spread**, the same selector with its FFN rows "
+                      f"spread over the layers by its probe (chosen on {doc['calib_batches']} other batches; mean rows "
+                      + ", ".join(f"{m:.0f} at {lv}" for lv, m in mean.items()) + ").")
     lines.append("")
     for kind in ("ffn", "attention", "attention_qk", "attention_v"):
         mass, rec = doc["mass_vs_oracle"][kind], doc["recall"][kind]
@@ -180,7 +185,7 @@ def recall_section(doc: dict, path: Path) -> list[str]:
         for sel in mass[levels[0]]:
             cells = [f"{mass[lv][sel]['config_layers_mean']:.3f} ({mass[lv][sel]['config_layers_min']:.2f}) / "
                      f"{rec[lv][sel]['config_layers_mean']:.2f}" for lv in levels]
-            name = f"**{sel}**" if sel == doc["default_selector"] else sel
+            name = f"**{sel}**" if sel in (doc["default_selector"], "sampled-spread") else sel
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     loss = doc.get("loss")
@@ -240,7 +245,8 @@ def main(argv=None):
               "channels / over the oracle's own (1.0 = as good as the oracle), **recall** = the share of the oracle's "
               "channels chosen. `sampled`: the oracle's score on a few evenly spaced context rows, for the FFN averaged "
               "over the earlier batches (`score_momentum`; files made before it: each batch alone), `sampled-m0`: "
-              "each batch's sample alone, `sampled-S`: that on S rows; "
+              "each batch's sample alone, `sampled-S`: that on S rows; `sampled-spread`: the default with its FFN rows "
+              "spread over the layers by need at the same mean (what `sparselora finetune`'s probe does); "
               "`mean`: on the mean context row; `labelled`: on the labelled rows; `svd`: the paper's rank-8 estimator "
               "(q/k/v biases included), `svd-rN` rank N; `l2`: q and k (FFN: gate and up) scored apart. Goal: the "
               "default keeps >= 0.95 of the oracle's mass on average and >= 0.90 in the worst layer. From "

@@ -106,15 +106,18 @@ def test_cuda_fast_kernels_match_plain_path(arch):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("selector", ["svd", "labelled", "sampled"])
+@pytest.mark.parametrize("selector", ["svd", "labelled", "sampled", "sampled-spread"])
 def test_cuda_graph_step_matches_eager_training(padded, selector):
     """Five AdamW steps through CUDAGraphStep (captured graphs, replayed with new ids) give the losses and adapter
-    weights of the same steps run eagerly (float32); the dense (warm-up) steps get their own graph."""
+    weights of the same steps run eagerly (float32); the dense (warm-up) steps get their own graph. sampled-spread:
+    small samples, and other row counts in two FFN layers (`ffn_sample_rows`)."""
     from sparselora import CUDAGraphStep, schedule
 
     model = tiny_peft("qwen2", attn_implementation="sdpa").cuda()
     eager = clone(model)
-    cfg = SparseLoRAConfig(ffn_sparsity={"0-3": 0.7}, attn_sparsity={"1-3": 0.5}, selector=selector, start_step=2)
+    rows = {"sample_rows": 8, "ffn_sample_rows": {"0": 4, "2": 16}} if selector == "sampled-spread" else {}
+    cfg = SparseLoRAConfig(ffn_sparsity={"0-3": 0.7}, attn_sparsity={"1-3": 0.5}, selector=selector.split("-")[0],
+                           start_step=2, **rows)
     for m in (model, eager):
         apply_sparselora(m, cfg, fast_kernels=True)
     step = CUDAGraphStep(model, bucket=1)
@@ -137,7 +140,7 @@ def test_cuda_graph_step_matches_eager_training(padded, selector):
             assert_close(p, q, f"weight {n} after 5 steps", rtol=1e-3, atol=1e-4)
     # the running FFN scores saw each batch once: the capture's warm-up forwards left them as they were
     mine, theirs = get_state(model).running_scores, get_state(eager).running_scores
-    assert len(mine) == len(theirs) == (4 if selector == "sampled" else 0)
+    assert len(mine) == len(theirs) == (4 if selector.startswith("sampled") else 0)
     for j, (r, e) in enumerate(zip(mine.values(), theirs.values())):
         assert_close(r.running, e.running, f"running FFN scores of sparse layer {j}", rtol=1e-4, atol=1e-6)
 
