@@ -80,13 +80,13 @@ def main(argv=None):
     args = parse_args(argv)
     from sparselora import SparseLoRAConfig, apply_sparselora, remove_sparselora
     from sparselora.data import DataCollator, load_examples, tokenize_examples
-    from sparselora.calibrate import ROW_LADDER, spread_rows
+    from sparselora.calibrate import ROW_LADDER, ffn_sample_masses, spread_rows
     from sparselora.estimator import Estimator
     from sparselora.loading import load_model
     from sparselora.models.registry import arch_info, decoder_layers
     from sparselora.ops.lora_layer import base_weight_bias
-    from sparselora.selection import (DEFAULT_SELECTOR, SAMPLE_ROWS, RunningScore, commit_running, ffn_keep_count,
-                                      labelled_rows, select_attention, select_ffn)
+    from sparselora.selection import (DEFAULT_SELECTOR, SAMPLE_ROWS, RunningScore, commit_running, labelled_rows,
+                                      select_attention, select_ffn)
     from sparselora.tokens import context_mask
 
     torch.set_num_threads(args.threads)
@@ -133,13 +133,10 @@ def main(argv=None):
     def calib_hook(i):
         def hook(mod, a):
             xc = a[0].reshape(-1, a[0].shape[-1]).float()[rows["ctx"]]
-            n = arch.intermediate_size
-            true = (torch.nn.functional.silu(mod.gate_proj(xc)) * mod.up_proj(xc)).float().norm(dim=0)
-            for s in levels:
-                best = true[true.topk(ffn_keep_count(n, s)).indices].sum()
-                for S in ladder:
-                    kept = select_ffn("sampled", s, xc, mod.gate_proj, mod.up_proj, None, n, rows=S)
-                    curve[s][i][S].append((true[kept].sum() / best).item())
+            masses = ffn_sample_masses(xc, mod.gate_proj, mod.up_proj, arch.intermediate_size, levels, ladder)
+            for s, by_rows in masses.items():
+                for S, m in by_rows.items():
+                    curve[s][i][S].append(m)
         return hook
 
     if calib:

@@ -252,24 +252,33 @@ class RowAllocation:
 
 
 @torch.no_grad()
+def ffn_sample_masses(xc: torch.Tensor, gate, up, n: int, levels, ladder) -> dict[float, dict[int, float]]:
+    """{level: {S: mass}}: the share of the oracle's FFN activation mass over the context rows ``xc`` that the
+    sampled selector's channels from S of them keep (mass = true channel scores summed over the chosen channels /
+    over the oracle's), at each sparsity level."""
+    true = torch.linalg.vector_norm(silu_mul(gate(xc), up(xc)).float(), dim=0)
+    out = {}
+    for s in levels:
+        best = true[top_indices(true, ffn_keep_count(n, s))].sum()
+        out[s] = {S: float(true[select_ffn("sampled", s, xc, gate, up, None, n, rows=S)].sum() / best)
+                  for S in ladder}
+    return out
+
+
+@torch.no_grad()
 def sample_mass(model, batches, ladder=ROW_LADDER) -> dict[int, dict[int, float]]:
-    """Per sparse FFN layer of the applied config and per sample size S of ``ladder``: the share of the oracle's
-    activation mass that S evenly spaced context rows alone keep (the true activations of every context row rank
-    both; mass = true channel scores summed over the chosen channels / over the oracle's), mean over
-    ``batches``, frozen model, sparse path on (the inputs each layer sees in training)."""
+    """Per sparse FFN layer of the applied config and per sample size S of ``ladder``: `ffn_sample_masses` at the
+    layer's level, mean over ``batches``, frozen model, sparse path on (the inputs each layer sees in training)."""
     sums: dict[int, dict[int, float]] = {}
     seen: dict[int, int] = {}
 
     def probe(w, xc, n):
         if w.sparsity <= 0 or xc.shape[0] == 0:
             return
-        gate, up = w.mlp.gate_proj, w.mlp.up_proj
-        true = torch.linalg.vector_norm(silu_mul(gate(xc), up(xc)).float(), dim=0)
-        best = true[top_indices(true, ffn_keep_count(n, w.sparsity))].sum()
+        masses = ffn_sample_masses(xc, w.mlp.gate_proj, w.mlp.up_proj, n, [w.sparsity], ladder)[w.sparsity]
         row = sums.setdefault(w.layer, dict.fromkeys(ladder, 0.0))
-        for S in ladder:
-            kept = select_ffn("sampled", w.sparsity, xc, gate, up, None, n, rows=S)
-            row[S] += float(true[kept].sum() / best)
+        for S, m in masses.items():
+            row[S] += m
         seen[w.layer] = seen.get(w.layer, 0) + 1
 
     with _frozen(model) as state:
@@ -319,12 +328,13 @@ def allocate_sample_rows(model, batches, ladder=ROW_LADDER, missing_ok: bool = F
     if not batches:
         raise ValueError("allocate_sample_rows needs at least one batch")
     budget = cfg.sample_rows
-    mass = sample_mass(model, batches, sorted({*ladder, budget}))
+    sizes = sorted({*ladder, budget})
+    mass = sample_mass(model, batches, sizes)
     if not mass:
         if missing_ok:
             return None
         raise ValueError("allocate_sample_rows: no FFN layer of the config is sparse (or no batch has context "
                          "tokens): there are no rows to spread")
-    rows = spread_rows(mass, budget, sorted({*ladder, budget}))
+    rows = spread_rows(mass, budget, sizes)
     state.config = dataclasses.replace(cfg, ffn_sample_rows=rows)
     return RowAllocation(state.config, mass, budget)

@@ -52,45 +52,40 @@ def parse_layers(spec: int | str) -> list[int]:
     return out
 
 
-def _expand(name: str, mapping: dict | None) -> dict[int, float]:
+def _sparsity(name: str, layer: int, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}[{layer}] = {value!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"{name}[{layer}] = {value} is outside [0, 1): it is the fraction of channels removed "
+            "for context tokens (0.9 keeps 10%); 1.0 would remove every channel"
+        )
+    return value
+
+
+def _row_count(name: str, layer: int, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}[{layer}] = {value!r} must be a positive integer (sampled rows)")
+    return value
+
+
+def _expand(name: str, mapping: dict | None, read=_sparsity, what: str = "sparsity") -> dict:
+    """A per-layer dict as written (layer keys or ranges like '3-30') -> {layer: value}, each value checked by
+    ``read(name, layer, value)``."""
     if mapping is None:
         return {}
     if not isinstance(mapping, dict):
-        raise TypeError(f"{name} must be a dict of layer index -> sparsity, got {type(mapping).__name__}")
-    out: dict[int, float] = {}
+        raise TypeError(f"{name} must be a dict of layer index -> {what}, got {type(mapping).__name__}")
+    out: dict = {}
     for key, value in mapping.items():
         for layer in parse_layers(key):
             if layer < 0:
                 raise ValueError(f"{name}: layer index {layer} is negative; layers count from 0")
             if layer in out:
                 raise ValueError(f"{name}: layer {layer} is listed twice")
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{name}[{layer}] = {value!r} is not a number") from None
-            if not 0.0 <= value < 1.0:
-                raise ValueError(
-                    f"{name}[{layer}] = {value} is outside [0, 1): it is the fraction of channels removed "
-                    "for context tokens (0.9 keeps 10%); 1.0 would remove every channel"
-                )
-            out[layer] = value
-    return dict(sorted(out.items()))
-
-
-def _expand_rows(mapping: dict | None) -> dict[int, int]:
-    """``ffn_sample_rows`` read like the sparsity dicts: layer keys or ranges -> positive integers."""
-    if mapping is None:
-        return {}
-    if not isinstance(mapping, dict):
-        raise TypeError(f"ffn_sample_rows must be a dict of layer index -> rows, got {type(mapping).__name__}")
-    out: dict[int, int] = {}
-    for key, value in mapping.items():
-        for layer in parse_layers(key):
-            if layer in out:
-                raise ValueError(f"ffn_sample_rows: layer {layer} is listed twice")
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ffn_sample_rows[{layer}] = {value!r} must be a positive integer (sampled rows)")
-            out[layer] = value
+            out[layer] = read(name, layer, value)
     return dict(sorted(out.items()))
 
 
@@ -165,7 +160,7 @@ class SparseLoRAConfig:
             raise ValueError(f"estimator_rank must be a positive integer, got {self.estimator_rank!r}")
         if isinstance(self.sample_rows, bool) or not isinstance(self.sample_rows, int) or self.sample_rows < 1:
             raise ValueError(f"sample_rows must be a positive integer, got {self.sample_rows!r}")
-        self.ffn_sample_rows = _expand_rows(self.ffn_sample_rows)
+        self.ffn_sample_rows = _expand("ffn_sample_rows", self.ffn_sample_rows, _row_count, "rows")
         stray = sorted(set(self.ffn_sample_rows) - set(self.ffn_sparsity))
         if stray:
             raise ValueError(f"ffn_sample_rows names layer(s) {stray}, whose FFN is not in ffn_sparsity: rows are "
