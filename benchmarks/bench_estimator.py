@@ -5,7 +5,8 @@ in a CUDA graph and replayed, as inside `CUDAGraphStep`. Reports each selector's
 
 svd: the rank-r estimate and its scores; sampled (the default): the real projections (random bf16 weights of the
 shape) on the sampled rows, and their scores, for the FFN averaged over batches as in training (`RunningScore`);
-``--sample-rows`` adds ``sampled-S`` on S rows. All include the top-k and the channel mapping. Also the top-k
+``--sample-rows`` adds ``sampled-S`` on S rows; where the GPU has fp8 (the library's default then),
+``sampled-bf16`` scores the FFN rows in bf16 for comparison. All include the top-k and the channel mapping. Also the top-k
 alone at the preset's sizes: the library's one-launch kernel against torch.topk + sort.
 """
 
@@ -23,6 +24,7 @@ from sparselora.io import atomic_write_json
 from sparselora import SparseLoRAConfig
 from sparselora.estimator import low_rank_factors, stack_factors
 from sparselora.models.registry import ArchInfo
+from sparselora.ops.fp8 import Fp8Weight, fp8_supported
 from sparselora.ops.topk import top_indices
 from sparselora.selection import (SELECTORS, RunningScore, attention_keep_counts, ffn_keep_count, select_attention,
                                   select_ffn)
@@ -77,23 +79,30 @@ def main(argv=None):
         return stack_factors([low_rank_factors(torch.randn(o, H, device=dev) / H**0.5, cfg.estimator_rank)
                               for o in out_dims])
 
-    def proj(out_dim):  # a frozen bf16 projection of the shape (the sampled/oracle selectors run the real ones)
-        w = torch.randn(out_dim, H, device=dev, dtype=torch.bfloat16) / H**0.5
+    def weight(out_dim):  # a frozen bf16 weight of the shape (the sampled/oracle selectors run the real ones)
+        return torch.randn(out_dim, H, device=dev, dtype=torch.bfloat16) / H**0.5
+
+    def proj(w):
         return lambda t: t @ w.t()
 
     ffn_f, attn_f = factors([I, I]), factors([Hq * D, Hkv * D, Hkv * D])
-    gate, up, q, k, v = proj(I), proj(I), proj(Hq * D), proj(Hkv * D), proj(Hkv * D)
-    variants = [(sel, sel, cfg.sample_rows) for sel in selectors]  # (timed name, selector, sample rows)
+    wg, wu = weight(I), weight(I)
+    gate, up, q, k, v = proj(wg), proj(wu), proj(weight(Hq * D)), proj(weight(Hkv * D)), proj(weight(Hkv * D))
+    # the library's sampled FFN scores: from an fp8 copy of [gate; up] where the GPU has fp8 (SparseMLP._fp8_gate_up)
+    fp8 = Fp8Weight(torch.cat([wg, wu])) if cfg.sample_fp8 and fp8_supported(dev) else None
+    variants = [(sel, sel, cfg.sample_rows, fp8) for sel in selectors]  # (timed name, selector, sample rows, fp8)
     if "sampled" in selectors:
-        variants += [(f"sampled-{r}", "sampled", r) for r in sorted({int(t) for t in a.sample_rows.split(",") if t})
+        variants += [(f"sampled-{r}", "sampled", r, fp8) for r in sorted({int(t) for t in a.sample_rows.split(",") if t})
                      if r != cfg.sample_rows]
+        if fp8 is not None:
+            variants.append(("sampled-bf16", "sampled", cfg.sample_rows, None))
     table, totals = {}, {}
-    for name, sel, n_rows in variants:
+    for name, sel, n_rows, gate_up in variants:
         rows = table[name] = {}
         for s in sorted(set(cfg.ffn_sparsity.values())):
             running = RunningScore(cfg.score_momentum) if sel == "sampled" and cfg.score_momentum > 0 else None
             rows[f"ffn@{s}"] = graph_ms(
-                lambda: select_ffn(sel, s, x, gate, up, ffn_f, I, n_rows, running), a.reps)
+                lambda: select_ffn(sel, s, x, gate, up, ffn_f, I, n_rows, running, gate_up), a.reps)
         for s in sorted(set(cfg.attn_sparsity.values())):
             rows[f"attn@{s}"] = graph_ms(
                 lambda: select_attention(sel, s, x, arch, cfg.rope_pairs, q, k, v, attn_f, None, n_rows),
@@ -121,7 +130,7 @@ def main(argv=None):
     for nk, t in topk.items():
         print(f"  top-k {nk:<12} library {1000 * t['library']:6.1f} us   torch.topk + sort {1000 * t['torch']:6.1f} us")
     doc = {"gpu": torch.cuda.get_device_name(), "shape": a.shape, "batch_preset": a.batch_preset, "preset": preset,
-           "context_rows": B * (T - L), "sample_rows": cfg.sample_rows, "per_layer_ms": table, "total_ms": totals, "topk_ms": topk,
+           "context_rows": B * (T - L), "sample_rows": cfg.sample_rows, "sample_fp8": fp8 is not None, "per_layer_ms": table, "total_ms": totals, "topk_ms": topk,
            "step_ms": a.step_ms, "share": {k_: t / a.step_ms for k_, t in totals.items()} if a.step_ms else None,
            "versions": versions(), "commit": git_commit(),
            "command": "python benchmarks/bench_estimator.py " + " ".join(argv if argv is not None else sys.argv[1:])}

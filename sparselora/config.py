@@ -141,6 +141,12 @@ class SparseLoRAConfig:
                           "the sample is a small part of the batch (less as it covers more, none when it is the "
                           "whole batch; 0: each batch's sample alone)"},
     )
+    sample_fp8: bool = field(
+        default=True,
+        metadata={"help": "sampled selector, FFN without adapters, on GPUs with fp8 tensor cores (sm89+): score the "
+                          "sampled rows from an fp8 copy of gate/up (twice the GEMM rate, the same channels within "
+                          "measurement; +1 byte per gate/up weight of each sparse FFN layer)"},
+    )
     start_step: float = field(
         default=0.05,
         metadata={"help": "dense warm-up: a fraction of total steps if <= 1, else a step count"},
@@ -168,6 +174,8 @@ class SparseLoRAConfig:
         if isinstance(self.score_momentum, bool) or not isinstance(self.score_momentum, (int, float)) or not (
                 0 <= self.score_momentum < 1):
             raise ValueError(f"score_momentum must be in [0, 1) (0: no average over batches), got {self.score_momentum!r}")
+        if not isinstance(self.sample_fp8, bool):
+            raise ValueError(f"sample_fp8 must be true or false, got {self.sample_fp8!r}")
         if self.selector not in SELECTORS:
             raise ValueError(f"selector {self.selector!r} is unknown; choose one of {', '.join(SELECTORS)}")
         if _REGISTRY[self.selector].scores_labelled and not self.dense_output_tokens:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from sparselora.models.registry import ArchInfo
 from sparselora.ops.fused_kernels import silu_mul
-from sparselora.ops.scores import col_norms_sq, ffn_scores_sq
+from sparselora.ops.scores import col_norms_sq, ffn_scores_sq, silu_mul_sq_sum
 from sparselora.ops.topk import top_indices
 
 Proj = Callable[[torch.Tensor], torch.Tensor]
@@ -93,13 +93,19 @@ def labelled_rows(x_dense: torch.Tensor, num_labelled: int, cap: int = LABELLED_
 SAMPLE_ROWS = 256
 
 
+@functools.lru_cache(maxsize=256)
+def _sample_index(n: int, rows: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(rows, device=device) * n // rows
+
+
 def sample_rows(x: torch.Tensor, rows: int = SAMPLE_ROWS) -> torch.Tensor:
     """At most ``rows`` evenly spaced rows of ``x``: rows (i * n) // rows, i < rows. No RNG, so a recomputation
-    (gradient checkpointing) picks the same rows; the index shape depends only on n (CUDA graphs)."""
+    (gradient checkpointing) picks the same rows; the index shape depends only on n (CUDA graphs). The index is
+    built once per (n, rows, device): one gather a call, not three kernels more."""
     n = x.shape[0]
     if n <= rows:
         return x
-    return x.index_select(0, torch.arange(rows, device=x.device) * n // rows)
+    return x.index_select(0, _sample_index(n, rows, x.device))
 
 
 class RunningScore:
@@ -240,10 +246,12 @@ def select_ffn(
     n: int,
     rows: int = SAMPLE_ROWS,
     running: RunningScore | None = None,
+    gate_up: Proj | None = None,
 ) -> torch.Tensor:
     """Kept FFN intermediate channels, ranked by (an estimate of) the norm over the context rows ``x`` of
     silu(gate x) * (up x). ``rows``: the sample size of the sampled selector; ``running``: its average over
-    earlier batches (sampled only)."""
+    earlier batches; ``gate_up``: [gate x | up x] in one call (an `ops.fp8.Fp8Weight` of the two weights side by
+    side), used instead of ``gate``/``up`` (sampled only)."""
     k = ffn_keep_count(n, sparsity)
     if selector == "random":
         return _random(n, k, x.device)
@@ -253,14 +261,21 @@ def select_ffn(
     context = x.shape[0]
     if selector == "sampled":
         x = sample_rows(x, rows)
+        if gate_up is not None:
+            gu = gate_up(x)
+            g, u = gu[:, :n], gu[:, n:]
+        else:
+            g, u = gate(x), up(x)
+        # the mean over the sample of the squared activation, one kernel from g and u: samples of any size mix,
+        # and the order is that of the norms
+        per_row = silu_mul_sq_sum(g, u).div_(x.shape[0])
+        if running is None:
+            return top_indices(per_row, k)
+        return top_indices(running.blend(per_row, x.shape[0] / max(context, 1)), k)
     g, u = gate(x), up(x)
     if selector == "l2":  # the two factors' norms apart: an upper bound of the product's norm
         return top_indices(_col_norms(F.silu(g)) * _col_norms(u), k)
-    norms = _col_norms(silu_mul(g, u))  # the activation the forward computes, in its dtype
-    if running is None or selector != "sampled":
-        return top_indices(norms, k)
-    per_row = norms.square_().div_(x.shape[0])  # samples of any size mix
-    return top_indices(running.blend(per_row, x.shape[0] / max(context, 1)), k)
+    return top_indices(_col_norms(silu_mul(g, u)), k)  # the activation the forward computes, in its dtype
 
 
 @functools.lru_cache(maxsize=64)

@@ -658,3 +658,53 @@ def test_top_indices_on_cpu_and_its_errors():
     for bad, k in ((s, 0), (s, 6), (s.view(1, 5), 2)):
         with pytest.raises(ValueError, match="1-D score vector and 0 < k"):
             top_indices(bad, k)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, i", [(256, 14336), (37, 1000), (1, 129), (300, 5)])
+def test_silu_mul_sq_sum_equals_reference(device, dtype, n, i):
+    """The sampled selector's one-pass FFN score (a Triton kernel on CUDA) against float64, on views of one [g | u]
+    buffer (row stride 2i, as the fp8 GEMM's output is read) and on separate tensors."""
+    from sparselora.ops.scores import silu_mul_sq_sum
+
+    g = torch.Generator().manual_seed(n + i)
+    gu = (torch.randn(n, 2 * i, generator=g) * 2).to(device, dtype)
+    ref = (F.silu(gu[:, :i].double()) * gu[:, i:].double()).pow(2).sum(0)
+    for a, b in ((gu[:, :i], gu[:, i:]), (gu[:, :i].contiguous(), gu[:, i:].contiguous())):
+        out = silu_mul_sq_sum(a, b)
+        assert out.dtype == torch.float32 and out.shape == (i,)
+        assert_close(out, ref, f"silu_mul_sq_sum {tuple(a.stride())}", rtol=1e-5, atol=1e-5)
+
+
+def _fp8_emulated(w, x, bias=None):
+    """x W^T from e4m3 values with one scale per row of each, multiplied in float64: what the fp8 GEMM computes."""
+    def q(t):
+        s = t.abs().amax(1, keepdim=True).double().clamp_min(1e-12) / 448.0
+        return (t.double() / s).to(torch.float8_e4m3fn).double() * s
+    y = q(x) @ q(w).t()
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("m", [256, 37, 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_weight_equals_its_emulation(device, m, bias):
+    """`Fp8Weight` (torch._scaled_mm on a GPU with fp8, the float32 emulation elsewhere) against the same quantized
+    numbers multiplied in float64; rows not a multiple of 16 (padded on the GPU), a bias; and the quantization
+    error itself is small against the exact product (what the ranking sees)."""
+    from sparselora.ops.fp8 import Fp8Weight, fp8_supported
+
+    if device != "cpu" and not fp8_supported(device):
+        pytest.skip("this GPU has no fp8 tensor cores")
+    g = torch.Generator().manual_seed(m)
+    w = (torch.randn(96, 64, generator=g) * 0.05).to(device, torch.bfloat16)
+    x = torch.randn(m, 64, generator=g).to(device, torch.bfloat16)
+    b = (torch.randn(96, generator=g) * 0.1).to(device, torch.bfloat16) if bias else None
+    y = Fp8Weight(w, b)(x)
+    assert y.shape == (m, 96)
+    ref = _fp8_emulated(w, x, b)
+    assert_close(y.double(), ref, "fp8 GEMM vs emulation", rtol=2e-2, atol=2e-2)
+    exact = x.double() @ w.double().t() + (0 if b is None else b.double())
+    rel = (y.double() - exact).norm() / exact.norm()
+    assert rel < 0.06, f"fp8 product off the exact one by {rel:.3f} (relative Frobenius)"

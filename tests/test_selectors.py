@@ -18,7 +18,7 @@ from sparselora.models.registry import arch_info
 from sparselora.patch import get_state
 from sparselora.selection import SELECTORS as REGISTRY, sample_rows
 
-from helpers import make_batch, tiny_peft
+from helpers import ALL_TARGETS, make_batch, tiny_peft
 
 LAYERS = (0, 2, 3)
 SPARSITY = 0.6
@@ -96,10 +96,10 @@ def _check_attention(kept, q, k, v, arch, s, what):
     assert kept["o"].tolist() == sorted(h * D + c % D for c in v_ch for h in range(c // D * G, (c // D + 1) * G)), what
 
 
-def _run(arch, selector, seed=3, **cfg_kw):
+def _run(arch, selector, seed=3, targets=ALL_TARGETS, **cfg_kw):
     """Sparse forward of a tiny model (FFN and attention sparse in LAYERS); the inputs of each sparse layer's MLP
     and attention as the patched model saw them; the kept channels; the context and labelled rows."""
-    model = tiny_peft(arch).eval()
+    model = tiny_peft(arch, targets=targets).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):  # Qwen2-sized q/k/v biases (real ones are large), so that leaving them out shows
@@ -317,3 +317,37 @@ def test_registry_drives_config_and_flops():
     assert est["svd"] == nc * (2 * H * 2 * 8 + 2 * 8 * 2 * I) + nc * (2 * H * 3 * 8 + 2 * 8 * qkv)
     with pytest.raises(ValueError, match="sample_rows"):
         SparseLoRAConfig(ffn_sparsity={1: 0.5}, sample_rows=0)
+
+
+def test_sampled_ffn_scores_from_fp8_copies(monkeypatch):
+    """sample_fp8 (on a GPU with fp8 tensor cores; here the CPU emulation forced on): each sparse FFN builds one
+    fp8 copy of [gate; up] and keeps the top channels of the fp8 scores of its sampled rows, computed here
+    independently from the quantized weights; nearly the channels of exact scores; sample_fp8=False and an
+    adapter on the FFN leave it off."""
+    import sparselora.modules.mlp as mlp_mod
+
+    def quantized(t):
+        s = t.abs().amax(1, keepdim=True).clamp_min(1e-12) / 448.0
+        return (t / s).to(torch.float8_e4m3fn).double() * s
+
+    from sparselora.bench.lora import QKVO
+
+    monkeypatch.setattr(mlp_mod, "fp8_supported", lambda device: True)
+    model, blocks, seen, kept, ctx, lab = _run("qwen2", "sampled", targets=QKVO, score_momentum=0.0)
+    for i in LAYERS:
+        wrapper = next(w for w in get_state(model).layers[i] if isinstance(w, mlp_mod.SparseMLP))
+        assert wrapper.fp8 is not None, f"layer {i}: no fp8 copy was built"
+        mlp = blocks[i].mlp
+        x = _rows(seen[("mlp", i)], _sampled(ctx))
+        wg, wu = (getattr(mlp, p).weight.double() for p in ("gate_proj", "up_proj"))
+        gu = quantized(x) @ quantized(torch.cat([wg, wu])).t()
+        n = wg.shape[0]
+        scores = (F.silu(gu[:, :n]) * gu[:, n:]).norm(dim=0)
+        k = _keep(n, SPARSITY)
+        _assert_top(kept[i]["ffn"], scores, k, f"fp8 layer {i} ffn")
+        exact = _ffn_scores("oracle", mlp, x)
+        assert exact[kept[i]["ffn"]].sum() >= 0.98 * exact.topk(k).values.sum()
+
+    for targets, kw in ((QKVO, {"sample_fp8": False}), (ALL_TARGETS, {})):
+        off = _run("qwen2", "sampled", targets=targets, score_momentum=0.0, **kw)[0]
+        assert all(w.fp8 is None for ws in get_state(off).layers.values() for w in ws if isinstance(w, mlp_mod.SparseMLP))

@@ -6,12 +6,24 @@ import torch
 from torch import nn
 
 from sparselora.models.registry import FFN_PROJS, module_name
-from sparselora.modules.base import ForwardSwap
+from sparselora.modules.base import ForwardSwap, logger
 from sparselora.ops import ffn_context
+from sparselora.ops.fp8 import Fp8Weight, fp8_fits, fp8_supported
 from sparselora.ops.fused import ffn_parts, split_ffn
 from sparselora.ops.fused_kernels import silu_mul
 from sparselora.ops.lora_layer import base_weight_bias, check_lora_module
 from sparselora.selection import SELECTORS, RunningScore, select_ffn, select_ffn_from_activations
+
+
+_said_fp8: set[str] = set()
+
+
+def note_fp8(w: Fp8Weight) -> None:
+    """Say once per process that the sampled rows are scored in fp8, and what the copies cost."""
+    if "fp8" not in _said_fp8:
+        _said_fp8.add("fp8")
+        logger.info("sparselora: the sampled selector scores FFN rows from fp8 copies of gate/up (%.0f MiB per sparse "
+                    "layer; sample_fp8=False turns it off)", w.nbytes / 2**20)
 
 
 class SparseMLP:
@@ -22,6 +34,7 @@ class SparseMLP:
         self.kept: torch.Tensor | None = None  # channels kept in the last sparse forward
         cfg = state.config
         self.running = None  # the sampled selector's scores averaged over batches
+        self.fp8: Fp8Weight | None = None  # fp8 [gate; up] for the sampled rows' scores (`_fp8_gate_up`)
         if cfg.selector == "sampled" and cfg.score_momentum > 0:
             self.running = RunningScore(cfg.score_momentum)
             state.running_scores[layer] = self.running
@@ -45,15 +58,37 @@ class SparseMLP:
         n = base_weight_bias(mlp.gate_proj)[0].shape[0]
         if self.state.ffn_probe is not None:  # allocate_sample_rows measuring (frozen, no_grad)
             self.state.ffn_probe(self, xc, n)
-        keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n,
-                          cfg.ffn_rows(self.layer), self.running)
-        self.kept = keep
         parts = ffn_parts(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        keep = select_ffn(cfg.selector, self.sparsity, xc, mlp.gate_proj, mlp.up_proj, factors, n,
+                          cfg.ffn_rows(self.layer), self.running, self._fp8_gate_up(parts, xc.device))
+        self.kept = keep
         if parts is not None:  # no adapter on the FFN (LoRA on attention only): one fused node for all rows
             return split.stream_of(split_ffn(parts, xp, split.num_context, keep), permuted)
         yc = ffn_context(mlp.gate_proj, mlp.up_proj, mlp.down_proj, xc, keep)
         yd = mlp.down_proj(silu_mul(mlp.gate_proj(xd), mlp.up_proj(xd))) if xd.shape[0] else yc.new_empty(0, yc.shape[-1])
         return split.scatter(yc, yd, permuted)
+
+    def _fp8_gate_up(self, parts, device) -> Fp8Weight | None:
+        """The fp8 copy of [gate; up] that scores the sampled rows (`SparseLoRAConfig.sample_fp8`), built at the first
+        sparse forward on a GPU with fp8 tensor cores; None where it does not apply: another selector, an adapter on
+        the FFN (the scores include it, in the model's dtype), a CPU or an older GPU."""
+        cfg = self.state.config
+        if not (cfg.sample_fp8 and cfg.selector == "sampled" and parts is not None and fp8_supported(device)):
+            return None
+        wg, bg, wu, bu = parts[:4]
+        if device.type == "cuda" and not fp8_fits(2 * wg.shape[0], wg.shape[1]):
+            return None
+        if self.fp8 is None or self.fp8.q.device != device:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("sparselora: a sparse FFN first ran inside CUDA graph capture; run a warm-up "
+                                   "forward first (CUDAGraphStep does)")
+            bias = None
+            if bg is not None or bu is not None:
+                bias = torch.cat([bg if bg is not None else wg.new_zeros(wg.shape[0]),
+                                  bu if bu is not None else wu.new_zeros(wu.shape[0])])
+            self.fp8 = Fp8Weight(torch.cat([wg, wu]), bias)
+            note_fp8(self.fp8)
+        return self.fp8
 
     def _forward_labelled(self, split, xc: torch.Tensor, xd: torch.Tensor, permuted: bool) -> torch.Tensor:
         """Dense rows first: their activations, restricted to the labelled rows, rank the context channels."""
@@ -65,4 +100,5 @@ class SparseMLP:
         return split.scatter(yc, mlp.down_proj(hd), permuted)
 
     def remove(self) -> None:
+        self.fp8 = None
         self.swap.restore()
