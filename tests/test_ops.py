@@ -708,3 +708,22 @@ def test_fp8_weight_equals_its_emulation(device, m, bias):
     exact = x.double() @ w.double().t() + (0 if b is None else b.double())
     rel = (y.double() - exact).norm() / exact.norm()
     assert rel < 0.06, f"fp8 product off the exact one by {rel:.3f} (relative Frobenius)"
+
+
+@pytest.mark.parametrize("m, k", [(256, 4096), (37, 1000), (1, 64)])
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_row_quantization_kernel_equals_torch(m, k):
+    """The one-kernel row quantization of the fp8 scoring GEMM against `quantize_rows` (torch ops): the same scales,
+    the same e4m3 values (rounding may differ by one step in rare halfway cases), zero rows with scale 1 padded."""
+    from sparselora.ops.fp8 import _quantize_rows_padded, quantize_rows
+
+    x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 10).to(torch.bfloat16)
+    q, s = _quantize_rows_padded(x)
+    rq, rs = quantize_rows(x)
+    assert q.shape[0] % 16 == 0 and q.shape[0] >= m
+    assert_close(s[:m], rs, "row scales", rtol=1e-6, atol=0)
+    a, b = q[:m].float(), rq.float()
+    off = (a - b).abs() > 0.07 * b.abs().clamp_min(2 ** -9)
+    assert off.float().mean() < 1e-3, f"{int(off.sum())} of {off.numel()} fp8 values differ by more than one step"
+    if q.shape[0] > m:
+        assert (q[m:].float() == 0).all() and (s[m:] == 1).all()

@@ -14,6 +14,12 @@ from __future__ import annotations
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 _ALIGN = 16  # torch._scaled_mm wants every dimension a multiple of 16 (widths: checked by `fp8_fits`)
@@ -36,6 +42,39 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t.float() / scale).to(E4M3), scale
 
 
+if triton is not None:
+
+    @triton.jit
+    def _quantize_rows_kernel(x, q, scale, K, stride_x, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        inside = offs < K
+        v = tl.load(x + row * stride_x + offs, mask=inside, other=0.0).to(tl.float32)
+        s = tl.maximum(tl.max(tl.abs(v), 0), 1e-12) / 448.0
+        tl.store(q + row * K + offs, (v / s).to(tl.float8e4nv), mask=inside)
+        tl.store(scale + row, s)
+
+
+def _quantize_rows_padded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows` of a CUDA matrix in one kernel (one program per row), rows zero-padded to a multiple of 16
+    (scale 1) for the scaled GEMM; torch ops where Triton is missing."""
+    m, k = x.shape
+    mp = -(-m // _ALIGN) * _ALIGN
+    if triton is None or x.stride(1) != 1 or k > 32768:
+        xq, xs = quantize_rows(x)
+        if mp > m:
+            xq = torch.cat([xq, xq.new_zeros(mp - m, k)])
+            xs = torch.cat([xs, xs.new_ones(mp - m, 1)])
+        return xq, xs
+    alloc = torch.zeros if mp > m else torch.empty
+    xq = alloc(mp, k, device=x.device, dtype=E4M3)
+    xs = torch.ones(mp, 1, device=x.device, dtype=torch.float32) if mp > m else torch.empty(
+        m, 1, device=x.device, dtype=torch.float32)
+    _quantize_rows_kernel[(m,)](x, xq, xs, k, x.stride(0), BLOCK=triton.next_power_of_2(k),
+                                num_warps=8 if k > 4096 else 4)
+    return xq, xs
+
+
 class Fp8Weight:
     """x W^T (+ bias) of a frozen (out, in) weight from its e4m3 copy; ``x`` is quantized per row at each call."""
 
@@ -47,15 +86,12 @@ class Fp8Weight:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xq, xs = quantize_rows(x)
         if x.is_cuda:
-            m = x.shape[0]
-            if m % _ALIGN:  # a sample smaller than its row count (a short batch): zero rows up to the alignment
-                pad = _ALIGN - m % _ALIGN
-                xq = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])])
-                xs = torch.cat([xs, xs.new_ones(pad, 1)])
-            y = torch._scaled_mm(xq, self.q.t(), scale_a=xs, scale_b=self.scale, out_dtype=torch.bfloat16)[:m]
+            xq, xs = _quantize_rows_padded(x)  # a sample smaller than 16-aligned (a short batch): zero rows added
+            y = torch._scaled_mm(xq, self.q.t(), scale_a=xs, scale_b=self.scale, out_dtype=torch.bfloat16)
+            y = y[: x.shape[0]]
         else:
+            xq, xs = quantize_rows(x)
             y = (xq.float() * xs) @ (self.q.float() * self.scale.t()).t()
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

@@ -53,7 +53,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _silu_mul_sq_kernel(g, u, out, N, I, stride_g, stride_u, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
+    def _silu_mul_sq_kernel(g, u, out, N, I, stride_g, stride_u, scale, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
         cols = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
         cmask = cols < I
         acc = tl.zeros((BLOCK_J,), dtype=tl.float32)
@@ -64,18 +64,20 @@ if triton is not None:
             b = tl.load(u + rows[:, None] * stride_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
             h = a * tl.sigmoid(a) * b
             acc += tl.sum(h * h, axis=0)
-        tl.store(out + cols, acc, mask=cmask)
+        tl.store(out + cols, acc * scale, mask=cmask)
 
 
-def silu_mul_sq_sum(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """sum over rows of (silu(g) * u)^2 per channel, in float32: the sampled selector's FFN score in one pass over
-    g and u (2-D, unit column stride; views of one [g | u] buffer are fine), without writing the activation."""
+def silu_mul_sq_sum(g: torch.Tensor, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale`` times the sum over rows of (silu(g) * u)^2 per channel, in float32: the sampled selector's FFN
+    score in one pass over g and u (2-D; views of one [g | u] buffer are fine), without writing the activation."""
     if g.is_cuda and triton is not None and g.stride(1) == 1 and u.stride(1) == 1:
         n, i = g.shape
         out = torch.empty(i, device=g.device, dtype=torch.float32)
-        _silu_mul_sq_kernel[(triton.cdiv(i, 128),)](g, u, out, n, i, g.stride(0), u.stride(0), BLOCK_T=32, BLOCK_J=128)
+        _silu_mul_sq_kernel[(triton.cdiv(i, 128),)](g, u, out, n, i, g.stride(0), u.stride(0), float(scale),
+                                                    BLOCK_T=32, BLOCK_J=128)
         return out
-    return (F.silu(g.float()) * u.float()).pow(2).sum(0)
+    out = (F.silu(g.float()) * u.float()).pow(2).sum(0)
+    return out if scale == 1.0 else out.mul_(scale)
 
 
 def _pad_rank(t: torch.Tensor, dim: int, r: int) -> torch.Tensor:
