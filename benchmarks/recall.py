@@ -14,6 +14,8 @@ own `select_ffn` / `select_attention` and the layer's real projections:
   FFN averaged over the earlier batches in order (`RunningScore`, the default `score_momentum`), as in training;
   ``sampled-m0`` the FFN's without that average (each batch's sample alone); ``sampled-S`` that on S rows;
   ``sampled-S-mM`` (FFN) S rows averaged at momentum M (``--momenta``): what a smaller, cheaper sample keeps;
+  ``sampled-fp8`` (FFN) the default scored as on a GPU with fp8 tensor cores (`SparseLoRAConfig.sample_fp8`):
+  gate/up of the sample from e4m3 copies with row scales (`ops.fp8.Fp8Weight`, emulated in float32 here);
   ``sampled-spread`` (FFN) the default with its rows spread over the layers by need (`calibrate.spread_rows`, as
   `sparselora finetune`'s probe does), from the mass of each sample size measured on ``--calib-batches`` other
   batches (the examples after the measured ones), per level; the same mean rows or fewer (``spread_rows`` in the
@@ -84,6 +86,7 @@ def main(argv=None):
     from sparselora.estimator import Estimator
     from sparselora.loading import load_model
     from sparselora.models.registry import arch_info, decoder_layers
+    from sparselora.ops.fp8 import Fp8Weight
     from sparselora.ops.lora_layer import base_weight_bias
     from sparselora.selection import (DEFAULT_SELECTOR, SAMPLE_ROWS, RunningScore, commit_running, labelled_rows,
                                       select_attention, select_ffn)
@@ -123,6 +126,7 @@ def main(argv=None):
     momenta = [float(m) for m in args.momenta.split(",") if m]
     grid = [(S, m) for S in sorted({SAMPLE_ROWS, *SAMPLES}) for m in momenta if (S, m) != (SAMPLE_ROWS, momentum)]
     running_grid = {(i, S, m): RunningScore(m) for i in ffn_layers for S, m in grid}
+    fp8, running_fp8 = {}, {i: RunningScore(momentum) for i in ffn_layers}  # sampled-fp8: the GPU's scores, emulated
 
     # sampled-spread: each sample size's mass on the calibration batches (alone, vs the oracle), then the rows
     ladder = sorted({*ROW_LADDER, SAMPLE_ROWS})
@@ -172,6 +176,10 @@ def main(argv=None):
                     for S in sorted({SAMPLE_ROWS, *SAMPLES})}
                 cands["sampled"] = select_ffn("sampled", s, xc, mod.gate_proj, mod.up_proj, None, n,
                                               running=running[i])
+                if i not in fp8:
+                    fp8[i] = Fp8Weight(torch.cat([mod.gate_proj.weight, mod.up_proj.weight]))
+                cands["sampled-fp8"] = select_ffn("sampled", s, xc, None, None, None, n, running=running_fp8[i],
+                                                  gate_up=fp8[i])
                 if spread:
                     cands["sampled-spread"] = select_ffn("sampled", s, xc, mod.gate_proj, mod.up_proj, None, n,
                                                          rows=spread[s][i], running=running_spread[i, s])
@@ -229,7 +237,7 @@ def main(argv=None):
         n_lab += int(rows["lab"].sum())
         with torch.no_grad():
             model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        commit_running([*running.values(), *running_grid.values(), *running_spread.values()])
+        commit_running([*running.values(), *running_grid.values(), *running_spread.values(), *running_fp8.values()])
         print(f"batch {bi + 1}/{len(batches)} ({time.time() - t0:.0f}s)", flush=True)
     for h in handles:
         h.remove()

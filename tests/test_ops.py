@@ -666,15 +666,19 @@ def test_top_indices_on_cpu_and_its_errors():
 def test_silu_mul_sq_sum_equals_reference(device, dtype, n, i):
     """The sampled selector's one-pass FFN score (a Triton kernel on CUDA) against float64, on views of one [g | u]
     buffer (row stride 2i, as the fp8 GEMM's output is read) and on separate tensors."""
-    from sparselora.ops.scores import silu_mul_sq_sum
+    from sparselora.ops import first_use
+    from sparselora.ops.scores import SCORE_KERNEL, _silu_mul_sq_triton, silu_mul_sq_sum
 
     g = torch.Generator().manual_seed(n + i)
     gu = (torch.randn(n, 2 * i, generator=g) * 2).to(device, dtype)
     ref = (F.silu(gu[:, :i].double()) * gu[:, i:].double()).pow(2).sum(0)
     for a, b in ((gu[:, :i], gu[:, i:]), (gu[:, :i].contiguous(), gu[:, i:].contiguous())):
-        out = silu_mul_sq_sum(a, b)
-        assert out.dtype == torch.float32 and out.shape == (i,)
-        assert_close(out, ref, f"silu_mul_sq_sum {tuple(a.stride())}", rtol=1e-5, atol=1e-5)
+        # the kernel itself on CUDA (the public function would fall back to torch if the kernel were wrong)
+        for out in ([_silu_mul_sq_triton(a, b, 0.5) * 2] if device != "cpu" else []) + [silu_mul_sq_sum(a, b)]:
+            assert out.dtype == torch.float32 and out.shape == (i,)
+            assert_close(out, ref, f"silu_mul_sq_sum {tuple(a.stride())}", rtol=1e-5, atol=1e-5)
+    if device != "cpu":
+        assert first_use._verdict.get(SCORE_KERNEL) is True, "the score kernel was set aside on this GPU"
 
 
 def _fp8_emulated(w, x, bias=None):
@@ -701,8 +705,11 @@ def test_fp8_weight_equals_its_emulation(device, m, bias):
     w = (torch.randn(96, 64, generator=g) * 0.05).to(device, torch.bfloat16)
     x = torch.randn(m, 64, generator=g).to(device, torch.bfloat16)
     b = (torch.randn(96, generator=g) * 0.1).to(device, torch.bfloat16) if bias else None
-    y = Fp8Weight(w, b)(x)
+    fw = Fp8Weight(w, b)
+    y = fw(x)  # the kernel itself, unchecked
     assert y.shape == (m, 96)
+    exact = lambda t: t.float() @ w.float().t() + (0 if b is None else b.float())  # noqa: E731
+    assert torch.equal(fw.checked(x, exact), y) or device == "cpu", "the fp8 GEMM was set aside on this GPU"
     ref = _fp8_emulated(w, x, b)
     assert_close(y.double(), ref, "fp8 GEMM vs emulation", rtol=2e-2, atol=2e-2)
     exact = x.double() @ w.double().t() + (0 if b is None else b.double())
@@ -727,3 +734,39 @@ def test_row_quantization_kernel_equals_torch(m, k):
     assert off.float().mean() < 1e-3, f"{int(off.sum())} of {off.numel()} fp8 values differ by more than one step"
     if q.shape[0] > m:
         assert (q[m:].float() == 0).all() and (s[m:] == 1).all()
+
+
+def test_a_kernel_is_checked_on_first_use_and_set_aside_when_wrong(caplog):
+    """`ops.first_use.checked`: the first call runs kernel and reference and compares; a kernel that agrees is used
+    alone from then on, one that disagrees or raises is replaced by the reference (one warning), for the process."""
+    from sparselora.ops import first_use
+
+    first_use.reset()
+    ref = torch.arange(4.0)
+    calls = {"fast": 0, "ref": 0}
+
+    def reference():
+        calls["ref"] += 1
+        return ref
+
+    def run(name, fast):
+        return first_use.checked(name, fast, reference, 1e-3)
+
+    def good():
+        calls["fast"] += 1
+        return ref + 1e-6
+
+    try:
+        assert torch.equal(run("good kernel", good), ref + 1e-6) and calls == {"fast": 1, "ref": 1}
+        run("good kernel", good)
+        assert calls == {"fast": 2, "ref": 1}  # trusted: the reference no longer runs
+        with caplog.at_level("WARNING", logger="sparselora"):
+            assert torch.equal(run("wrong kernel", lambda: ref * 2), ref)
+            assert torch.equal(run("broken kernel", lambda: 1 / 0), ref)
+        said = [r.getMessage() for r in caplog.records]
+        assert any("wrong kernel is set aside" in m and "differs" in m for m in said)
+        assert any("broken kernel is set aside" in m and "ZeroDivisionError" in m for m in said)
+        caplog.clear()
+        assert torch.equal(run("wrong kernel", lambda: ref * 2), ref) and not caplog.records  # said once
+    finally:
+        first_use.reset()

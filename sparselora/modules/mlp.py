@@ -68,10 +68,11 @@ class SparseMLP:
         yd = mlp.down_proj(silu_mul(mlp.gate_proj(xd), mlp.up_proj(xd))) if xd.shape[0] else yc.new_empty(0, yc.shape[-1])
         return split.scatter(yc, yd, permuted)
 
-    def _fp8_gate_up(self, parts, device) -> Fp8Weight | None:
-        """The fp8 copy of [gate; up] that scores the sampled rows (`SparseLoRAConfig.sample_fp8`), built at the first
-        sparse forward on a GPU with fp8 tensor cores; None where it does not apply: another selector, an adapter on
-        the FFN (the scores include it, in the model's dtype), a CPU or an older GPU."""
+    def _fp8_gate_up(self, parts, device):
+        """[gate x | up x] from the fp8 copy of [gate; up] that scores the sampled rows
+        (`SparseLoRAConfig.sample_fp8`), built at the first sparse forward on a GPU with fp8 tensor cores and checked
+        once against the exact product (`Fp8Weight.checked`); None where it does not apply: another selector, an
+        adapter on the FFN (the scores include it, in the model's dtype), a CPU or an older GPU."""
         cfg = self.state.config
         if not (cfg.sample_fp8 and cfg.selector == "sampled" and parts is not None and fp8_supported(device)):
             return None
@@ -88,7 +89,8 @@ class SparseMLP:
                                   bu if bu is not None else wu.new_zeros(wu.shape[0])])
             self.fp8 = Fp8Weight(torch.cat([wg, wu]), bias)
             note_fp8(self.fp8)
-        return self.fp8
+        mlp = self.mlp
+        return lambda t: self.fp8.checked(t, lambda r: torch.cat([mlp.gate_proj(r), mlp.up_proj(r)], 1))
 
     def _forward_labelled(self, split, xc: torch.Tensor, xd: torch.Tensor, permuted: bool) -> torch.Tensor:
         """Dense rows first: their activations, restricted to the labelled rows, rank the context channels."""

@@ -12,7 +12,12 @@ accumulates in float32), so `benchmarks/recall.py` measures on CPU what the GPU 
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
+
+from sparselora.ops.first_use import checked
 
 try:
     import triton
@@ -22,12 +27,17 @@ except ImportError:  # CPU-only installs
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+FP8_GEMM = "the fp8 scoring GEMM"  # its name in `ops.first_use`
 _ALIGN = 16  # torch._scaled_mm wants every dimension a multiple of 16 (widths: checked by `fp8_fits`)
 
 
 def fp8_supported(device: torch.device | str) -> bool:
     """fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell) and torch's scaled GEMM."""
-    device = torch.device(device)
+    return _fp8_supported(torch.device(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _fp8_supported(device: torch.device) -> bool:  # asked by every sparse FFN forward: once per device
     return (device.type == "cuda" and hasattr(torch, "_scaled_mm")
             and torch.cuda.get_device_capability(device) >= (8, 9))
 
@@ -86,6 +96,14 @@ class Fp8Weight:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._gemm(x)
+
+    def checked(self, x: torch.Tensor, exact: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``self(x)`` if the fp8 GEMM has matched the exact product ``exact(x)`` on its first call in this process
+        (within the quantization's error, 6%), else ``exact(x)`` (`ops.first_use.checked`)."""
+        return checked(FP8_GEMM, lambda: self(x), lambda: exact(x), 0.06)
+
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             xq, xs = _quantize_rows_padded(x)  # a sample smaller than 16-aligned (a short batch): zero rows added
             y = torch._scaled_mm(xq, self.q.t(), scale_a=xs, scale_b=self.scale, out_dtype=torch.bfloat16)

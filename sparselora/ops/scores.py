@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sparselora.ops.first_use import checked
+
 try:
     import triton
     import triton.language as tl
@@ -70,14 +72,24 @@ if triton is not None:
 def silu_mul_sq_sum(g: torch.Tensor, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``scale`` times the sum over rows of (silu(g) * u)^2 per channel, in float32: the sampled selector's FFN
     score in one pass over g and u (2-D; views of one [g | u] buffer are fine), without writing the activation."""
-    if g.is_cuda and triton is not None and g.stride(1) == 1 and u.stride(1) == 1:
-        n, i = g.shape
-        out = torch.empty(i, device=g.device, dtype=torch.float32)
-        _silu_mul_sq_kernel[(triton.cdiv(i, 128),)](g, u, out, n, i, g.stride(0), u.stride(0), float(scale),
-                                                    BLOCK_T=32, BLOCK_J=128)
-        return out
-    out = (F.silu(g.float()) * u.float()).pow(2).sum(0)
-    return out if scale == 1.0 else out.mul_(scale)
+    def reference():
+        out = (F.silu(g.float()) * u.float()).pow(2).sum(0)
+        return out if scale == 1.0 else out.mul_(scale)
+
+    if not (g.is_cuda and triton is not None and g.stride(1) == 1 and u.stride(1) == 1):
+        return reference()
+    return checked(SCORE_KERNEL, lambda: _silu_mul_sq_triton(g, u, scale), reference, 1e-4)
+
+
+SCORE_KERNEL = "the Triton FFN score kernel"  # its name in `ops.first_use`
+
+
+def _silu_mul_sq_triton(g: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
+    n, i = g.shape
+    out = torch.empty(i, device=g.device, dtype=torch.float32)
+    _silu_mul_sq_kernel[(triton.cdiv(i, 128),)](g, u, out, n, i, g.stride(0), u.stride(0), float(scale),
+                                                BLOCK_T=32, BLOCK_J=128)
+    return out
 
 
 def _pad_rank(t: torch.Tensor, dim: int, r: int) -> torch.Tensor:
