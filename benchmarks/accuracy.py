@@ -203,7 +203,7 @@ def evaluate_all(model, tokenizer, tests, task, args, pred_dir: Path | None) -> 
     for name, ex in tests.items():
         s = evaluate(model, tokenizer, ex, task=task, batch_size=args.eval_batch_size,
                      max_new_tokens=args.max_new_tokens, out_dir=pred_dir, name=name)
-        res[name] = {k: s[k] for k in ("accuracy", "n", "correct", "ci95", "n_unparsed", "seconds")}
+        res[name] = {k: s[k] for k in ("accuracy", "n", "correct", "ci95", "n_unparsed", "seconds", "hits")}
         log(f"  {name}: {s['accuracy']:.4f} (n={s['n']}, unparsed {s['n_unparsed']}, {s['seconds']:.1f}s)")
     return res
 
@@ -237,8 +237,31 @@ def one_run(name: str, seed: int, ctx: dict) -> dict:
     return rec
 
 
+def paired_difference(runs: list[dict], ref_runs: list[dict], sets: list[str]) -> dict | None:
+    """The task average of ``runs`` minus that of ``ref_runs`` (each averaged over its seeds), in points, with a
+    95% interval from the per-example differences on the same test examples (a paired comparison: most of the
+    between-model noise of two unpaired accuracies is which examples the subset holds, and it cancels here).
+    Per example, the difference of the two methods' hit rates over their seeds; a set's difference is their mean,
+    its variance that of the mean; the task average weighs the sets equally. None without per-example hits."""
+    per_set, var = {}, 0.0
+    for s in sets:
+        hits = [[r["eval"][s].get("hits") for r in rs] for rs in (runs, ref_runs)]
+        if not all(h for side in hits for h in side) or len({len(h) for side in hits for h in side}) != 1:
+            return None
+        n = len(hits[0][0])
+        rate = [[statistics.fmean(int(h[i]) for h in side) for i in range(n)] for side in hits]
+        d = [a - b for a, b in zip(*rate)]
+        per_set[s] = 100 * statistics.fmean(d)
+        var += statistics.pvariance(d) / (n - 1) if n > 1 else 0.0  # of the set's mean difference
+    diff, half = statistics.fmean(per_set.values()), 100 * 1.96 * var ** 0.5 / len(sets)
+    return {"points": round(diff, 2), "ci95": [round(diff - half, 2), round(diff + half, 2)],
+            "per_set": {s: round(v, 2) for s, v in per_set.items()}, "seeds": [len(runs), len(ref_runs)]}
+
+
 def aggregate(doc: dict) -> None:
-    """Per method: the lists the report reads, in seed order, from the successful runs."""
+    """Per method: the lists the report reads, in seed order, from the successful runs; against dense, the paired
+    difference on the same test examples (`paired_difference`)."""
+    dense_runs = [r for r in doc["methods"].get("dense", {}).get("runs", {}).values() if "eval" in r]
     for name, m in doc["methods"].items():
         runs = [r for _, r in sorted(m.get("runs", {}).items(), key=lambda kv: int(kv[0])) if "eval" in r]
         m["seeds"] = [r["seed"] for r in runs]
@@ -246,6 +269,8 @@ def aggregate(doc: dict) -> None:
         m["accuracy"] = {s: [r["eval"][s]["accuracy"] for r in runs] for s in sets}
         if sets:
             m["average"] = [statistics.fmean(r["eval"][s]["accuracy"] for s in sets) for r in runs]
+            if name != "dense" and dense_runs and set(dense_runs[0]["eval"]) == set(sets):
+                m["paired_vs_dense"] = paired_difference(runs, dense_runs, sets)
         m["eval_seconds"] = [sum(r["eval"][s]["seconds"] for s in sets) for r in runs]
         if runs and "flops" in runs[0]:
             m["flops_per_step"] = statistics.fmean(r["flops"]["sparse_per_step"] for r in runs)

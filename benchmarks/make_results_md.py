@@ -113,6 +113,19 @@ def accuracy_section(doc: dict, path: Path) -> list[str]:
     return lines
 
 
+def paired_note(m: dict) -> str:
+    """The paired difference on the same test examples, where the runs kept per-example hits."""
+    p = m.get("paired_vs_dense")
+    if not p:
+        return ""
+    lo, hi = p["ci95"]
+    verdict = (f"short of -{GOAL_POINTS} with 95% confidence" if hi < -GOAL_POINTS else
+               f"within -{GOAL_POINTS} with 95% confidence" if lo >= -GOAL_POINTS else
+               f"-{GOAL_POINTS} lies inside it: undecided at this test size")
+    return (f" Paired on the same test examples: {p['points']:+.2f} points, 95% interval [{lo:+.2f}, {hi:+.2f}]: "
+            f"{verdict}.")
+
+
 def goal_lines(doc: dict) -> list[str]:
     ms = doc["methods"]
     out = []
@@ -133,7 +146,7 @@ def goal_lines(doc: dict) -> list[str]:
                    f"{100 * goal_ratio:.0f}% FLOPs): **{verdict}** — accuracy {gap:+.2f} points "
                    f"({'ok' if ok_acc else 'short by %.2f' % (-GOAL_POINTS - gap)}), FLOPs {100 * ratio:.1f}% "
                    f"({'ok' if ok_fl else 'over by %.1f points' % (100 * (ratio - goal_ratio))}); seeds "
-                   f"{s.get('seeds')} vs {d.get('seeds')}.")
+                   f"{s.get('seeds')} vs {d.get('seeds')}." + paired_note(s))
         skipped = [x for x in (s.get("skipped_steps") or []) + (d.get("skipped_steps") or []) if x]
         if skipped:
             out.append(f"  Optimizer steps skipped for a non-finite gradient: {skipped}.")

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -85,3 +86,34 @@ def test_aggregate_and_markdown(tmp_path):
     md.main(["--results", str(tmp_path), "--out", str(out)])
     text = out.read_text()
     assert "| dense | 0,1 | 55.0 ± 5.0 |" in text and "NOT met" in text and "Not yet run" in text
+
+
+def test_paired_difference_on_the_same_examples():
+    """The paired difference of two methods' task averages, from per-example hits: the point estimate equals the
+    difference of the mean accuracies, the interval comes from the per-example differences (checked by hand on a
+    small case), it narrows when the two methods err on the same examples, and runs without hits give None."""
+    def run(hits):
+        return {"eval": {k: {"hits": h, "accuracy": h.count("1") / len(h)} for k, h in hits.items()}}
+
+    a = [run({"x": "1100", "y": "10"}), run({"x": "1110", "y": "11"})]
+    b = [run({"x": "1000", "y": "00"})]
+    p = acc.paired_difference(a, b, ["x", "y"])
+    # per example: x: (1-1, 1-0, .5-0, 0-0) -> mean .375; y: (1-0, .5-0) -> .75; average .5625
+    assert p["per_set"] == {"x": 37.5, "y": 75.0} and p["points"] == pytest.approx(56.25, abs=0.01)
+    var_x = statistics.pvariance([0, 1, 0.5, 0]) / 3
+    var_y = statistics.pvariance([1, 0.5]) / 1
+    half = 100 * 1.96 * (var_x + var_y) ** 0.5 / 2
+    assert p["ci95"] == pytest.approx([56.25 - half, 56.25 + half], abs=0.01)
+    same = acc.paired_difference([run({"x": "1111000000"})], [run({"x": "1110000000"})], ["x"])
+    shuffled = acc.paired_difference([run({"x": "0000001111"})], [run({"x": "1110000000"})], ["x"])
+    assert same["points"] == shuffled["points"] == 10.0
+    assert same["ci95"][1] - same["ci95"][0] < shuffled["ci95"][1] - shuffled["ci95"][0]
+    assert acc.paired_difference([{"eval": {"x": {"accuracy": 0.5}}}], b, ["x"]) is None
+
+
+def test_paired_note_in_the_goal_line():
+    note = md.paired_note({"paired_vs_dense": {"points": -1.2, "ci95": [-2.5, 0.1]}})
+    assert "-1.20 points" in note and "undecided" in note
+    assert "short of" in md.paired_note({"paired_vs_dense": {"points": -3.0, "ci95": [-4.0, -2.0]}})
+    assert "within" in md.paired_note({"paired_vs_dense": {"points": 0.4, "ci95": [-0.3, 1.1]}})
+    assert md.paired_note({}) == ""

@@ -172,7 +172,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Greedy-generate for `examples`, extract answers, score them against `example.answer`.
 
-    Returns `{"task", "n", "correct", "accuracy", "ci95": [lo, hi], "n_unparsed", "seconds", ...}`.
+    Returns `{"task", "n", "correct", "accuracy", "ci95": [lo, hi], "n_unparsed", "seconds", "hits", ...}`; ``hits``
+    is a string of "1"/"0", one per example in order.
     With `out_dir`, writes `<name>.predictions.jsonl` (one line per example) and `<name>.scores.json`
     (name defaults to the task), each atomically.
     """
@@ -228,6 +229,8 @@ def evaluate(
         "max_new_tokens": max_new_tokens,
         "chat_template": use_chat_template,
         "n_gold_unfit": len(unfit),
+        # per example, in the given order: "1" correct, "0" not (what a paired comparison of two models reads)
+        "hits": "".join("1" if r["correct"] else "0" for r in records),
     }
     if out_dir is not None:
         out = Path(out_dir)
