@@ -345,12 +345,11 @@ def select_attention(
     factors: tuple[torch.Tensor, list[torch.Tensor]] | None,
     biases: list[torch.Tensor | None] | None = None,
     rows: int = SAMPLE_ROWS,
-    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Kept output channels of q, k, v and input columns of o. ``x``: the context rows, or for the labelled
     selector the labelled rows (then scored like the oracle, by their true q/k/v); the sampled selector scores
     like the oracle on at most ``rows`` evenly spaced rows of ``x``. ``q``/``k``/``v`` include their bias; for
-    svd, ``biases`` are added to the low-rank estimate; ``qkv``, when given, computes the three at once instead.
+    svd, ``biases`` are added to the low-rank estimate.
 
     q/k are ranked jointly by ||q|| * ||k|| (query norms averaged over the heads of a kv group), so a kept k
     channel keeps the matching channel of every query head of its group; v by ||v||, and a kept v channel
@@ -371,7 +370,7 @@ def select_attention(
         qn, kn, vn = (col_norms_sq(z, b, c).sqrt() for z, b, c in zip(_project(x, factors), factors[1], biases))
     else:
         xs = sample_rows(x, rows) if selector == "sampled" else x
-        qn, kn, vn = (_col_norms(y) for y in (qkv(xs) if qkv is not None else (q(xs), k(xs), v(xs))))
+        qn, kn, vn = (_col_norms(f(xs)) for f in (q, k, v))
     qn, kn = qn.view(Hq, D), kn.view(Hkv, D)
     v_ch = top_indices(vn, v_keep)
     if selector == "l2":

@@ -62,19 +62,10 @@ class SparseAttention:
         biases = [base_weight_bias(self.projs[p])[1] for p in "qkv"]  # Qwen2's q/k/v biases
         self.kept = select_attention(
             cfg.selector, self.sparsity, xs, self.state.arch, cfg.rope_pairs, orig["q"], orig["k"], orig["v"], factors,
-            biases, cfg.sample_rows, self._scoring_qkv(),
+            biases, cfg.sample_rows,
         )
         self._inputs = _Inputs(x, xc, xd, xp)
         return None
-
-    def _scoring_qkv(self):
-        """q, k, v of the scored rows in one fused call (bias and LoRA included, LoRA dropout off: a score is of the
-        projection itself), a few kernels instead of three PEFT forwards; None when a projection does not fuse."""
-        plist = [lora_parts(self.projs[p]) for p in "qkv"]
-        if any(pl is None for pl in plist):
-            return None
-        plist = [(*pl[:5], 0.0) for pl in plist]
-        return lambda t: split_lora_linears(plist, t)
 
     def _fused_o(self, parts, x: torch.Tensor, split) -> torch.Tensor:
         """o on rows permuted context-first; its output stays in the stream's order."""
