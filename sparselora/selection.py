@@ -93,9 +93,21 @@ def labelled_rows(x_dense: torch.Tensor, num_labelled: int, cap: int = LABELLED_
 SAMPLE_ROWS = 256
 
 
-@functools.lru_cache(maxsize=256)
+_SAMPLE_INDEX: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+_SAMPLE_INDEX_MAX = 4096  # entries of a few KB; past it, new shapes compute their index each call
+
+
 def _sample_index(n: int, rows: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(rows, device=device) * n // rows
+    """Never evicted: a captured CUDA graph reads the tensor by address, so freeing it would hand that memory to
+    other tensors while the graph still replays from it."""
+    key = (n, rows, device)
+    idx = _SAMPLE_INDEX.get(key)
+    if idx is None:
+        idx = torch.arange(rows, device=device) * n // rows
+        if len(_SAMPLE_INDEX) < _SAMPLE_INDEX_MAX and not (
+                device.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # not from a graph's pool
+            _SAMPLE_INDEX[key] = idx
+    return idx
 
 
 def sample_rows(x: torch.Tensor, rows: int = SAMPLE_ROWS) -> torch.Tensor:

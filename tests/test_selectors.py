@@ -351,3 +351,18 @@ def test_sampled_ffn_scores_from_fp8_copies(monkeypatch):
     for targets, kw in ((QKVO, {"sample_fp8": False}), (ALL_TARGETS, {})):
         off = _run("qwen2", "sampled", targets=targets, score_momentum=0.0, **kw)[0]
         assert all(w.fp8 is None for ws in get_state(off).layers.values() for w in ws if isinstance(w, mlp_mod.SparseMLP))
+
+
+def test_sample_index_is_cached_and_never_evicted(monkeypatch):
+    """The evenly spaced sample's index is built once per (rows in, rows out, device) and kept (a CUDA graph that
+    captured a gather with it reads it by address); past the cache's bound, new shapes compute theirs each call."""
+    import sparselora.selection as sel
+
+    monkeypatch.setattr(sel, "_SAMPLE_INDEX", {})
+    x = torch.arange(50.0)[:, None]
+    first = sel._sample_index(50, 7, x.device)
+    assert sel._sample_index(50, 7, x.device) is first
+    assert torch.equal(sample_rows(x, 7)[:, 0], torch.tensor([(i * 50) // 7 for i in range(7)], dtype=torch.float32))
+    monkeypatch.setattr(sel, "_SAMPLE_INDEX_MAX", 1)
+    a, b = sel._sample_index(60, 7, x.device), sel._sample_index(60, 7, x.device)
+    assert a is not b and torch.equal(a, b) and sel._sample_index(50, 7, x.device) is first

@@ -73,7 +73,8 @@ def silu_mul_sq_sum(g: torch.Tensor, u: torch.Tensor, scale: float = 1.0) -> tor
     """``scale`` times the sum over rows of (silu(g) * u)^2 per channel, in float32: the sampled selector's FFN
     score in one pass over g and u (2-D; views of one [g | u] buffer are fine), without writing the activation."""
     def reference():
-        out = (F.silu(g.float()) * u.float()).pow(2).sum(0)
+        f32 = [t if t.dtype == torch.float32 else t.float() for t in (g, u)]  # no op where they already are
+        out = (F.silu(f32[0]) * f32[1]).pow_(2).sum(0)
         return out if scale == 1.0 else out.mul_(scale)
 
     if not (g.is_cuda and triton is not None and g.stride(1) == 1 and u.stride(1) == 1):
