@@ -2,8 +2,9 @@
 
 The sampled selector runs the FFN's gate and up projections on a few hundred context rows of every batch, only to
 rank channels. At that height the GEMM is compute-bound (Llama-3-8B: ~94 us of a layer's ~134 us of selection on
-an H200), and fp8 tensor cores do it at twice the bf16 rate from half the weight bytes. Ranking needs no more
-precision: on real GSM8K batches the kept channels' mass is unchanged within 0.001 (docs/accuracy-notes.md). Only
+an H200), and fp8 tensor cores have twice the bf16 rate and read half the weight bytes (the speed-up is not yet
+measured). Ranking needs no more precision: on real GSM8K batches the kept channels' mass is unchanged within
+0.001 (docs/accuracy-notes.md). Only
 the score uses these numbers; the forward and its gradients stay in the model's dtype.
 
 On a CPU (and in tests) the same quantized numbers are multiplied in float32 (an emulation: the fp8 GEMM also
@@ -28,6 +29,7 @@ except ImportError:  # CPU-only installs
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 FP8_GEMM = "the fp8 scoring GEMM"  # its name in `ops.first_use`
+FP8_CHECK_RTOL = 0.2
 _ALIGN = 16  # torch._scaled_mm wants every dimension a multiple of 16 (widths: checked by `fp8_fits`)
 
 
@@ -99,9 +101,10 @@ class Fp8Weight:
         return self._gemm(x)
 
     def checked(self, x: torch.Tensor, exact: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``self(x)`` if the fp8 GEMM has matched the exact product ``exact(x)`` on its first call in this process
-        (within the quantization's error, 6%), else ``exact(x)`` (`ops.first_use.checked`)."""
-        return checked(FP8_GEMM, lambda: self(x), lambda: exact(x), 0.06)
+        """``self(x)`` if the fp8 GEMM has matched the exact product ``exact(x)`` on its first call in this process,
+        else ``exact(x)`` (`ops.first_use.checked`). The bound, 20% relative, is far above e4m3's own error (3.0-3.6%
+        on the sampled rows of SmolLM2-135M and Qwen2.5-Coder-0.5B, every layer) and far below a broken kernel's."""
+        return checked(FP8_GEMM, lambda: self(x), lambda: exact(x), FP8_CHECK_RTOL)
 
     def _gemm(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
