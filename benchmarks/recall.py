@@ -16,6 +16,8 @@ own `select_ffn` / `select_attention` and the layer's real projections:
   ``sampled-S-mM`` (FFN) S rows averaged at momentum M (``--momenta``): what a smaller, cheaper sample keeps;
   ``sampled-fp8`` (FFN) the default scored as on a GPU with fp8 tensor cores (`SparseLoRAConfig.sample_fp8`):
   gate/up of the sample from e4m3 copies with row scales (`ops.fp8.Fp8Weight`, emulated in float32 here);
+  ``sampled-stale`` the default's channels of the previous batch, on this one (what selecting every other
+  step would keep on the steps between; batches 2 on);
   ``sampled-spread`` (FFN) the default with its rows spread over the layers by need (`calibrate.spread_rows`, as
   `sparselora finetune`'s probe does), from the mass of each sample size measured on ``--calib-batches`` other
   batches (the examples after the measured ones), per level; the same mean rows or fewer (``spread_rows`` in the
@@ -127,6 +129,7 @@ def main(argv=None):
     grid = [(S, m) for S in sorted({SAMPLE_ROWS, *SAMPLES}) for m in momenta if (S, m) != (SAMPLE_ROWS, momentum)]
     running_grid = {(i, S, m): RunningScore(m) for i in ffn_layers for S, m in grid}
     fp8, running_fp8 = {}, {i: RunningScore(momentum) for i in ffn_layers}  # sampled-fp8: the GPU's scores, emulated
+    previous = {}  # (kind, layer, level) -> the default's channels on the last batch (sampled-stale)
 
     # sampled-spread: each sample size's mass on the calibration batches (alone, vs the oracle), then the rows
     ladder = sorted({*ROW_LADDER, SAMPLE_ROWS})
@@ -176,6 +179,9 @@ def main(argv=None):
                     for S in sorted({SAMPLE_ROWS, *SAMPLES})}
                 cands["sampled"] = select_ffn("sampled", s, xc, mod.gate_proj, mod.up_proj, None, n,
                                               running=running[i])
+                if ("ffn", i, s) in previous:  # sampled-stale: last batch's channels (selection every other step)
+                    cands["sampled-stale"] = previous["ffn", i, s]
+                previous["ffn", i, s] = cands["sampled"]
                 if i not in fp8:
                     fp8[i] = Fp8Weight(torch.cat([mod.gate_proj.weight, mod.up_proj.weight]))
                 cands["sampled-fp8"] = select_ffn("sampled", s, xc, None, None, None, n, running=running_fp8[i],
@@ -213,6 +219,9 @@ def main(argv=None):
                 best = select_attention("oracle", s, xc, arch, cfg.rope_pairs, *fixed, None)
                 cands = {"sampled" if S == SAMPLE_ROWS else f"sampled-{S}": select_attention(
                     "sampled", s, xc, arch, cfg.rope_pairs, *proj, None, rows=S) for S in sorted({SAMPLE_ROWS, *SAMPLES})}
+                if ("attention", i, s) in previous:
+                    cands["sampled-stale"] = previous["attention", i, s]
+                previous["attention", i, s] = cands["sampled"]
                 cands["mean"] = select_attention("oracle", s, xc.mean(0, keepdim=True), arch, cfg.rope_pairs, *proj, None)
                 cands["labelled"] = select_attention("oracle", s, labelled_rows(xl, xl.shape[0]), arch, cfg.rope_pairs,
                                                      *proj, None)
