@@ -366,3 +366,25 @@ def test_sample_index_is_cached_and_never_evicted(monkeypatch):
     monkeypatch.setattr(sel, "_SAMPLE_INDEX_MAX", 1)
     a, b = sel._sample_index(60, 7, x.device), sel._sample_index(60, 7, x.device)
     assert a is not b and torch.equal(a, b) and sel._sample_index(50, 7, x.device) is first
+
+
+def test_a_wrong_fp8_gemm_is_set_aside_and_the_exact_scores_choose(monkeypatch, caplog):
+    """Through the sparse FFN: an fp8 GEMM that returns garbage on this machine is caught at its first use (one
+    warning) and the channels are those the exact projections choose, as with sample_fp8 off."""
+    import sparselora.modules.mlp as mlp_mod
+    from sparselora.bench.lora import QKVO
+    from sparselora.ops import first_use
+    from sparselora.ops.fp8 import Fp8Weight
+
+    exact = _run("qwen2", "sampled", targets=QKVO, score_momentum=0.0, sample_fp8=False)[3]
+    monkeypatch.setattr(mlp_mod, "fp8_supported", lambda device: True)
+    monkeypatch.setattr(Fp8Weight, "_gemm", lambda self, x: torch.randn(x.shape[0], self.q.shape[0]))
+    first_use.reset()
+    try:
+        with caplog.at_level("WARNING", logger="sparselora"):
+            kept = _run("qwen2", "sampled", targets=QKVO, score_momentum=0.0)[3]
+    finally:
+        first_use.reset()
+    assert any("fp8 scoring GEMM is set aside" in r.getMessage() for r in caplog.records)
+    for i in LAYERS:
+        assert torch.equal(kept[i]["ffn"], exact[i]["ffn"]), f"layer {i}"
