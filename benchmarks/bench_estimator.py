@@ -89,7 +89,7 @@ def main(argv=None):
     wg, wu = weight(I), weight(I)
     gate, up, q, k, v = proj(wg), proj(wu), proj(weight(Hq * D)), proj(weight(Hkv * D)), proj(weight(Hkv * D))
     # the library's sampled FFN scores: from an fp8 copy of [gate; up] where the GPU has fp8 (SparseMLP._fp8_gate_up)
-    fp8 = Fp8Weight(torch.cat([wg, wu])) if cfg.sample_fp8 and fp8_supported(dev) else None
+    fp8 = Fp8Weight.side_by_side([wg, wu]) if cfg.sample_fp8 and fp8_supported(dev) else None
     variants = [(sel, sel, cfg.sample_rows, fp8) for sel in selectors]  # (timed name, selector, sample rows, fp8)
     if "sampled" in selectors:
         variants += [(f"sampled-{r}", "sampled", r, fp8) for r in sorted({int(t) for t in a.sample_rows.split(",") if t})

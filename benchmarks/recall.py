@@ -183,7 +183,7 @@ def main(argv=None):
                     cands["sampled-stale"] = previous["ffn", i, s]
                 previous["ffn", i, s] = cands["sampled"]
                 if i not in fp8:
-                    fp8[i] = Fp8Weight(torch.cat([mod.gate_proj.weight, mod.up_proj.weight]))
+                    fp8[i] = Fp8Weight.side_by_side([mod.gate_proj.weight, mod.up_proj.weight])
                 cands["sampled-fp8"] = select_ffn("sampled", s, xc, None, None, None, n, running=running_fp8[i],
                                                   gate_up=fp8[i])
                 if spread:

@@ -144,8 +144,9 @@ class SparseLoRAConfig:
     sample_fp8: bool = field(
         default=True,
         metadata={"help": "sampled selector, FFN without adapters, on GPUs with fp8 tensor cores (sm89+): score the "
-                          "sampled rows from an fp8 copy of gate/up (twice the GEMM rate, the same channels within "
-                          "measurement; +1 byte per gate/up weight of each sparse FFN layer)"},
+                          "sampled rows from an fp8 copy of gate/up (fp8 tensor cores have twice the bf16 rate; not "
+                          "yet timed here. The same channels within measurement; +1 byte per gate/up weight of "
+                          "each sparse FFN layer)"},
     )
     start_step: float = field(
         default=0.05,

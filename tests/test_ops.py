@@ -770,3 +770,16 @@ def test_a_kernel_is_checked_on_first_use_and_set_aside_when_wrong(caplog):
         assert torch.equal(run("wrong kernel", lambda: ref * 2), ref) and not caplog.records  # said once
     finally:
         first_use.reset()
+
+
+def test_fp8_weights_side_by_side():
+    """[gate; up] as one fp8 copy: the same numbers as the two copies apart, a missing bias counting as zeros."""
+    from sparselora.ops.fp8 import Fp8Weight
+
+    g = torch.Generator().manual_seed(3)
+    w1, w2, x = (torch.randn(*s, generator=g) for s in ((32, 16), (48, 16), (5, 16)))
+    b1 = torch.randn(32, generator=g)
+    both = Fp8Weight.side_by_side([w1, w2], [b1, None])(x)
+    assert_close(both[:, :32], Fp8Weight(w1, b1)(x), "gate part", rtol=1e-6, atol=1e-6)
+    assert_close(both[:, 32:], Fp8Weight(w2)(x), "up part", rtol=1e-6, atol=1e-6)
+    assert Fp8Weight.side_by_side([w1, w2]).bias is None

@@ -83,11 +83,7 @@ class SparseMLP:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("sparselora: a sparse FFN first ran inside CUDA graph capture; run a warm-up "
                                    "forward first (CUDAGraphStep does)")
-            bias = None
-            if bg is not None or bu is not None:
-                bias = torch.cat([bg if bg is not None else wg.new_zeros(wg.shape[0]),
-                                  bu if bu is not None else wu.new_zeros(wu.shape[0])])
-            self.fp8 = Fp8Weight(torch.cat([wg, wu]), bias)
+            self.fp8 = Fp8Weight.side_by_side([wg, wu], [bg, bu])
             note_fp8(self.fp8)
         mlp = self.mlp
         return lambda t: self.fp8.checked(t, lambda r: torch.cat([mlp.gate_proj(r), mlp.up_proj(r)], 1))

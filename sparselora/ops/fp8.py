@@ -96,6 +96,16 @@ class Fp8Weight:
         self.bias = None if bias is None else bias.detach().to(torch.float32)
         self.nbytes = q.numel() + 4 * scale.numel()
 
+    @classmethod
+    def side_by_side(cls, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None) -> "Fp8Weight":
+        """One copy of several projections of the same input ([gate; up]): one GEMM gives [gate x | up x]. A
+        missing bias among present ones counts as zeros."""
+        biases = biases or [None] * len(weights)
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+        return cls(torch.cat(weights), bias)
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._gemm(x)
