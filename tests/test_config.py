@@ -122,3 +122,9 @@ def test_selector_fields_roundtrip_and_registry():
     for bad in (1.0, -0.1, True, "0.5"):
         with pytest.raises(ValueError, match="score_momentum must be in"):
             SparseLoRAConfig(ffn_sparsity={1: 0.5}, score_momentum=bad)
+    assert cfg.sample_fp8 is True
+    off = SparseLoRAConfig(ffn_sparsity={1: 0.5}, sample_fp8=False)
+    assert SparseLoRAConfig.from_yaml(off.to_yaml()) == off
+    for bad in ("false", 0, None):  # a YAML "false" in quotes must not read as on
+        with pytest.raises(ValueError, match="sample_fp8 must be true or false"):
+            SparseLoRAConfig(ffn_sparsity={1: 0.5}, sample_fp8=bad)
